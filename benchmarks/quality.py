@@ -1,0 +1,72 @@
+"""Quality benchmark on the embedded SmolLM2-135M: writes docs/BENCHMARKS.md.
+
+    python benchmarks/quality.py            # quick protocol (32 x 512 calibration, 16 windows of 512)
+    python benchmarks/quality.py --full     # GPTQ's protocol (128 x 2048, all windows of 2048)
+
+Each row is one ``binq quantize`` run in its own process (so its peak memory is its own); the
+Markdown table lists the command of every row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from datetime import date
+from pathlib import Path
+
+from binq.commands import DEMO_RUNS, demo_command
+from binq.report import machine, markdown_table, read_report
+
+ROWS = ("rtn 1-bit", "gptq 1-bit g128", "gptq 2-bit g128", "gptq 3-bit g128", "gptq 4-bit g128", "billm")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--full", action="store_true")
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", default="runs/benchmark")
+    parser.add_argument("--doc", default="docs/BENCHMARKS.md")
+    parser.add_argument("--rows", default=",".join(ROWS))
+    args = parser.parse_args()
+    out = Path(args.out)
+    reports, commands = [], []
+    for label in args.rows.split(","):
+        if label not in DEMO_RUNS:
+            parser.error(f"unknown row {label!r}")
+        command = demo_command(label, args.model, args.device, args.full, out)
+        print(" ".join(command), flush=True)
+        subprocess.run([sys.executable, "-m", "binq.cli", *command[1:], "--no-layer-table"],
+                       check=True, stdout=subprocess.DEVNULL)
+        reports.append(read_report(out / label.replace(" ", "_") / "report.json"))
+        commands.append(command)
+    protocol = "full (128 x 2048 calibration tokens, all windows of 2048)" if args.full else \
+        "quick (32 x 512 calibration tokens, first 16 windows of 512)"
+    first = reports[0]
+    text = [
+        f"## Quality on {args.model}, {protocol}",
+        "",
+        f"Made by `python benchmarks/quality.py{' --full' if args.full else ''}` on {date.today().isoformat()}; "
+        f"machine: {machine()}; versions: {first['versions']}.",
+        f"Calibration: {first['calibration']['nsamples']} windows of {first['calibration']['seqlen']} tokens "
+        f"from `{first['calibration']['source']}`, seed {first['seed']}. Evaluation: "
+        + "; ".join(f"`{k}` {v['protocol']['windows']} of {v['protocol']['windows_available']} windows of "
+                    f"{v['protocol']['seqlen']} tokens" for k, v in first["eval"].items())
+        + f". Evaluation dtype {first['model']['dtype']}. KL is KL(original || quantized) per token, in nats.",
+        "",
+        markdown_table(reports),
+        "",
+        "Commands, one per row:",
+        "",
+        *[f"- {r['label']}: `{' '.join(c)}`" for r, c in zip(reports, commands, strict=True)],
+        "",
+    ]
+    Path(args.doc).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.doc).write_text("\n".join(text))
+    print("\n".join(text))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""The ``binq`` command line: quantize, eval, methods, demo.
+
+Every user error is one line on stderr and exit code 2; argparse already behaves that way for bad
+options, and :class:`BinqError` does for everything found later.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from binq.errors import BinqError
+
+DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_EVAL = "brit1911,persuasion"
+# The quick protocol of the main job on a 2-core CPU; the full one is GPTQ's (128 x 2048, all windows).
+QUICK = {"nsamples": 32, "seqlen": 512, "eval_windows": 16}
+FULL = {"nsamples": 128, "seqlen": 2048, "eval_windows": None}
+
+
+def _option_name(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+def _add_method_options(parser: argparse.ArgumentParser, config_class: type) -> None:
+    group = parser.add_argument_group(f"options of this method ({config_class.__name__}; see `binq methods`)")
+    for field in dataclasses.fields(config_class):
+        default = field.default
+        if isinstance(default, bool):
+            group.add_argument(
+                _option_name(field.name), dest=f"method_{field.name}", action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS, help=f"default {default}",
+            )
+        else:
+            group.add_argument(
+                _option_name(field.name), dest=f"method_{field.name}", type=type(default),
+                default=argparse.SUPPRESS, metavar=type(default).__name__.upper(), help=f"default {default}",
+            )
+
+
+def _add_protocol_options(parser: argparse.ArgumentParser, calibration: bool) -> None:
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help="embedded name (smollm2-135m), local folder, .gguf file or Hugging Face id")
+    if calibration:
+        parser.add_argument("--calib", default="austen",
+                            help="calibration text: austen, a built-in name, wikitext2, c4, ptb or a file")
+        parser.add_argument("--nsamples", type=int, default=None, help="calibration windows (128; quick 32)")
+    parser.add_argument("--seqlen", type=int, default=None, help="tokens per window (2048; quick 512)")
+    parser.add_argument("--eval", default=DEFAULT_EVAL,
+                        help="comma-separated evaluation sets (brit1911, persuasion, wikitext2, c4, ptb, a file); "
+                        "'none' to skip")
+    parser.add_argument("--eval-windows", type=int, default=None,
+                        help="evaluate the first K windows of each set (all; quick 16)")
+    parser.add_argument("--quick", action="store_true",
+                        help="the quick protocol: 32 x 512 calibration tokens, 16 evaluation windows")
+    parser.add_argument("--device", default="cpu", help="compute device: cpu, cuda, cuda:N")
+    parser.add_argument("--seed", type=int, default=0, help="calibration sampling seed (GPTQ's default 0)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _base_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="binq", description="Post-training binarization of causal LMs.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    quantize = sub.add_parser("quantize", help="quantize a model, evaluate it, write report.json")
+    _add_protocol_options(quantize, calibration=True)
+    quantize.add_argument("--method", required=True, help="quantization method (see `binq methods`)")
+    quantize.add_argument("--out", default=None, help="output folder for report.json")
+    quantize.add_argument("--label", default=None, help="name of this run in tables (default: method and bits)")
+    quantize.add_argument("--hessian-dtype", default="float32", choices=("float32", "float64"))
+    quantize.add_argument("--true-sequential", action="store_true",
+                          help="quantize the groups of linears of a block one after another")
+    quantize.add_argument("--no-layer-table", action="store_true", help="do not print a row per module")
+
+    evaluate = sub.add_parser("eval", help="evaluate a model's perplexity")
+    _add_protocol_options(evaluate, calibration=False)
+
+    sub.add_parser("methods", help="list the methods and their options")
+
+    demo = sub.add_parser("demo", help="the main job: several methods on the embedded model, one table")
+    demo.add_argument("--full", action="store_true", help="the full protocol (128 x 2048, all windows at 2048)")
+    demo.add_argument("--model", default=DEFAULT_MODEL)
+    demo.add_argument("--device", default="cpu")
+    demo.add_argument("--out", default="runs/demo", help="folder for each run's report.json")
+    demo.add_argument("--only", default=None, help="comma-separated labels of the runs to do (default: all)")
+    return parser
+
+
+def _parse(argv: Sequence[str]) -> argparse.Namespace:
+    parser = _base_parser()
+    args, _ = parser.parse_known_args(argv)
+    if args.command == "quantize":
+        from binq.methods import get_method
+
+        try:
+            method = get_method(args.method)
+        except BinqError as err:
+            parser.error(str(err))
+        quantize_parser = parser._subparsers._group_actions[0].choices["quantize"]  # type: ignore[union-attr]
+        _add_method_options(quantize_parser, method.config_class)
+    return parser.parse_args(argv)
+
+
+def _resolve_protocol(args: argparse.Namespace) -> None:
+    preset = QUICK if args.quick else FULL
+    for key, value in preset.items():
+        if getattr(args, key, "absent") is None:
+            setattr(args, key, value)
+    if args.seqlen is not None and args.seqlen < 2:
+        raise BinqError("--seqlen must be at least 2")
+    if args.eval_windows is not None and args.eval_windows < 1:
+        raise BinqError("--eval-windows must be at least 1")
+
+
+def _eval_sets(spec: str) -> list[str]:
+    if spec.strip().lower() == "none":
+        return []
+    sets = [s.strip() for s in spec.split(",") if s.strip()]
+    if not sets:
+        raise BinqError("--eval names no evaluation set (use 'none' to skip evaluation)")
+    return sets
+
+
+def _method_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {k.removeprefix("method_"): v for k, v in vars(args).items() if k.startswith("method_")}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = _parse(argv)
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        if args.command == "methods":
+            from binq.commands import list_methods
+
+            return list_methods()
+        if args.command == "demo":
+            from binq.commands import run_demo
+
+            return run_demo(args)
+        _resolve_protocol(args)
+        from binq import commands
+
+        if args.command == "quantize":
+            return commands.run_quantize(args, _eval_sets(args.eval), _method_options(args), argv)
+        return commands.run_eval(args, _eval_sets(args.eval))
+    except BinqError as err:
+        print(f"binq: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("binq: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

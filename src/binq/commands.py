@@ -1,0 +1,229 @@
+"""What the commands do, apart from argument parsing (cli.py)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from tqdm.auto import tqdm
+
+from binq.bits import summarize_bits, unquantized_bits
+from binq.data import calibration_windows, describe_eval, evaluation_tokens
+from binq.engine.calibrate import EngineConfig, quantize_model
+from binq.errors import BinqError
+from binq.evaluation import Protocol, WeightSwap, evaluate_perplexity
+from binq.methods import available_methods, get_method
+from binq.models import block_linears, get_architecture, get_blocks, load_model, parameter_inventory
+from binq.report import (
+    LAYER_HEADER,
+    REPORT_SCHEMA,
+    comparison_table,
+    layer_row,
+    library_versions,
+    machine,
+    now_utc,
+    peak_memory,
+    print_table,
+    read_report,
+    write_report,
+)
+
+log = logging.getLogger(__name__)
+
+
+def list_methods() -> int:
+    table = Table(title="binq methods", title_justify="left", show_lines=True)
+    table.add_column("method")
+    table.add_column("what it does")
+    table.add_column("options (defaults)")
+    for method in available_methods():
+        options = ", ".join(
+            f"--{f.name.replace('_', '-')} {f.default}" for f in dataclasses.fields(method.config_class)
+        )
+        table.add_row(method.name, method.summary, options)
+    Console().print(table)
+    return 0
+
+
+def _model_dtype(device: str) -> torch.dtype:
+    # fp16 matmuls are slow or missing on CPUs; evaluation there runs in fp32.
+    return torch.float16 if device.startswith("cuda") else torch.float32
+
+
+def _stored_precision_bits(loaded: Any) -> int:
+    """Bits per unquantized parameter as the source checkpoint stores them.
+
+    The in-memory dtype says nothing (binq computes in fp32 on CPUs), so read the checkpoint's own
+    config.json; GGUF sources and configs without a dtype count as 16-bit.
+    """
+    config_file = Path(loaded.path) / "config.json"
+    dtype = None
+    if config_file.is_file():
+        config = json.loads(config_file.read_text())
+        dtype = config.get("torch_dtype") or config.get("dtype")
+    return 32 if dtype == "float32" else 16
+
+
+def _tokenizer_name(loaded: Any) -> str:
+    return f"{type(loaded.tokenizer).__name__}({loaded.name})"
+
+
+def _evaluate_sets(
+    model: torch.nn.Module, loaded: Any, tokens: dict[str, torch.Tensor], args: argparse.Namespace,
+    swap: WeightSwap | None,
+) -> dict[str, dict]:
+    results = {}
+    model.to(args.device)
+    for name, ids in tokens.items():
+        protocol = Protocol(name, describe_eval(name), _tokenizer_name(loaded), args.seqlen, 0, 0, 0)
+        result = evaluate_perplexity(
+            model, ids, args.seqlen, protocol, args.eval_windows, swap, args.device, not args.no_progress
+        )
+        results[name] = result.to_dict()
+    model.to("cpu")
+    return results
+
+
+def run_quantize(
+    args: argparse.Namespace, eval_sets: list[str], method_options: dict[str, Any], argv: list[str]
+) -> int:
+    started = time.perf_counter()
+    method = get_method(args.method)
+    config = method.make_config(**method_options)
+    engine = EngineConfig(device=args.device, hessian_dtype=args.hessian_dtype,
+                          true_sequential=args.true_sequential)
+    label = args.label or _default_label(method.name, config)
+
+    loaded = load_model(args.model, dtype=_model_dtype(args.device))
+    model = loaded.model
+    arch = get_architecture(model)
+    inventory = parameter_inventory(model, arch)
+    stored_bits = _stored_precision_bits(loaded)
+    calibration = calibration_windows(loaded.tokenizer, args.calib, args.nsamples, args.seqlen, args.seed)
+    # Read every evaluation set before the long part, so a bad name fails in seconds.
+    eval_tokens = {name: evaluation_tokens(loaded.tokenizer, name, args.seqlen) for name in eval_sets}
+    originals = {
+        linear: linear.weight.data
+        for block in get_blocks(model, arch)
+        for linear in block_linears(block, arch).values()
+    }
+
+    on_layer = None
+    if not args.no_layer_table:
+        tqdm.write(LAYER_HEADER)
+        on_layer = lambda record: tqdm.write(layer_row(record))  # noqa: E731
+    result = quantize_model(model, arch, calibration, method, config, engine, on_layer, not args.no_progress)
+
+    eval_started = time.perf_counter()
+    evaluations = _evaluate_sets(model, loaded, eval_tokens, args, WeightSwap(originals))
+    eval_s = time.perf_counter() - eval_started
+    memory, memory_kind = peak_memory()
+    report = {
+        "schema": REPORT_SCHEMA,
+        "label": label,
+        "created": now_utc(),
+        "command": ["binq", *argv],
+        "model": {
+            "spec": args.model, "name": loaded.name, "path": loaded.path, "architecture": arch.name,
+            "dtype": str(_model_dtype(args.device)).removeprefix("torch."),
+        },
+        "method": {"name": method.name, "config": dataclasses.asdict(config)},
+        "engine": dataclasses.asdict(engine),
+        "calibration": {"source": args.calib, "nsamples": args.nsamples, "seqlen": args.seqlen,
+                        "seed": args.seed, "tokens": int(calibration.numel())},
+        "seed": args.seed,
+        "bits": summarize_bits(inventory, result.weights, stored_bits).to_dict(),
+        "bits_original": unquantized_bits(inventory, stored_bits).to_dict(),
+        "eval": evaluations,
+        "time_s": {"quantize": result.time_s, "eval": eval_s, "total": time.perf_counter() - started},
+        "peak_memory_bytes": memory,
+        "peak_memory_kind": memory_kind,
+        "versions": library_versions(),
+        "machine": machine(),
+        "layers": [dataclasses.asdict(r) for r in result.records],
+    }
+    report["compute_bits"] = report["bits"]["linear"]["compute_bits"]
+    report["storage_bits"] = {k: report["bits"][k]["storage_bits"] for k in ("linear", "model")}
+    report["ppl"] = {k: {"quantized": v["ppl"], "original": v["ppl_original"]} for k, v in evaluations.items()}
+    report["kl"] = {k: v["kl"] for k, v in evaluations.items()}
+    if args.out:
+        path = write_report(report, Path(args.out))
+        log.info("wrote %s", path)
+    print_table(comparison_table([report], f"{label} on {loaded.name}"))
+    for name, evaluation in evaluations.items():
+        print(f"protocol {name}: {Protocol(**evaluation['protocol']).summary()}; {evaluation['protocol']['description']}")
+    return 0
+
+
+def _default_label(method: str, config: Any) -> str:
+    bits = getattr(config, "bits", None)
+    label = method if bits is None else f"{method} {bits}-bit"
+    if getattr(config, "group_size", None):
+        label += f" g{config.group_size}"
+    return label
+
+
+def run_eval(args: argparse.Namespace, eval_sets: list[str]) -> int:
+    loaded = load_model(args.model, dtype=_model_dtype(args.device))
+    if not eval_sets:
+        raise BinqError("binq eval needs at least one --eval set")
+    tokens = {name: evaluation_tokens(loaded.tokenizer, name, args.seqlen) for name in eval_sets}
+    for name, evaluation in _evaluate_sets(loaded.model, loaded, tokens, args, None).items():
+        print(f"{name}: PPL {evaluation['ppl']:.3f}  ({Protocol(**evaluation['protocol']).summary()})")
+    return 0
+
+
+# The main job's runs: label and method options. benchmarks/quality.py adds GPTQ 3-bit.
+DEMO_RUNS: dict[str, list[str]] = {
+    "rtn 1-bit": ["--method", "rtn", "--bits", "1"],
+    "gptq 1-bit g128": ["--method", "gptq", "--bits", "1", "--group-size", "128"],
+    "gptq 2-bit g128": ["--method", "gptq", "--bits", "2", "--group-size", "128"],
+    "gptq 3-bit g128": ["--method", "gptq", "--bits", "3", "--group-size", "128"],
+    "gptq 4-bit g128": ["--method", "gptq", "--bits", "4", "--group-size", "128"],
+    "billm": ["--method", "billm"],
+}
+DEMO_DEFAULT = ("rtn 1-bit", "gptq 1-bit g128", "gptq 2-bit g128", "gptq 4-bit g128", "billm")
+
+
+def demo_command(label: str, model: str, device: str, full: bool, out: Path) -> list[str]:
+    """The ``binq quantize`` command line of one run of the main job."""
+    command = ["binq", "quantize", "--model", model, *DEMO_RUNS[label], "--label", label,
+               "--device", device, "--out", str(out / label.replace(" ", "_"))]
+    return command if full else [*command, "--quick"]
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    labels = DEMO_DEFAULT if args.only is None else tuple(s.strip() for s in args.only.split(","))
+    unknown = [label for label in labels if label not in DEMO_RUNS]
+    if unknown:
+        raise BinqError(f"unknown run {unknown[0]!r} (runs: {', '.join(DEMO_RUNS)})")
+    out = Path(args.out)
+    protocol = "full (128 x 2048 calibration tokens, all windows of 2048)" if args.full else (
+        "quick (32 x 512 calibration tokens from austen; first 16 windows of 512 tokens)")
+    print(f"binq demo: {len(labels)} runs on {args.model}, {protocol}; evaluation on brit1911 and persuasion")
+    load_model(args.model)  # fetch and convert the embedded model once, before the runs
+    reports = []
+    for n, label in enumerate(labels, 1):
+        command = demo_command(label, args.model, args.device, args.full, out)
+        print(f"[{n}/{len(labels)}] {' '.join(command)}", flush=True)
+        child = [sys.executable, "-m", "binq.cli", *command[1:], "--no-layer-table"]
+        completed = subprocess.run(child, stdout=subprocess.DEVNULL, check=False)
+        if completed.returncode != 0:
+            raise BinqError(f"run '{label}' failed with exit code {completed.returncode}")
+        reports.append(read_report(out / label.replace(" ", "_") / "report.json"))
+    print_table(comparison_table(reports, f"binq demo on {args.model}: {protocol}"))
+    summary = out / "summary.json"
+    summary.write_text(json.dumps([{k: r[k] for k in ("label", "command", "bits", "eval", "time_s",
+                                                      "peak_memory_bytes")} for r in reports], indent=2))
+    print(f"reports: {out}/*/report.json; summary: {summary}")
+    return 0

@@ -1,0 +1,237 @@
+"""The block-sequential calibration engine (research notes section 1, "layer-sequential pipeline").
+
+1. Capture block 0's inputs for every calibration sample (and every block's extra arguments).
+2. For each block, moved alone to the compute device:
+   - hook the first linear of each group of linears that share an input, and run the samples through
+     the block to accumulate one Hessian per group (groups share it: q/k/v need one, not three);
+   - quantize every linear with the method (a pure function of weight, Hessian and config), and
+     put the dequantized weight in place;
+   - re-run the samples through the quantized block: its outputs are the next block's inputs.
+3. The model stays on the CPU; calibration activations stay on the CPU unless they fit on the device.
+
+Multi-process runs need two more steps at marked places: an all-reduce of each accumulator
+(:meth:`HessianAccumulator.reduce_`, called here and a no-op in one process) and a broadcast of each
+quantized weight from the rank that owns it (:func:`owned_by_this_rank` spreads the linears).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm.auto import tqdm
+
+from binq.engine.capture import BlockInputs, block_output, capture_block_inputs, to_device
+from binq.engine.hessian import HessianAccumulator
+from binq.errors import BinqError
+from binq.methods.registry import Method
+from binq.models.architectures import Architecture, block_linears, get_blocks
+from binq.quant.hessian import relative_output_error
+from binq.quant.structured import QuantizedWeight
+
+log = logging.getLogger(__name__)
+
+HESSIAN_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass
+class EngineConfig:
+    """How the engine runs (not what the method does).
+
+    - ``device``: where one block at a time is computed (``cpu``, ``cuda``, ``cuda:1``).
+    - ``hessian_dtype``: ``float32`` (GPTQ's) or ``float64`` (advised for inputs wider than 8192).
+    - ``true_sequential``: quantize groups of linears one after another inside a block, each seeing
+      the already-quantized earlier ones (GPTQ's ``--true-sequential``; BiLLM and ARB do not).
+    - ``activations_on_device``: keep calibration activations on the device; ``None`` decides by
+      free memory.
+    """
+
+    device: str = "cpu"
+    hessian_dtype: str = "float32"
+    true_sequential: bool = False
+    activations_on_device: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.hessian_dtype not in HESSIAN_DTYPES:
+            raise BinqError(f"--hessian-dtype must be one of {', '.join(HESSIAN_DTYPES)}")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise BinqError(f"--device {self.device} asked for, but no CUDA device is available")
+
+
+@dataclass
+class LayerRecord:
+    """One quantized linear: what the per-module table and report.json show."""
+
+    block: int
+    name: str
+    shape: tuple[int, int]
+    relative_error: float  # ||(W - Q) X||^2 / ||W X||^2 on the calibration inputs
+    compute_bits: float
+    storage_bits: float
+    storage_bits_total: int
+    numel: int
+    time_s: float
+
+
+@dataclass
+class QuantizationResult:
+    records: list[LayerRecord] = field(default_factory=list)
+    weights: dict[str, QuantizedWeight] = field(default_factory=dict)
+    time_s: float = 0.0
+
+
+def owned_by_this_rank(index: int) -> bool:
+    """Round-robin assignment of a block's linears to ranks (always True in one process)."""
+    if dist.is_available() and dist.is_initialized():
+        return index % dist.get_world_size() == dist.get_rank()
+    return True
+
+
+def _activations_fit(inputs: BlockInputs, device: torch.device) -> bool:
+    if device.type != "cuda":
+        return device.type == "cpu"
+    needed = 2 * sum(t.numel() * t.element_size() for t in inputs.hidden_states)
+    free, _ = torch.cuda.mem_get_info(device)
+    return needed < 0.5 * free
+
+
+@torch.no_grad()
+def _run_block(
+    block: nn.Module, hidden: list[torch.Tensor], args: tuple, kwargs: dict, device: torch.device
+) -> list[torch.Tensor]:
+    outputs = []
+    for x in hidden:
+        out = block_output(block(x.to(device), *args, **kwargs))
+        outputs.append(out if x.device == device else out.to(x.device))
+    return outputs
+
+
+def _accumulate_hessians(
+    block: nn.Module,
+    linears: dict[str, nn.Linear],
+    groups: list[tuple[str, ...]],
+    hidden: list[torch.Tensor],
+    args: tuple,
+    kwargs: dict,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> dict[tuple[str, ...], HessianAccumulator]:
+    accumulators: dict[tuple[str, ...], HessianAccumulator] = {}
+    handles = []
+    for group in groups:
+        first = linears[group[0]]
+        acc = HessianAccumulator(first.in_features, dtype, device)
+        accumulators[group] = acc
+        handles.append(first.register_forward_hook(lambda _m, inp, _out, acc=acc: acc.add(inp[0])))
+    try:
+        _run_block(block, hidden, args, kwargs, device)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for acc in accumulators.values():
+        acc.reduce_()
+    return accumulators
+
+
+def _quantize_linear(
+    full_name: str, linear: nn.Linear, hessian: torch.Tensor, method: Method, config: Any
+) -> tuple[QuantizedWeight, float]:
+    weight = linear.weight.detach().to(torch.float32)
+    if not torch.isfinite(weight).all():
+        raise BinqError(f"{full_name}: the weight has NaN or Inf entries")
+    try:
+        quantized = method.quantize(weight, hessian.to(weight.device), config)
+    except BinqError as err:
+        raise BinqError(f"{full_name}: {err}") from err
+    dequantized = quantized.dequantize().to(weight.device)
+    error = relative_output_error(weight, dequantized, hessian)
+    # A new tensor, not an in-place copy: callers may hold the original for reference evaluations.
+    linear.weight.data = dequantized.to(linear.weight.dtype)
+    return quantized, error
+
+
+def quantize_model(
+    model: nn.Module,
+    arch: Architecture,
+    calibration: torch.Tensor,
+    method: Method,
+    method_config: Any,
+    engine: EngineConfig | None = None,
+    on_layer: Callable[[LayerRecord], None] | None = None,
+    progress: bool = True,
+) -> QuantizationResult:
+    """Quantize every declared linear of every block of ``model`` (on the CPU) in place.
+
+    ``calibration`` is ``[N, L]`` token ids. Returns the structured weights by full module name and a
+    record per linear; ``on_layer`` sees each record as soon as it exists.
+    """
+    engine = engine or EngineConfig()
+    device = torch.device(engine.device)
+    hessian_dtype = HESSIAN_DTYPES[engine.hessian_dtype]
+    torch.backends.cuda.matmul.allow_tf32 = False  # reproducible Hessian factors (GPTQ's setting)
+    torch.backends.cudnn.allow_tf32 = False
+    blocks = get_blocks(model, arch)
+    result = QuantizationResult()
+    started = time.perf_counter()
+
+    inputs = capture_block_inputs(model, blocks, calibration)
+    on_device = engine.activations_on_device
+    if on_device is None:
+        on_device = _activations_fit(inputs, device)
+    hidden = [x.to(device) if on_device else x for x in inputs.hidden_states]
+    groups = list(arch.linear_groups)
+    stages = [[g] for g in groups] if engine.true_sequential else [groups]
+
+    try:
+        for index in tqdm(range(len(blocks)), desc=f"{method.name}", unit="block", disable=not progress):
+            block = blocks[index].to(device)
+            args = to_device(inputs.args[index], device)
+            kwargs = to_device(inputs.kwargs[index], device)
+            linears = block_linears(block, arch)
+            position = 0
+            for stage in stages:
+                accumulators = _accumulate_hessians(
+                    block, linears, stage, hidden, args, kwargs, device, hessian_dtype
+                )
+                for group in stage:
+                    hessian = accumulators[group].hessian()
+                    for name in group:
+                        position += 1
+                        if not owned_by_this_rank(position - 1):
+                            continue
+                        full_name = f"{arch.blocks}.{index}.{name}"
+                        t0 = time.perf_counter()
+                        quantized, error = _quantize_linear(
+                            full_name, linears[name], hessian, method, method_config
+                        )
+                        record = LayerRecord(
+                            block=index,
+                            name=name,
+                            shape=quantized.shape,
+                            relative_error=error,
+                            compute_bits=quantized.compute_bits,
+                            storage_bits=quantized.storage_bits,
+                            storage_bits_total=quantized.storage_bits_total,
+                            numel=quantized.numel,
+                            time_s=time.perf_counter() - t0,
+                        )
+                        result.weights[full_name] = quantized
+                        result.records.append(record)
+                        if on_layer is not None:
+                            on_layer(record)
+                    del hessian
+            hidden = _run_block(block, hidden, args, kwargs, device)
+            blocks[index] = block.to("cpu")
+    except torch.cuda.OutOfMemoryError as err:
+        raise BinqError(
+            f"out of memory on {device} in block {index}: use fewer or shorter calibration samples, "
+            "--hessian-dtype float32, or --device cpu"
+        ) from err
+    result.time_s = time.perf_counter() - started
+    return result

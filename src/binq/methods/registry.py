@@ -1,0 +1,76 @@
+"""The one registry of quantization methods.
+
+A method is a pure function ``quantize(weight, hessian, config) -> QuantizedWeight`` plus a typed
+config dataclass. It never touches hooks, devices or files: the engine hands it a float32 weight
+``(out_features, in_features)`` and the undamped calibration Hessian ``(in_features, in_features)``.
+Adding a method is one new module that calls :func:`register` and one import line in ``__init__``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from binq.errors import BinqError
+from binq.quant.structured import QuantizedWeight
+
+QuantizeFn = Callable[[torch.Tensor, torch.Tensor, Any], QuantizedWeight]
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    config_class: type
+    quantize: QuantizeFn
+    summary: str
+
+    def make_config(self, **options: Any) -> Any:
+        """Build the config from keyword options; unknown names are a user error."""
+        known = {f.name for f in dataclasses.fields(self.config_class)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise BinqError(
+                f"method '{self.name}' has no option {', '.join(unknown)} (options: {', '.join(sorted(known))})"
+            )
+        return self.config_class(**options)
+
+
+_METHODS: dict[str, Method] = {}
+
+
+def register(name: str, config_class: type, summary: str) -> Callable[[QuantizeFn], QuantizeFn]:
+    """Decorator: register ``fn`` as method ``name`` configured by ``config_class``."""
+
+    def wrap(fn: QuantizeFn) -> QuantizeFn:
+        if name in _METHODS:
+            raise ValueError(f"method {name!r} registered twice")
+        _METHODS[name] = Method(name, config_class, fn, summary)
+        return fn
+
+    return wrap
+
+
+def get_method(name: str) -> Method:
+    try:
+        return _METHODS[name]
+    except KeyError:
+        raise BinqError(f"unknown method '{name}' (available: {', '.join(sorted(_METHODS))})") from None
+
+
+def available_methods() -> list[Method]:
+    return [_METHODS[name] for name in sorted(_METHODS)]
+
+
+def check_choice(option: str, value: str, choices: tuple[str, ...]) -> None:
+    """Config validation helper: a clear error for a value outside ``choices``."""
+    if value not in choices:
+        raise BinqError(f"{option} must be one of {', '.join(choices)}, got '{value}'")
+
+
+def check_range(option: str, value: float, low: float, high: float) -> None:
+    if not low <= value <= high:
+        raise BinqError(f"{option} must be in [{low}, {high}], got {value}")

@@ -1,0 +1,35 @@
+"""Models: the supported architectures (as data), loading, and what a model's parameters are."""
+
+from binq.models.accounting import ParameterRecord, ParameterRole, numel_by_role, parameter_inventory
+from binq.models.architectures import (
+    ARCHITECTURES,
+    Architecture,
+    architecture_for_model_type,
+    block_linears,
+    get_architecture,
+    get_blocks,
+    get_module,
+)
+from binq.models.embedded import EMBEDDED_MODELS, EmbeddedGGUF, ensure_embedded, ensure_smollm2
+from binq.models.loading import LoadedModel, check_finite, load_model
+
+__all__ = [
+    "ARCHITECTURES",
+    "EMBEDDED_MODELS",
+    "Architecture",
+    "EmbeddedGGUF",
+    "LoadedModel",
+    "ParameterRecord",
+    "ParameterRole",
+    "architecture_for_model_type",
+    "block_linears",
+    "check_finite",
+    "ensure_embedded",
+    "ensure_smollm2",
+    "get_architecture",
+    "get_blocks",
+    "get_module",
+    "load_model",
+    "numel_by_role",
+    "parameter_inventory",
+]

@@ -1,0 +1,5 @@
+"""Shared quantization maths: structured weights, packing, the binarizer, searches, Hessian factors."""
+
+from binq.quant.structured import BinaryWeight, QuantizedWeight, UniformWeight
+
+__all__ = ["BinaryWeight", "QuantizedWeight", "UniformWeight"]

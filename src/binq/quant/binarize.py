@@ -1,0 +1,71 @@
+"""The mean-centred sign binarizer shared by BiLLM, ARB, W(1+1) and XNOR-style RTN.
+
+For a mask ``M`` and order ``k``, each row is binarized on its masked entries only (BiLLM's
+``high_order_residual``, research notes section 3.2):
+
+    r <- W on M
+    repeat k times:
+        mu    <- mean of r over the row's masked entries     (0 if not centred, 0 for an empty row)
+        alpha <- mean of |r - mu| over the same entries
+        s     <- sign(r - mu), with sign(0) = +1 (the packed format has no zero)
+        r     <- r - (alpha * s + mu)
+
+Scales and means are rounded to fp16 *before* they are used, so the float approximation a method
+compensates for is exactly what the stored weight dequantizes to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class BinaryTerm:
+    """One order of the binarization: signs over the masked entries, and per-row scale and mean."""
+
+    signs: torch.Tensor  # bool, shape of the input
+    scale: torch.Tensor  # (..., rows)
+    mean: torch.Tensor  # (..., rows)
+
+
+def round_to_storage(x: torch.Tensor) -> torch.Tensor:
+    """Round to the fp16 values that are stored, keeping the working dtype."""
+    return x.to(torch.float16).to(x.dtype)
+
+
+def residual_binarize(
+    weight: torch.Tensor, mask: torch.Tensor, order: int = 1, centred: bool = True
+) -> tuple[torch.Tensor, list[BinaryTerm]]:
+    """Binarize ``weight`` (``(..., rows, cols)``) on ``mask`` with ``order`` residual terms.
+
+    Leading dimensions batch independent problems (the searches score many candidate masks at once).
+    Returns the approximation (zero outside the mask) and the terms.
+    """
+    maskf = mask.to(weight.dtype)
+    count = maskf.sum(-1, keepdim=True).clamp_min(1.0)
+    residual = weight * maskf
+    approx = torch.zeros_like(residual)
+    terms = []
+    for _ in range(order):
+        if centred:
+            mean = round_to_storage(residual.sum(-1, keepdim=True) / count)
+        else:
+            mean = torch.zeros_like(count)
+        centred_residual = residual - mean
+        scale = round_to_storage((centred_residual.abs() * maskf).sum(-1, keepdim=True) / count)
+        signs = centred_residual >= 0
+        term = (torch.where(signs, scale, -scale) + mean) * maskf
+        approx = approx + term
+        residual = residual - term
+        terms.append(BinaryTerm(signs=signs, scale=scale.squeeze(-1), mean=mean.squeeze(-1)))
+    return approx, terms
+
+
+def binarization_error(
+    weight: torch.Tensor, mask: torch.Tensor, order: int = 1, centred: bool = True
+) -> torch.Tensor:
+    """Squared error of :func:`residual_binarize` on the masked entries, summed over the last two dims."""
+    approx, _ = residual_binarize(weight, mask, order, centred)
+    return ((weight - approx) * mask.to(weight.dtype)).square().sum((-2, -1))

@@ -1,0 +1,79 @@
+"""From an accumulated Hessian to the factor GPTQ-style methods use: dead columns, damping, Cholesky.
+
+``H = 2 X X^T / tokens`` is the Hessian of ``||W X - Q X||^2`` (research notes section 2.2). The
+methods use ``U = chol_upper((H + lambda I)^-1)`` with ``lambda = percdamp * mean(diag H)``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from binq.errors import BinqError
+
+log = logging.getLogger(__name__)
+
+# Each failed factorization multiplies the damping by this (0.01 -> 0.1 -> 1.0 by default).
+DAMPING_GROWTH = 10.0
+DAMPING_ATTEMPTS = 3
+
+
+class HessianError(BinqError):
+    """The Hessian could not be factored even with the largest damping."""
+
+
+@dataclass
+class HessianFactor:
+    """What the GPTQ-family methods need from the Hessian."""
+
+    inverse_cholesky_upper: torch.Tensor  # U with (H + lambda I)^-1 = U^T U
+    dead_columns: torch.Tensor  # bool (cols,): inputs that were always zero
+    percdamp: float  # the relative damping that worked
+
+
+def dead_columns(hessian: torch.Tensor) -> torch.Tensor:
+    """Inputs never seen non-zero during calibration (GPTQ sets their weights to zero)."""
+    return torch.diagonal(hessian) == 0
+
+
+def factor_hessian(hessian: torch.Tensor, percdamp: float = 0.01) -> HessianFactor:
+    """Damp and factor ``hessian``, retrying with more damping when Cholesky fails.
+
+    Works in at least fp32 (fp64 if the Hessian is fp64). TF32 must be off for reproducible factors;
+    the engine turns it off.
+    """
+    if not torch.isfinite(hessian).all():
+        raise HessianError("the Hessian has non-finite entries (NaN/Inf activations in calibration?)")
+    work_dtype = torch.float64 if hessian.dtype == torch.float64 else torch.float32
+    h = hessian.to(work_dtype).clone()
+    dead = dead_columns(h)
+    h[dead, dead] = 1.0
+    mean_diag = torch.diagonal(h).mean()
+    eye = torch.eye(h.shape[0], dtype=work_dtype, device=h.device)
+    damp = percdamp
+    for attempt in range(DAMPING_ATTEMPTS):
+        lower, info = torch.linalg.cholesky_ex(h + damp * mean_diag * eye)
+        if int(info) == 0:
+            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+            if int(info) == 0 and torch.isfinite(upper).all():
+                if attempt:
+                    log.warning("Hessian factored only with damping %.3g (asked %.3g)", damp, percdamp)
+                return HessianFactor(upper, dead, damp)
+        log.warning("Cholesky failed with damping %.3g; retrying with %.3g", damp, damp * DAMPING_GROWTH)
+        damp *= DAMPING_GROWTH
+    raise HessianError(
+        f"the Hessian is not positive definite even with damping {damp / DAMPING_GROWTH:.3g}: "
+        "use more calibration samples or a larger --percdamp"
+    )
+
+
+def relative_output_error(weight: torch.Tensor, quantized: torch.Tensor, hessian: torch.Tensor) -> float:
+    """``||(W - Q) X||^2 / ||W X||^2`` on the calibration inputs, exactly, from the undamped Hessian."""
+    h = hessian.to(torch.float64)
+    delta = (weight - quantized).to(torch.float64)
+    w = weight.to(torch.float64)
+    num = (delta @ h * delta).sum()
+    den = (w @ h * w).sum()
+    return float(num / den) if den > 0 else float("nan")

@@ -1,0 +1,69 @@
+"""Vectorized searches shared by the binarization methods: quantiles from one sort, salient columns, splits."""
+
+from __future__ import annotations
+
+import torch
+
+from binq.quant.binarize import binarization_error
+
+# BiLLM's split candidates: the quantiles 0.10, 0.11, ..., 0.90 (81 of them).
+BILLM_SPLIT_QUANTILES = torch.linspace(0.10, 0.90, 81, dtype=torch.float64)
+
+
+def sorted_quantiles(values: torch.Tensor, quantiles: torch.Tensor) -> torch.Tensor:
+    """``torch.quantile(values.flatten(), quantiles)`` (linear interpolation) from one sort.
+
+    ``torch.quantile`` refuses inputs above about 16 M elements and sorts once per call; here one
+    sort serves every candidate.
+    """
+    flat = values.flatten().sort().values
+    n = flat.numel()
+    pos = quantiles.to(torch.float64) * (n - 1)
+    lo = pos.floor().long().clamp(0, n - 1)
+    hi = pos.ceil().long().clamp(0, n - 1)
+    frac = (pos - lo.to(torch.float64)).to(flat.dtype)
+    return flat[lo] + (flat[hi] - flat[lo]) * frac
+
+
+def salient_column_search(
+    metric: torch.Tensor, max_columns: int, order: int = 2, nonsalient_order: int = 2
+) -> torch.Tensor:
+    """BiLLM's structural search (Eq. 5): how many top-scored columns to binarize with the residual.
+
+    Columns are ranked by ``sum_i |metric_ij|``; for k = 1 .. max_columns - 1 the top-k columns are
+    binarized with ``order`` and the rest with ``nonsalient_order`` (the reference scores both with
+    order 2), and the k with the smallest squared error wins. Returns a boolean column mask.
+    """
+    rows, cols = metric.shape
+    k_max = min(max_columns - 1, cols - 1)
+    if k_max < 1:
+        return torch.zeros(cols, dtype=torch.bool, device=metric.device)
+    rank = torch.empty(cols, dtype=torch.long, device=metric.device)
+    rank[metric.abs().sum(0).argsort(descending=True)] = torch.arange(cols, device=metric.device)
+    ks = torch.arange(1, k_max + 1, device=metric.device)
+    salient = (rank.unsqueeze(0) < ks.unsqueeze(1)).unsqueeze(1)  # (k_max, 1, cols)
+    errors = binarization_error(metric, salient.expand(-1, rows, -1), order) + binarization_error(
+        metric, (~salient).expand(-1, rows, -1), nonsalient_order
+    )
+    best_k = int(ks[errors.argmin()])
+    return rank < best_k
+
+
+def split_search(
+    metric: torch.Tensor, salient_mask: torch.Tensor, quantiles: torch.Tensor = BILLM_SPLIT_QUANTILES
+) -> torch.Tensor:
+    """BiLLM's concentrated/sparse break-point search (Eq. 9-13), vectorized over candidates.
+
+    Candidates are quantiles of ``|metric|`` over the block with salient entries zeroed, not removed
+    (the reference's behaviour). Each candidate ``p`` splits the non-salient entries into ``|m| < p``
+    and ``|m| >= p``, each binarized with order 1; the salient part's error does not depend on ``p``
+    and is left out of the comparison. Returns the break-point.
+    """
+    magnitude = metric.abs()
+    nonsalient = ~salient_mask
+    candidates = sorted_quantiles(magnitude * nonsalient, quantiles.to(metric.device))
+    below = magnitude.unsqueeze(0) < candidates.view(-1, 1, 1)
+    concentrated = below & nonsalient
+    sparse = ~below & nonsalient
+    errors = binarization_error(metric, concentrated) + binarization_error(metric, sparse)
+    return candidates[errors.argmin()]

@@ -1,0 +1,167 @@
+"""report.json (schema in docs/REPORT.md), the per-module rows, and the comparison tables."""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from binq.engine.calibrate import LayerRecord
+
+REPORT_SCHEMA = "binq.report/1"
+LAYER_HEADER = f"{'block':>5}  {'module':<22} {'shape':>12}  {'rel.err':>9}  {'c.bits':>6}  {'s.bits':>6}  {'time':>7}"
+
+
+def layer_row(record: LayerRecord) -> str:
+    """One fixed-width line per quantized module, printed while the engine runs."""
+    shape = f"{record.shape[0]}x{record.shape[1]}"
+    return (
+        f"{record.block:>5}  {record.name:<22} {shape:>12}  {record.relative_error:>9.3e}  "
+        f"{record.compute_bits:>6.3f}  {record.storage_bits:>6.3f}  {record.time_s:>6.2f}s"
+    )
+
+
+def peak_memory() -> tuple[int, str]:
+    """Peak memory of this process: CUDA allocations if CUDA was used, else the peak resident set."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return int(torch.cuda.max_memory_allocated()), "cuda_max_allocated"
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is in KiB on Linux, bytes on macOS
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale), "cpu_max_rss"
+
+
+def library_versions() -> dict[str, str]:
+    import numpy
+    import transformers
+
+    from binq import __version__
+
+    return {
+        "binq": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "numpy": numpy.__version__,
+    }
+
+
+def machine() -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "processor": platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+    }
+    if torch.cuda.is_available():
+        info["cuda_device"] = torch.cuda.get_device_name()
+    return info
+
+
+def now_utc() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def write_report(report: dict, out_dir: Path) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "report.json"
+    path.write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
+    return path
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, torch.dtype):
+        return str(value).removeprefix("torch.")
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+def read_report(path: Path) -> dict:
+    report = json.loads(path.read_text())
+    if report.get("schema") != REPORT_SCHEMA:
+        raise ValueError(f"{path} is not a {REPORT_SCHEMA} report")
+    return report
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:,.0f} MiB"
+
+
+def comparison_table(reports: list[dict], title: str) -> Table:
+    """One row per run, plus the original model (from the first report) on top."""
+    eval_sets = list(reports[0]["eval"]) if reports else []
+    table = Table(title=title, title_justify="left")
+    for column in ("method", "compute bits", "storage bits (linear / model)"):
+        table.add_column(column, justify="left" if column == "method" else "right")
+    for name in eval_sets:
+        table.add_column(f"PPL {name}", justify="right")
+    for name in eval_sets:
+        table.add_column(f"KL {name}", justify="right")
+    for column in ("quantize time", "peak memory"):
+        table.add_column(column, justify="right")
+    if reports:
+        first = reports[0]
+        table.add_row(
+            f"original ({first['bits_original']['other_parameters_bits']}-bit)",
+            f"{first['bits_original']['linear']['compute_bits']:.0f}",
+            f"{first['bits_original']['linear']['storage_bits']:.2f} / "
+            f"{first['bits_original']['model']['storage_bits']:.2f}",
+            *[_fmt(first["eval"][s]["ppl_original"], ".2f") for s in eval_sets],
+            *["0" for _ in eval_sets],
+            "-",
+            "-",
+        )
+    for report in reports:
+        bits = report["bits"]
+        table.add_row(
+            report["label"],
+            f"{bits['linear']['compute_bits']:.3f}",
+            f"{bits['linear']['storage_bits']:.3f} / {bits['model']['storage_bits']:.3f}",
+            *[_fmt(report["eval"][s]["ppl"], ".2f") for s in eval_sets],
+            *[_fmt(report["eval"][s]["kl"], ".3f") for s in eval_sets],
+            f"{report['time_s']['quantize']:.0f} s",
+            _mib(report["peak_memory_bytes"]),
+        )
+    return table
+
+
+def print_table(table: Table) -> None:
+    Console(width=max(100, Console().width)).print(table)
+
+
+def markdown_table(reports: list[dict]) -> str:
+    """The comparison as a Markdown table, each row with the command that made it."""
+    eval_sets = list(reports[0]["eval"])
+    header = ["method", "compute bits", "storage bits linear", "storage bits model", "model MiB"]
+    header += [f"PPL {s}" for s in eval_sets] + [f"KL {s}" for s in eval_sets]
+    header += ["quantize time", "peak memory"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    first = reports[0]
+    original = first["bits_original"]
+    lines.append("| " + " | ".join([
+        f"original (fp{original['other_parameters_bits']})", f"{original['linear']['compute_bits']:.0f}",
+        f"{original['linear']['storage_bits']:.2f}", f"{original['model']['storage_bits']:.2f}",
+        f"{original['model']['storage_bytes'] / 2**20:.1f}",
+        *[_fmt(first["eval"][s]["ppl_original"], ".2f") for s in eval_sets],
+        *["0" for _ in eval_sets], "-", "-",
+    ]) + " |")
+    for report in reports:
+        bits = report["bits"]
+        lines.append("| " + " | ".join([
+            report["label"], f"{bits['linear']['compute_bits']:.3f}", f"{bits['linear']['storage_bits']:.3f}",
+            f"{bits['model']['storage_bits']:.3f}", f"{bits['model']['storage_bytes'] / 2**20:.1f}",
+            *[_fmt(report["eval"][s]["ppl"], ".2f") for s in eval_sets],
+            *[_fmt(report["eval"][s]["kl"], ".3f") for s in eval_sets],
+            f"{report['time_s']['quantize']:.0f} s", _mib(report["peak_memory_bytes"]),
+        ]) + " |")
+    return "\n".join(lines)
