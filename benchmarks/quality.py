@@ -37,12 +37,16 @@ def main() -> int:
             parser.error(f"unknown row {label!r}")
         command = demo_command(label, args.model, args.device, args.full, out)
         print(" ".join(command), flush=True)
-        subprocess.run([sys.executable, "-m", "binq.cli", *command[1:], "--no-layer-table"],
-                       check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [sys.executable, "-m", "binq.cli", *command[1:], "--no-layer-table"], check=True, stdout=subprocess.DEVNULL
+        )
         reports.append(read_report(out / label.replace(" ", "_") / "report.json"))
         commands.append(command)
-    protocol = "full (128 x 2048 calibration tokens, all windows of 2048)" if args.full else \
-        "quick (32 x 512 calibration tokens, first 16 windows of 512)"
+    protocol = (
+        "full (128 x 2048 calibration tokens, all windows of 2048)"
+        if args.full
+        else "quick (32 x 512 calibration tokens, first 16 windows of 512)"
+    )
     first = reports[0]
     text = [
         f"## Quality on {args.model}, {protocol}",
@@ -51,8 +55,11 @@ def main() -> int:
         f"machine: {machine()}; versions: {first['versions']}.",
         f"Calibration: {first['calibration']['nsamples']} windows of {first['calibration']['seqlen']} tokens "
         f"from `{first['calibration']['source']}`, seed {first['seed']}. Evaluation: "
-        + "; ".join(f"`{k}` {v['protocol']['windows']} of {v['protocol']['windows_available']} windows of "
-                    f"{v['protocol']['seqlen']} tokens" for k, v in first["eval"].items())
+        + "; ".join(
+            f"`{k}` {v['protocol']['windows']} of {v['protocol']['windows_available']} windows of "
+            f"{v['protocol']['seqlen']} tokens"
+            for k, v in first["eval"].items()
+        )
         + f". Evaluation dtype {first['model']['dtype']}. KL is KL(original || quantized) per token, in nats.",
         "",
         markdown_table(reports),

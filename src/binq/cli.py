@@ -32,31 +32,46 @@ def _add_method_options(parser: argparse.ArgumentParser, config_class: type) -> 
         default = field.default
         if isinstance(default, bool):
             group.add_argument(
-                _option_name(field.name), dest=f"method_{field.name}", action=argparse.BooleanOptionalAction,
-                default=argparse.SUPPRESS, help=f"default {default}",
+                _option_name(field.name),
+                dest=f"method_{field.name}",
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+                help=f"default {default}",
             )
         else:
             group.add_argument(
-                _option_name(field.name), dest=f"method_{field.name}", type=type(default),
-                default=argparse.SUPPRESS, metavar=type(default).__name__.upper(), help=f"default {default}",
+                _option_name(field.name),
+                dest=f"method_{field.name}",
+                type=type(default),
+                default=argparse.SUPPRESS,
+                metavar=type(default).__name__.upper(),
+                help=f"default {default}",
             )
 
 
 def _add_protocol_options(parser: argparse.ArgumentParser, calibration: bool) -> None:
-    parser.add_argument("--model", default=DEFAULT_MODEL,
-                        help="embedded name (smollm2-135m), local folder, .gguf file or Hugging Face id")
+    parser.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help="embedded name (smollm2-135m), local folder, .gguf file or Hugging Face id",
+    )
     if calibration:
-        parser.add_argument("--calib", default="austen",
-                            help="calibration text: austen, a built-in name, wikitext2, c4, ptb or a file")
+        parser.add_argument(
+            "--calib", default="austen", help="calibration text: austen, a built-in name, wikitext2, c4, ptb or a file"
+        )
         parser.add_argument("--nsamples", type=int, default=None, help="calibration windows (128; quick 32)")
     parser.add_argument("--seqlen", type=int, default=None, help="tokens per window (2048; quick 512)")
-    parser.add_argument("--eval", default=DEFAULT_EVAL,
-                        help="comma-separated evaluation sets (brit1911, persuasion, wikitext2, c4, ptb, a file); "
-                        "'none' to skip")
-    parser.add_argument("--eval-windows", type=int, default=None,
-                        help="evaluate the first K windows of each set (all; quick 16)")
-    parser.add_argument("--quick", action="store_true",
-                        help="the quick protocol: 32 x 512 calibration tokens, 16 evaluation windows")
+    parser.add_argument(
+        "--eval",
+        default=DEFAULT_EVAL,
+        help="comma-separated evaluation sets (brit1911, persuasion, wikitext2, c4, ptb, a file); 'none' to skip",
+    )
+    parser.add_argument(
+        "--eval-windows", type=int, default=None, help="evaluate the first K windows of each set (all; quick 16)"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="the quick protocol: 32 x 512 calibration tokens, 16 evaluation windows"
+    )
     parser.add_argument("--device", default="cpu", help="compute device: cpu, cuda, cuda:N")
     parser.add_argument("--seed", type=int, default=0, help="calibration sampling seed (GPTQ's default 0)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -73,8 +88,9 @@ def _base_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--out", default=None, help="output folder for report.json")
     quantize.add_argument("--label", default=None, help="name of this run in tables (default: method and bits)")
     quantize.add_argument("--hessian-dtype", default="float32", choices=("float32", "float64"))
-    quantize.add_argument("--true-sequential", action="store_true",
-                          help="quantize the groups of linears of a block one after another")
+    quantize.add_argument(
+        "--true-sequential", action="store_true", help="quantize the groups of linears of a block one after another"
+    )
     quantize.add_argument("--no-layer-table", action="store_true", help="do not print a row per module")
 
     evaluate = sub.add_parser("eval", help="evaluate a model's perplexity")

@@ -79,7 +79,10 @@ def _tokenizer_name(loaded: Any) -> str:
 
 
 def _evaluate_sets(
-    model: torch.nn.Module, loaded: Any, tokens: dict[str, torch.Tensor], args: argparse.Namespace,
+    model: torch.nn.Module,
+    loaded: Any,
+    tokens: dict[str, torch.Tensor],
+    args: argparse.Namespace,
     swap: WeightSwap | None,
 ) -> dict[str, dict]:
     results = {}
@@ -100,8 +103,7 @@ def run_quantize(
     started = time.perf_counter()
     method = get_method(args.method)
     config = method.make_config(**method_options)
-    engine = EngineConfig(device=args.device, hessian_dtype=args.hessian_dtype,
-                          true_sequential=args.true_sequential)
+    engine = EngineConfig(device=args.device, hessian_dtype=args.hessian_dtype, true_sequential=args.true_sequential)
     label = args.label or _default_label(method.name, config)
 
     loaded = load_model(args.model, dtype=_model_dtype(args.device))
@@ -134,13 +136,21 @@ def run_quantize(
         "created": now_utc(),
         "command": ["binq", *argv],
         "model": {
-            "spec": args.model, "name": loaded.name, "path": loaded.path, "architecture": arch.name,
+            "spec": args.model,
+            "name": loaded.name,
+            "path": loaded.path,
+            "architecture": arch.name,
             "dtype": str(_model_dtype(args.device)).removeprefix("torch."),
         },
         "method": {"name": method.name, "config": dataclasses.asdict(config)},
         "engine": dataclasses.asdict(engine),
-        "calibration": {"source": args.calib, "nsamples": args.nsamples, "seqlen": args.seqlen,
-                        "seed": args.seed, "tokens": int(calibration.numel())},
+        "calibration": {
+            "source": args.calib,
+            "nsamples": args.nsamples,
+            "seqlen": args.seqlen,
+            "seed": args.seed,
+            "tokens": int(calibration.numel()),
+        },
         "seed": args.seed,
         "bits": summarize_bits(inventory, result.weights, stored_bits).to_dict(),
         "bits_original": unquantized_bits(inventory, stored_bits).to_dict(),
@@ -161,7 +171,8 @@ def run_quantize(
         log.info("wrote %s", path)
     print_table(comparison_table([report], f"{label} on {loaded.name}"))
     for name, evaluation in evaluations.items():
-        print(f"protocol {name}: {Protocol(**evaluation['protocol']).summary()}; {evaluation['protocol']['description']}")
+        protocol = evaluation["protocol"]
+        print(f"protocol {name}: {Protocol(**protocol).summary()}; {protocol['description']}")
     return 0
 
 
@@ -197,8 +208,19 @@ DEMO_DEFAULT = ("rtn 1-bit", "gptq 1-bit g128", "gptq 2-bit g128", "gptq 4-bit g
 
 def demo_command(label: str, model: str, device: str, full: bool, out: Path) -> list[str]:
     """The ``binq quantize`` command line of one run of the main job."""
-    command = ["binq", "quantize", "--model", model, *DEMO_RUNS[label], "--label", label,
-               "--device", device, "--out", str(out / label.replace(" ", "_"))]
+    command = [
+        "binq",
+        "quantize",
+        "--model",
+        model,
+        *DEMO_RUNS[label],
+        "--label",
+        label,
+        "--device",
+        device,
+        "--out",
+        str(out / label.replace(" ", "_")),
+    ]
     return command if full else [*command, "--quick"]
 
 
@@ -208,8 +230,11 @@ def run_demo(args: argparse.Namespace) -> int:
     if unknown:
         raise BinqError(f"unknown run {unknown[0]!r} (runs: {', '.join(DEMO_RUNS)})")
     out = Path(args.out)
-    protocol = "full (128 x 2048 calibration tokens, all windows of 2048)" if args.full else (
-        "quick (32 x 512 calibration tokens from austen; first 16 windows of 512 tokens)")
+    protocol = (
+        "full (128 x 2048 calibration tokens, all windows of 2048)"
+        if args.full
+        else ("quick (32 x 512 calibration tokens from austen; first 16 windows of 512 tokens)")
+    )
     print(f"binq demo: {len(labels)} runs on {args.model}, {protocol}; evaluation on brit1911 and persuasion")
     load_model(args.model)  # fetch and convert the embedded model once, before the runs
     reports = []
@@ -223,7 +248,11 @@ def run_demo(args: argparse.Namespace) -> int:
         reports.append(read_report(out / label.replace(" ", "_") / "report.json"))
     print_table(comparison_table(reports, f"binq demo on {args.model}: {protocol}"))
     summary = out / "summary.json"
-    summary.write_text(json.dumps([{k: r[k] for k in ("label", "command", "bits", "eval", "time_s",
-                                                      "peak_memory_bytes")} for r in reports], indent=2))
+    summary.write_text(
+        json.dumps(
+            [{k: r[k] for k in ("label", "command", "bits", "eval", "time_s", "peak_memory_bytes")} for r in reports],
+            indent=2,
+        )
+    )
     print(f"reports: {out}/*/report.json; summary: {summary}")
     return 0

@@ -148,20 +148,40 @@ def markdown_table(reports: list[dict]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     first = reports[0]
     original = first["bits_original"]
-    lines.append("| " + " | ".join([
-        f"original (fp{original['other_parameters_bits']})", f"{original['linear']['compute_bits']:.0f}",
-        f"{original['linear']['storage_bits']:.2f}", f"{original['model']['storage_bits']:.2f}",
-        f"{original['model']['storage_bytes'] / 2**20:.1f}",
-        *[_fmt(first["eval"][s]["ppl_original"], ".2f") for s in eval_sets],
-        *["0" for _ in eval_sets], "-", "-",
-    ]) + " |")
+    lines.append(
+        "| "
+        + " | ".join(
+            [
+                f"original (fp{original['other_parameters_bits']})",
+                f"{original['linear']['compute_bits']:.0f}",
+                f"{original['linear']['storage_bits']:.2f}",
+                f"{original['model']['storage_bits']:.2f}",
+                f"{original['model']['storage_bytes'] / 2**20:.1f}",
+                *[_fmt(first["eval"][s]["ppl_original"], ".2f") for s in eval_sets],
+                *["0" for _ in eval_sets],
+                "-",
+                "-",
+            ]
+        )
+        + " |"
+    )
     for report in reports:
         bits = report["bits"]
-        lines.append("| " + " | ".join([
-            report["label"], f"{bits['linear']['compute_bits']:.3f}", f"{bits['linear']['storage_bits']:.3f}",
-            f"{bits['model']['storage_bits']:.3f}", f"{bits['model']['storage_bytes'] / 2**20:.1f}",
-            *[_fmt(report["eval"][s]["ppl"], ".2f") for s in eval_sets],
-            *[_fmt(report["eval"][s]["kl"], ".3f") for s in eval_sets],
-            f"{report['time_s']['quantize']:.0f} s", _mib(report["peak_memory_bytes"]),
-        ]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    report["label"],
+                    f"{bits['linear']['compute_bits']:.3f}",
+                    f"{bits['linear']['storage_bits']:.3f}",
+                    f"{bits['model']['storage_bits']:.3f}",
+                    f"{bits['model']['storage_bytes'] / 2**20:.1f}",
+                    *[_fmt(report["eval"][s]["ppl"], ".2f") for s in eval_sets],
+                    *[_fmt(report["eval"][s]["kl"], ".3f") for s in eval_sets],
+                    f"{report['time_s']['quantize']:.0f} s",
+                    _mib(report["peak_memory_bytes"]),
+                ]
+            )
+            + " |"
+        )
     return "\n".join(lines)

@@ -85,10 +85,6 @@ def evaluation_tokens(
     else:
         ids = tokenize_once(tokenizer, load_text(name))
     if ids.shape[1] < seqlen:
-        raise BinqError(
-            f"evaluation text {name!r} has {ids.shape[1]} tokens, fewer than one window of seqlen={seqlen}"
-        )
-    logger.info(
-        "evaluation: %s -> %d tokens (%d windows of %d)", name, ids.shape[1], ids.shape[1] // seqlen, seqlen
-    )
+        raise BinqError(f"evaluation text {name!r} has {ids.shape[1]} tokens, fewer than one window of seqlen={seqlen}")
+    logger.info("evaluation: %s -> %d tokens (%d windows of %d)", name, ids.shape[1], ids.shape[1] // seqlen, seqlen)
     return ids  # type: ignore[return-value]

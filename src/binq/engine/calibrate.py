@@ -196,9 +196,7 @@ def quantize_model(
             linears = block_linears(block, arch)
             position = 0
             for stage in stages:
-                accumulators = _accumulate_hessians(
-                    block, linears, stage, hidden, args, kwargs, device, hessian_dtype
-                )
+                accumulators = _accumulate_hessians(block, linears, stage, hidden, args, kwargs, device, hessian_dtype)
                 for group in stage:
                     hessian = accumulators[group].hessian()
                     for name in group:
@@ -207,9 +205,7 @@ def quantize_model(
                             continue
                         full_name = f"{arch.blocks}.{index}.{name}"
                         t0 = time.perf_counter()
-                        quantized, error = _quantize_linear(
-                            full_name, linears[name], hessian, method, method_config
-                        )
+                        quantized, error = _quantize_linear(full_name, linears[name], hessian, method, method_config)
                         record = LayerRecord(
                             block=index,
                             name=name,

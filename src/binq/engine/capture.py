@@ -10,6 +10,7 @@ the same for every sample.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,10 +58,8 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, samples: torch
         for n, sample in enumerate(samples):
             for i in range(len(originals)):
                 blocks[i] = _Recorder(i, i == len(originals) - 1, sink, record_arguments=n == 0)
-            try:
+            with contextlib.suppress(_StopForward):
                 model(sample.unsqueeze(0).to(model.device), use_cache=False)
-            except _StopForward:
-                pass
     finally:
         for i, block in enumerate(originals):
             blocks[i] = block

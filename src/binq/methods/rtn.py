@@ -60,14 +60,18 @@ def _group_view(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, to
 def sign_binarize(weight: torch.Tensor, group_size: int, centred: bool) -> BinaryWeight:
     """XNOR binarization per (row, group), the mean-centred binarizer with order 1."""
     rows, cols = weight.shape
-    values, valid, groups = _group_view(weight, group_size)
+    values, valid, _ = _group_view(weight, group_size)
     # Batch groups first: the binarizer works per row of its last two dims.
     _, (term,) = residual_binarize(values.transpose(0, 1), valid.transpose(0, 1), order=1, centred=centred)
     signs = term.signs.transpose(0, 1).reshape(rows, -1)[:, :cols]
     scales = term.scale.transpose(0, 1).unsqueeze(-1)  # (rows, groups, 1 zone)
     means = term.mean.transpose(0, 1).unsqueeze(-1) if centred else None
-    return BinaryWeight(signs=signs.cpu(), scales=scales.half().cpu(), block_size=group_size,
-                        means=None if means is None else means.half().cpu())
+    return BinaryWeight(
+        signs=signs.cpu(),
+        scales=scales.half().cpu(),
+        block_size=group_size,
+        means=None if means is None else means.half().cpu(),
+    )
 
 
 def uniform_round(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> UniformWeight:
@@ -82,8 +86,13 @@ def uniform_round(weight: torch.Tensor, bits: int, group_size: int, symmetric: b
         grid = fit_minmax_grid(block, bits, symmetric)
         codes[:, g * group_size : (g + 1) * group_size] = grid.codes(block).to(torch.uint8).cpu()
         scales[:, g], zeros[:, g] = grid.scale.cpu(), grid.zero.cpu()
-    return UniformWeight(codes=codes, scales=scales.half(), bits=bits, group_size=group_size,
-                         zeros=None if symmetric else zeros.to(torch.uint8))
+    return UniformWeight(
+        codes=codes,
+        scales=scales.half(),
+        bits=bits,
+        group_size=group_size,
+        zeros=None if symmetric else zeros.to(torch.uint8),
+    )
 
 
 @register("rtn", RTNConfig, "round-to-nearest: XNOR sign binarization at 1 bit, min-max b-bit otherwise")

@@ -89,9 +89,7 @@ ARCHITECTURES: dict[str, Architecture] = {
     )
 }
 
-_BY_MODEL_TYPE: dict[str, Architecture] = {
-    mt: arch for arch in ARCHITECTURES.values() for mt in arch.model_types
-}
+_BY_MODEL_TYPE: dict[str, Architecture] = {mt: arch for arch in ARCHITECTURES.values() for mt in arch.model_types}
 
 
 def architecture_for_model_type(model_type: str) -> Architecture:
@@ -108,9 +106,7 @@ def get_architecture(model: nn.Module | PretrainedConfig) -> Architecture:
     config = model if isinstance(model, PretrainedConfig) else getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if not model_type:
-        raise BinqError(
-            f"{type(model).__name__} has no config.model_type; binq needs a Hugging Face causal LM"
-        )
+        raise BinqError(f"{type(model).__name__} has no config.model_type; binq needs a Hugging Face causal LM")
     return architecture_for_model_type(model_type)
 
 
@@ -126,9 +122,7 @@ def get_blocks(model: nn.Module, arch: Architecture) -> nn.ModuleList:
     """The decoder blocks, in order."""
     blocks = get_module(model, arch.blocks)
     if not isinstance(blocks, nn.ModuleList):
-        raise BinqError(
-            f"'{arch.blocks}' of {type(model).__name__} is a {type(blocks).__name__}, not a ModuleList"
-        )
+        raise BinqError(f"'{arch.blocks}' of {type(model).__name__} is a {type(blocks).__name__}, not a ModuleList")
     return blocks
 
 

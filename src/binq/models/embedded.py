@@ -215,9 +215,7 @@ def ensure_embedded(
     try:
         cache.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise BinqError(
-            f"cannot create the cache folder {cache} ({error.strerror}); set BINQ_CACHE"
-        ) from None
+        raise BinqError(f"cannot create the cache folder {cache} ({error.strerror}); set BINQ_CACHE") from None
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=cache, prefix=f".{model.name}.tmp-") as scratch_name:
         scratch = Path(scratch_name)
@@ -232,9 +230,7 @@ def ensure_embedded(
             staging.rename(final)
         except OSError:
             if not (final / "config.json").is_file():  # not a concurrent run that finished first
-                raise BinqError(
-                    f"cannot create {final}: it exists but is incomplete; remove it and retry"
-                ) from None
+                raise BinqError(f"cannot create {final}: it exists but is incomplete; remove it and retry") from None
             logger.info("another process created %s meanwhile; using it", final)
     logger.info("%s ready in %.1f s", final, time.perf_counter() - start)
     return final

@@ -88,9 +88,7 @@ def _read(source: str, dtype: torch.dtype, **kwargs: Any) -> tuple[PreTrainedMod
     return model, tokenizer
 
 
-def _load_folder(
-    spec: str, folder: Path, dtype: torch.dtype
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def _load_folder(spec: str, folder: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     _folder_architecture(folder)
     try:
         return _read(str(folder), dtype)
@@ -127,9 +125,7 @@ def check_finite(model: torch.nn.Module, name: str) -> None:
     """Raise on the first floating parameter holding NaN or Inf."""
     for param_name, param in model.named_parameters():
         if param.is_floating_point() and not bool(torch.isfinite(param).all()):
-            raise BinqError(
-                f"model '{name}' has NaN or Inf values in {param_name}; binq needs finite weights"
-            )
+            raise BinqError(f"model '{name}' has NaN or Inf values in {param_name}; binq needs finite weights")
 
 
 def load_model(spec: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
@@ -144,9 +140,7 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
         name, where = path.resolve().name, str(path.resolve())
     elif path.is_file():
         if path.suffix.lower() != ".gguf":
-            raise BinqError(
-                f"'{spec}' is a file but not a .gguf file; pass a model folder, a .gguf file or a Hub id"
-            )
+            raise BinqError(f"'{spec}' is a file but not a .gguf file; pass a model folder, a .gguf file or a Hub id")
         model, tokenizer = _load_gguf(spec, path, dtype)
         name, where = path.stem, str(path.resolve())
     elif _looks_like_path(spec):
@@ -162,7 +156,5 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
         block_linears(block, arch)  # the declared layout must match the real modules, in every block
     check_finite(model, name)
     n_params = sum(p.numel() for p in model.parameters())
-    logger.info(
-        "loaded %s (%s, %.1f M parameters, %s) from %s", name, arch.name, n_params / 1e6, dtype, where
-    )
+    logger.info("loaded %s (%s, %.1f M parameters, %s) from %s", name, arch.name, n_params / 1e6, dtype, where)
     return LoadedModel(model=model, tokenizer=tokenizer, name=name, path=where)

@@ -63,9 +63,7 @@ def residual_binarize(
     return approx, terms
 
 
-def binarization_error(
-    weight: torch.Tensor, mask: torch.Tensor, order: int = 1, centred: bool = True
-) -> torch.Tensor:
+def binarization_error(weight: torch.Tensor, mask: torch.Tensor, order: int = 1, centred: bool = True) -> torch.Tensor:
     """Squared error of :func:`residual_binarize` on the masked entries, summed over the last two dims."""
     approx, _ = residual_binarize(weight, mask, order, centred)
     return ((weight - approx) * mask.to(weight.dtype)).square().sum((-2, -1))

@@ -143,9 +143,7 @@ class BinaryWeight(QuantizedWeight):
             sal = torch.nonzero(self.salient_columns).flatten()
             z1 = torch.full((rows, sal.numel()), names.index(ZONE_SALIENT), dtype=torch.long)
             z2 = torch.full_like(z1, names.index(ZONE_SALIENT_RESIDUAL))
-            out[:, sal] = self._zone_term(self.signs[:, sal], z1, sal) + self._zone_term(
-                self.residual_signs, z2, sal
-            )
+            out[:, sal] = self._zone_term(self.signs[:, sal], z1, sal) + self._zone_term(self.residual_signs, z2, sal)
         return out.to(dtype)
 
     def packed_tensors(self) -> dict[str, torch.Tensor]:
