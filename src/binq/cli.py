@@ -131,6 +131,19 @@ def _resolve_protocol(args: argparse.Namespace) -> None:
         raise BinqError("--seqlen must be at least 2")
     if args.eval_windows is not None and args.eval_windows < 1:
         raise BinqError("--eval-windows must be at least 1")
+    _check_device(args.device)
+
+
+def _check_device(device: str) -> None:
+    """Refuse a device torch cannot parse, or CUDA without CUDA, before any model is loaded."""
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise BinqError(f"--device {device!r} is not a device (use cpu, cuda or cuda:N)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise BinqError(f"--device {device} asked for, but no CUDA device is available")
 
 
 def _eval_sets(spec: str) -> list[str]:

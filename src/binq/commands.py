@@ -74,6 +74,13 @@ def _stored_precision_bits(loaded: Any) -> int:
     return 32 if dtype == "float32" else 16
 
 
+def _check_seqlen(model: torch.nn.Module, seqlen: int) -> None:
+    """A window longer than the model's positions fails deep in the forward (OPT) or is meaningless."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(limit, int) and seqlen > limit:
+        raise BinqError(f"--seqlen {seqlen} is longer than the model's context ({limit} positions)")
+
+
 def _tokenizer_name(loaded: Any) -> str:
     return f"{type(loaded.tokenizer).__name__}({loaded.name})"
 
@@ -111,6 +118,7 @@ def run_quantize(
     arch = get_architecture(model)
     inventory = parameter_inventory(model, arch)
     stored_bits = _stored_precision_bits(loaded)
+    _check_seqlen(model, args.seqlen)
     calibration = calibration_windows(loaded.tokenizer, args.calib, args.nsamples, args.seqlen, args.seed)
     # Read every evaluation set before the long part, so a bad name fails in seconds.
     eval_tokens = {name: evaluation_tokens(loaded.tokenizer, name, args.seqlen) for name in eval_sets}
@@ -188,6 +196,7 @@ def run_eval(args: argparse.Namespace, eval_sets: list[str]) -> int:
     loaded = load_model(args.model, dtype=_model_dtype(args.device))
     if not eval_sets:
         raise BinqError("binq eval needs at least one --eval set")
+    _check_seqlen(loaded.model, args.seqlen)
     tokens = {name: evaluation_tokens(loaded.tokenizer, name, args.seqlen) for name in eval_sets}
     for name, evaluation in _evaluate_sets(loaded.model, loaded, tokens, args, None).items():
         print(f"{name}: PPL {evaluation['ppl']:.3f}  ({Protocol(**evaluation['protocol']).summary()})")

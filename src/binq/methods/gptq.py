@@ -91,8 +91,13 @@ def quantize_gptq(weight: torch.Tensor, hessian: torch.Tensor, config: GPTQConfi
             if static is not None:
                 grid = static[int(perm[j]) // group_size]
             elif j % group_size == 0:
-                # Fit on the current (error-updated) weights of the group, inside and past this block.
-                upcoming = torch.cat([block[:, i:], w[:, end:]], dim=1)[:, :group_size]
+                # Fit on the current (error-updated) weights of the group, inside and past this block;
+                # columns past the block have not had this block's pending updates yet: apply them.
+                upcoming = block[:, i : i + group_size]
+                group_end = min(j + group_size, cols)
+                if group_end > end:
+                    past = w[:, end:group_end] - errors[:, :i] @ u[start:j, end:group_end]
+                    upcoming = torch.cat([upcoming, past], dim=1)
                 grid = fit_minmax_grid(upcoming, config.bits, config.sym)
             assert grid is not None
             column = block[:, i]

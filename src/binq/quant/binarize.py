@@ -36,13 +36,15 @@ def round_to_storage(x: torch.Tensor) -> torch.Tensor:
 
 
 def residual_binarize(
-    weight: torch.Tensor, mask: torch.Tensor, order: int = 1, centred: bool = True
+    weight: torch.Tensor, mask: torch.Tensor, order: int = 1, centred: bool = True, rounded: bool = True
 ) -> tuple[torch.Tensor, list[BinaryTerm]]:
     """Binarize ``weight`` (``(..., rows, cols)``) on ``mask`` with ``order`` residual terms.
 
     Leading dimensions batch independent problems (the searches score many candidate masks at once).
-    Returns the approximation (zero outside the mask) and the terms.
+    Returns the approximation (zero outside the mask) and the terms. ``rounded=False`` skips the fp16
+    rounding of scales and means (for scoring metrics that are never stored).
     """
+    store = round_to_storage if rounded else torch.Tensor.clone
     maskf = mask.to(weight.dtype)
     count = maskf.sum(-1, keepdim=True).clamp_min(1.0)
     residual = weight * maskf
@@ -50,11 +52,11 @@ def residual_binarize(
     terms = []
     for _ in range(order):
         if centred:
-            mean = round_to_storage(residual.sum(-1, keepdim=True) / count)
+            mean = store(residual.sum(-1, keepdim=True) / count)
         else:
             mean = torch.zeros_like(count)
         centred_residual = residual - mean
-        scale = round_to_storage((centred_residual.abs() * maskf).sum(-1, keepdim=True) / count)
+        scale = store((centred_residual.abs() * maskf).sum(-1, keepdim=True) / count)
         signs = centred_residual >= 0
         term = (torch.where(signs, scale, -scale) + mean) * maskf
         approx = approx + term
@@ -64,6 +66,11 @@ def residual_binarize(
 
 
 def binarization_error(weight: torch.Tensor, mask: torch.Tensor, order: int = 1, centred: bool = True) -> torch.Tensor:
-    """Squared error of :func:`residual_binarize` on the masked entries, summed over the last two dims."""
-    approx, _ = residual_binarize(weight, mask, order, centred)
+    """Squared error of :func:`residual_binarize` on the masked entries, summed over the last two dims.
+
+    Scored without the fp16 rounding: the searches score metrics such as BiLLM's ``W^2 / U_jj^2``, whose
+    scale follows the activations' and can leave fp16's range (overflow to inf, or subnormal steps),
+    which would make the search depend on that scale. The reference searches in fp32.
+    """
+    approx, _ = residual_binarize(weight, mask, order, centred, rounded=False)
     return ((weight - approx) * mask.to(weight.dtype)).square().sum((-2, -1))
