@@ -16,16 +16,6 @@ from binq.quant.hessian import factor_hessian, relative_output_error
 from binq.quant.search import BILLM_SPLIT_QUANTILES, salient_column_search, sorted_quantiles, split_search
 from binq.quant.structured import BinaryWeight
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The searches are many small ops: one thread is much faster than two on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ------------------------------------------------------------------------------------------ binarizer
 
 

@@ -16,15 +16,6 @@ from binq.quant.structured import UniformWeight
 ROWS, COLS, TOKENS = 64, 200, 512  # 200 columns: not a multiple of the 128-column block
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The column loop is many tiny ops: one thread is ten times faster than two on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @functools.cache
 def _problem(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """A weight and the Hessian of correlated inputs ``X = Z M`` (``M`` = identity + a rank-8 mixing)."""

@@ -21,7 +21,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from binq.errors import BinqError
@@ -38,45 +38,8 @@ from binq.models import (
     parameter_inventory,
 )
 from binq.models.embedded import convert_gguf_to_folder, default_cache_dir, pip_download
-
-HIDDEN, FFN, HEADS, KV_HEADS, HEAD_DIM, VOCAB, LAYERS = 64, 128, 4, 2, 16, 128, 2
-SPECIAL_IDS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
-
-
-def tiny_config(arch_name: str) -> PretrainedConfig:
-    """A two-block random config of each declared architecture (kept in step with ARCHITECTURES)."""
-    if arch_name == "opt":
-        return AutoConfig.for_model(
-            "opt",
-            hidden_size=HIDDEN,
-            ffn_dim=FFN,
-            word_embed_proj_dim=HIDDEN,
-            num_hidden_layers=LAYERS,
-            num_attention_heads=HEADS,
-            vocab_size=VOCAB,
-            max_position_embeddings=64,
-            **SPECIAL_IDS,
-        )
-    return AutoConfig.for_model(
-        arch_name,
-        hidden_size=HIDDEN,
-        intermediate_size=FFN,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        num_key_value_heads=KV_HEADS,
-        head_dim=HEAD_DIM,
-        vocab_size=VOCAB,
-        max_position_embeddings=64,
-        **SPECIAL_IDS,
-    )
-
-
-def tiny_model(arch_name: str, **overrides: object) -> nn.Module:
-    config = tiny_config(arch_name)
-    for key, value in overrides.items():
-        setattr(config, key, value)
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config).eval()
+from conftest import FFN, HEAD_DIM, HEADS, HIDDEN, KV_HEADS, LAYERS, VOCAB, tiny_config
+from conftest import build_tiny_model as tiny_model
 
 
 def expected_shapes(arch_name: str) -> dict[str, tuple[int, int]]:

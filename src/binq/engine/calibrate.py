@@ -9,9 +9,11 @@
    - re-run the samples through the quantized block: its outputs are the next block's inputs.
 3. The model stays on the CPU; calibration activations stay on the CPU unless they fit on the device.
 
-Multi-process runs need two more steps at marked places: an all-reduce of each accumulator
+In a multi-process run (``torch.distributed`` initialised by the caller, each rank with its own share of
+the calibration samples) two steps join in: an all-reduce of each accumulator
 (:meth:`HessianAccumulator.reduce_`, called here and a no-op in one process) and a broadcast of each
-quantized weight from the rank that owns it (:func:`owned_by_this_rank` spreads the linears).
+quantized weight from the rank that made it (:func:`owner_rank` spreads the linears, :func:`_share_weight`
+broadcasts; both are no-ops in one process, and each rank's result holds the structured weights it made).
 """
 
 from __future__ import annotations
@@ -86,11 +88,26 @@ class QuantizationResult:
     time_s: float = 0.0
 
 
-def owned_by_this_rank(index: int) -> bool:
-    """Round-robin assignment of a block's linears to ranks (always True in one process)."""
+def _rank_and_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
-        return index % dist.get_world_size() == dist.get_rank()
-    return True
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def owner_rank(index: int) -> int:
+    """Round-robin assignment of a block's linears to ranks (always rank 0 in one process)."""
+    return index % _rank_and_world()[1]
+
+
+def _share_weight(linear: nn.Linear, owner: int) -> None:
+    """In a multi-process run, every rank takes the quantized weight from the rank that made it."""
+    rank, world = _rank_and_world()
+    if world == 1:
+        return
+    if rank != owner:
+        # A fresh tensor: callers may hold the original (for KL), which must not be overwritten.
+        linear.weight.data = linear.weight.data.clone()
+    dist.broadcast(linear.weight.data, src=owner)
 
 
 def _activations_fit(inputs: BlockInputs, device: torch.device) -> bool:
@@ -186,6 +203,7 @@ def quantize_model(
         on_device = _activations_fit(inputs, device)
     hidden = [x.to(device) if on_device else x for x in inputs.hidden_states]
     groups = list(arch.linear_groups)
+    position = 0  # linears spread over ranks in model order, round-robin
     stages = [[g] for g in groups] if engine.true_sequential else [groups]
 
     try:
@@ -194,14 +212,15 @@ def quantize_model(
             args = to_device(inputs.args[index], device)
             kwargs = to_device(inputs.kwargs[index], device)
             linears = block_linears(block, arch)
-            position = 0
             for stage in stages:
                 accumulators = _accumulate_hessians(block, linears, stage, hidden, args, kwargs, device, hessian_dtype)
                 for group in stage:
                     hessian = accumulators[group].hessian()
                     for name in group:
+                        owner = owner_rank(position)
                         position += 1
-                        if not owned_by_this_rank(position - 1):
+                        if owner != _rank_and_world()[0]:
+                            _share_weight(linears[name], owner)
                             continue
                         full_name = f"{arch.blocks}.{index}.{name}"
                         t0 = time.perf_counter()
@@ -217,6 +236,7 @@ def quantize_model(
                             numel=quantized.numel,
                             time_s=time.perf_counter() - t0,
                         )
+                        _share_weight(linears[name], owner)
                         result.weights[full_name] = quantized
                         result.records.append(record)
                         if on_layer is not None:
