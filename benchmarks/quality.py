@@ -21,6 +21,10 @@ from binq.report import machine, markdown_table, read_report
 ROWS = ("rtn 1-bit", "gptq 1-bit g128", "gptq 2-bit g128", "gptq 3-bit g128", "gptq 4-bit g128", "billm")
 
 
+def _same_run(report: dict, command: list[str]) -> bool:
+    return [word for word in report["command"] if word != "--no-layer-table"] == command
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--full", action="store_true")
@@ -29,6 +33,9 @@ def main() -> int:
     parser.add_argument("--out", default="runs/benchmark")
     parser.add_argument("--doc", default="docs/BENCHMARKS.md")
     parser.add_argument("--rows", default=",".join(ROWS))
+    parser.add_argument(
+        "--reuse", action="store_true", help="keep a row's existing report.json if it was made by the same command"
+    )
     args = parser.parse_args()
     out = Path(args.out)
     reports, commands = [], []
@@ -36,6 +43,12 @@ def main() -> int:
         if label not in DEMO_RUNS:
             parser.error(f"unknown row {label!r}")
         command = demo_command(label, args.model, args.device, args.full, out)
+        report_file = out / label.replace(" ", "_") / "report.json"
+        if args.reuse and report_file.is_file() and _same_run(read_report(report_file), command):
+            print(f"reusing {report_file}", flush=True)
+            reports.append(read_report(report_file))
+            commands.append(command)
+            continue
         print(" ".join(command), flush=True)
         subprocess.run(
             [sys.executable, "-m", "binq.cli", *command[1:], "--no-layer-table"], check=True, stdout=subprocess.DEVNULL
