@@ -93,6 +93,13 @@ def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _ppl(value: float | None) -> str:
+    """Perplexities span 10 to 1e9 here: scientific notation past 10^4 keeps table columns narrow."""
+    if value is None:
+        return "-"
+    return f"{value:.2f}" if value < 1e4 else f"{value:.3g}"
+
+
 def _mib(n: float) -> str:
     return f"{n / 2**20:,.0f} MiB"
 
@@ -116,7 +123,7 @@ def comparison_table(reports: list[dict], title: str) -> Table:
             f"{first['bits_original']['linear']['compute_bits']:.0f}",
             f"{first['bits_original']['linear']['storage_bits']:.2f} / "
             f"{first['bits_original']['model']['storage_bits']:.2f}",
-            *[_fmt(first["eval"][s]["ppl_original"], ".2f") for s in eval_sets],
+            *[_ppl(first["eval"][s]["ppl_original"]) for s in eval_sets],
             *["0" for _ in eval_sets],
             "-",
             "-",
@@ -127,7 +134,7 @@ def comparison_table(reports: list[dict], title: str) -> Table:
             report["label"],
             f"{bits['linear']['compute_bits']:.3f}",
             f"{bits['linear']['storage_bits']:.3f} / {bits['model']['storage_bits']:.3f}",
-            *[_fmt(report["eval"][s]["ppl"], ".2f") for s in eval_sets],
+            *[_ppl(report["eval"][s]["ppl"]) for s in eval_sets],
             *[_fmt(report["eval"][s]["kl"], ".3f") for s in eval_sets],
             f"{report['time_s']['quantize']:.0f} s",
             _mib(report["peak_memory_bytes"]),
@@ -136,7 +143,7 @@ def comparison_table(reports: list[dict], title: str) -> Table:
 
 
 def print_table(table: Table) -> None:
-    Console(width=max(100, Console().width)).print(table)
+    Console(width=max(140, Console().width)).print(table)
 
 
 def markdown_table(reports: list[dict]) -> str:
@@ -157,7 +164,7 @@ def markdown_table(reports: list[dict]) -> str:
                 f"{original['linear']['storage_bits']:.2f}",
                 f"{original['model']['storage_bits']:.2f}",
                 f"{original['model']['storage_bytes'] / 2**20:.1f}",
-                *[_fmt(first["eval"][s]["ppl_original"], ".2f") for s in eval_sets],
+                *[_ppl(first["eval"][s]["ppl_original"]) for s in eval_sets],
                 *["0" for _ in eval_sets],
                 "-",
                 "-",
@@ -176,7 +183,7 @@ def markdown_table(reports: list[dict]) -> str:
                     f"{bits['linear']['storage_bits']:.3f}",
                     f"{bits['model']['storage_bits']:.3f}",
                     f"{bits['model']['storage_bytes'] / 2**20:.1f}",
-                    *[_fmt(report["eval"][s]["ppl"], ".2f") for s in eval_sets],
+                    *[_ppl(report["eval"][s]["ppl"]) for s in eval_sets],
                     *[_fmt(report["eval"][s]["kl"], ".3f") for s in eval_sets],
                     f"{report['time_s']['quantize']:.0f} s",
                     _mib(report["peak_memory_bytes"]),
