@@ -10,6 +10,7 @@ Markdown table lists the command of every row.
 from __future__ import annotations
 
 import argparse
+import shlex
 import subprocess
 import sys
 from datetime import date
@@ -49,7 +50,7 @@ def main() -> int:
             reports.append(read_report(report_file))
             commands.append(command)
             continue
-        print(" ".join(command), flush=True)
+        print(shlex.join(command), flush=True)
         subprocess.run(
             [sys.executable, "-m", "binq.cli", *command[1:], "--no-layer-table"], check=True, stdout=subprocess.DEVNULL
         )
@@ -64,7 +65,7 @@ def main() -> int:
     text = [
         f"## Quality on {args.model}, {protocol}",
         "",
-        f"Made by `python benchmarks/quality.py{' --full' if args.full else ''}` on {date.today().isoformat()}; "
+        f"Made by `{shlex.join(['python', 'benchmarks/quality.py', *sys.argv[1:]])}` on {date.today().isoformat()}; "
         f"machine: {machine()}; versions: {first['versions']}.",
         f"Calibration: {first['calibration']['nsamples']} windows of {first['calibration']['seqlen']} tokens "
         f"from `{first['calibration']['source']}`, seed {first['seed']}. Evaluation: "
@@ -77,9 +78,21 @@ def main() -> int:
         "",
         markdown_table(reports),
         "",
-        "Commands, one per row:",
+        *(
+            []
+            if args.full
+            else [
+                "This table uses the quick protocol. GPTQ's full protocol is `python benchmarks/quality.py --full`;",
+                "it was not run for this table: on a 2-core CPU every row would take roughly an hour (two passes of",
+                "128 x 2048 calibration tokens through every block, then about 100 evaluation windows of 2048 tokens",
+                "for both the quantized and the original model). That is an estimate from the quick runs, not a",
+                "measurement.",
+                "",
+            ]
+        ),
+        "Commands, one per row (each in its own process; `--no-layer-table` was added to keep the log short):",
         "",
-        *[f"- {r['label']}: `{' '.join(c)}`" for r, c in zip(reports, commands, strict=True)],
+        *[f"- {r['label']}: `{shlex.join(c)}`" for r, c in zip(reports, commands, strict=True)],
         "",
     ]
     Path(args.doc).parent.mkdir(parents=True, exist_ok=True)

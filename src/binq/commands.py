@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import shlex
 import subprocess
 import sys
 import time
@@ -249,7 +250,7 @@ def run_demo(args: argparse.Namespace) -> int:
     reports = []
     for n, label in enumerate(labels, 1):
         command = demo_command(label, args.model, args.device, args.full, out)
-        print(f"[{n}/{len(labels)}] {' '.join(command)}", flush=True)
+        print(f"[{n}/{len(labels)}] {shlex.join(command)}", flush=True)
         child = [sys.executable, "-m", "binq.cli", *command[1:], "--no-layer-table"]
         completed = subprocess.run(child, stdout=subprocess.DEVNULL, check=False)
         if completed.returncode != 0:
