@@ -39,7 +39,7 @@ def main() -> int:
     )
     args = parser.parse_args()
     out = Path(args.out)
-    reports, commands = [], []
+    reports, commands, reused = [], [], []
     for label in args.rows.split(","):
         if label not in DEMO_RUNS:
             parser.error(f"unknown row {label!r}")
@@ -47,6 +47,7 @@ def main() -> int:
         report_file = out / label.replace(" ", "_") / "report.json"
         if args.reuse and report_file.is_file() and _same_run(read_report(report_file), command):
             print(f"reusing {report_file}", flush=True)
+            reused.append(label)
             reports.append(read_report(report_file))
             commands.append(command)
             continue
@@ -77,6 +78,19 @@ def main() -> int:
         + f". Evaluation dtype {first['model']['dtype']}. KL is KL(original || quantized) per token, in nats.",
         "",
         markdown_table(reports),
+        "",
+        *(
+            [
+                f"Reused rows (`--reuse`: reports already in `{out}`, each made by exactly the command listed "
+                f"below, for example by `binq demo`): {', '.join(reused)}. The other rows ran in this invocation.",
+                "",
+            ]
+            if reused
+            else []
+        ),
+        "`quantize time` is the engine alone (input capture, Hessians, the method, block re-runs); "
+        "each run's whole command (model loading and both evaluations included) took "
+        f"{min(r['time_s']['total'] for r in reports):.0f}-{max(r['time_s']['total'] for r in reports):.0f} s.",
         "",
         *(
             []

@@ -104,91 +104,64 @@ def _mib(n: float) -> str:
     return f"{n / 2**20:,.0f} MiB"
 
 
-def comparison_table(reports: list[dict], title: str) -> Table:
-    """One row per run, plus the original model (from the first report) on top."""
+def comparison_rows(reports: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the comparison: the original model (from the first report), then each run."""
     eval_sets = list(reports[0]["eval"]) if reports else []
-    table = Table(title=title, title_justify="left")
-    for column in ("method", "compute bits", "storage bits (linear / model)"):
-        table.add_column(column, justify="left" if column == "method" else "right")
-    for name in eval_sets:
-        table.add_column(f"PPL {name}", justify="right")
-    for name in eval_sets:
-        table.add_column(f"KL {name}", justify="right")
-    for column in ("quantize time", "peak memory"):
-        table.add_column(column, justify="right")
-    if reports:
-        first = reports[0]
-        table.add_row(
-            f"original ({first['bits_original']['other_parameters_bits']}-bit)",
-            f"{first['bits_original']['linear']['compute_bits']:.0f}",
-            f"{first['bits_original']['linear']['storage_bits']:.2f} / "
-            f"{first['bits_original']['model']['storage_bits']:.2f}",
-            *[_ppl(first["eval"][s]["ppl_original"]) for s in eval_sets],
+    header = ["method", "compute bits", "storage bits linear", "storage bits model", "model MiB"]
+    header += [f"PPL {s}" for s in eval_sets] + [f"KL {s}" for s in eval_sets]
+    header += ["quantize time", "peak memory"]
+    if not reports:
+        return header, []
+    original = reports[0]["bits_original"]
+    rows = [
+        [
+            f"original (fp{original['other_parameters_bits']})",
+            f"{original['linear']['compute_bits']:.0f}",
+            f"{original['linear']['storage_bits']:.2f}",
+            f"{original['model']['storage_bits']:.2f}",
+            f"{original['model']['storage_bytes'] / 2**20:.1f}",
+            *[_ppl(reports[0]["eval"][s]["ppl_original"]) for s in eval_sets],
             *["0" for _ in eval_sets],
             "-",
             "-",
-        )
+        ]
+    ]
     for report in reports:
         bits = report["bits"]
-        table.add_row(
-            report["label"],
-            f"{bits['linear']['compute_bits']:.3f}",
-            f"{bits['linear']['storage_bits']:.3f} / {bits['model']['storage_bits']:.3f}",
-            *[_ppl(report["eval"][s]["ppl"]) for s in eval_sets],
-            *[_fmt(report["eval"][s]["kl"], ".3f") for s in eval_sets],
-            f"{report['time_s']['quantize']:.0f} s",
-            _mib(report["peak_memory_bytes"]),
+        rows.append(
+            [
+                report["label"],
+                f"{bits['linear']['compute_bits']:.3f}",
+                f"{bits['linear']['storage_bits']:.3f}",
+                f"{bits['model']['storage_bits']:.3f}",
+                f"{bits['model']['storage_bytes'] / 2**20:.1f}",
+                *[_ppl(report["eval"][s]["ppl"]) for s in eval_sets],
+                *[_fmt(report["eval"][s]["kl"], ".3f") for s in eval_sets],
+                f"{report['time_s']['quantize']:.0f} s",
+                _mib(report["peak_memory_bytes"]),
+            ]
         )
+    return header, rows
+
+
+def comparison_table(reports: list[dict], title: str) -> Table:
+    """The comparison for the terminal."""
+    header, rows = comparison_rows(reports)
+    table = Table(title=title, title_justify="left")
+    for column in header:
+        table.add_column(column, justify="left" if column == "method" else "right")
+    for row in rows:
+        table.add_row(*row)
     return table
 
 
 def print_table(table: Table) -> None:
-    Console(width=max(140, Console().width)).print(table)
+    Console(width=max(160, Console().width)).print(table)
 
 
 def markdown_table(reports: list[dict]) -> str:
-    """The comparison as a Markdown table, each row with the command that made it."""
-    eval_sets = list(reports[0]["eval"])
-    header = ["method", "compute bits", "storage bits linear", "storage bits model", "model MiB"]
-    header += [f"PPL {s}" for s in eval_sets] + [f"KL {s}" for s in eval_sets]
-    header += ["quantize time", "peak memory"]
+    """The comparison as a Markdown table."""
+    header, rows = comparison_rows(reports)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    first = reports[0]
-    original = first["bits_original"]
-    lines.append(
-        "| "
-        + " | ".join(
-            [
-                f"original (fp{original['other_parameters_bits']})",
-                f"{original['linear']['compute_bits']:.0f}",
-                f"{original['linear']['storage_bits']:.2f}",
-                f"{original['model']['storage_bits']:.2f}",
-                f"{original['model']['storage_bytes'] / 2**20:.1f}",
-                *[_ppl(first["eval"][s]["ppl_original"]) for s in eval_sets],
-                *["0" for _ in eval_sets],
-                "-",
-                "-",
-            ]
-        )
-        + " |"
-    )
-    for report in reports:
-        bits = report["bits"]
-        lines.append(
-            "| "
-            + " | ".join(
-                [
-                    report["label"],
-                    f"{bits['linear']['compute_bits']:.3f}",
-                    f"{bits['linear']['storage_bits']:.3f}",
-                    f"{bits['model']['storage_bits']:.3f}",
-                    f"{bits['model']['storage_bytes'] / 2**20:.1f}",
-                    *[_ppl(report["eval"][s]["ppl"]) for s in eval_sets],
-                    *[_fmt(report["eval"][s]["kl"], ".3f") for s in eval_sets],
-                    f"{report['time_s']['quantize']:.0f} s",
-                    _mib(report["peak_memory_bytes"]),
-                ]
-            )
-            + " |"
-        )
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
