@@ -135,15 +135,10 @@ def _resolve_protocol(args: argparse.Namespace) -> None:
 
 
 def _check_device(device: str) -> None:
-    """Refuse a device torch cannot parse, or CUDA without CUDA, before any model is loaded."""
-    import torch
+    """Checked before any model is loaded, for ``eval`` as well as ``quantize``."""
+    from binq.engine.calibrate import check_device
 
-    try:
-        kind = torch.device(device).type
-    except RuntimeError:
-        raise BinqError(f"--device {device!r} is not a device (use cpu, cuda or cuda:N)") from None
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise BinqError(f"--device {device} asked for, but no CUDA device is available")
+    check_device(device)
 
 
 def _eval_sets(spec: str) -> list[str]:

@@ -42,6 +42,16 @@ log = logging.getLogger(__name__)
 HESSIAN_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
+def check_device(device: str) -> None:
+    """Refuse a device torch cannot parse, or CUDA without CUDA, with a one-line error."""
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise BinqError(f"--device {device!r} is not a device (use cpu, cuda or cuda:N)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise BinqError(f"--device {device} asked for, but no CUDA device is available")
+
+
 @dataclass
 class EngineConfig:
     """How the engine runs (not what the method does).
@@ -62,8 +72,7 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.hessian_dtype not in HESSIAN_DTYPES:
             raise BinqError(f"--hessian-dtype must be one of {', '.join(HESSIAN_DTYPES)}")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise BinqError(f"--device {self.device} asked for, but no CUDA device is available")
+        check_device(self.device)
 
 
 @dataclass
