@@ -235,3 +235,142 @@ def test_uniform_storage_bits_on_a_ragged_layout() -> None:
     packed = weight.packed_tensors()
     assert torch.equal(packed["codes"], pack_uint(weight.codes, bits))
     assert torch.equal(unpack_uint(packed["zeros"], groups, bits), weight.zeros)
+
+
+# ------------------------------------------------------------------ CGB zones, RC column scales, round trips
+
+
+def test_cgb_splits_salient_columns_by_the_bitmap_into_two_second_order_zones() -> None:
+    # 3 columns, one block; column 1 salient. Zones: conc, sparse, sal_conc, sal_conc_res, sal_sparse, sal_sparse_res
+    scales = [[1.0, 2.0, 4.0, 0.5, 8.0, 0.25]]
+    means = [[0.0, 0.0, 1.0, 0.0, -1.0, 0.5]]
+    weight = BinaryWeight(
+        signs=_bool([[1, 1, 0], [0, 0, 1]]),
+        scales=_half([scales, scales]),
+        block_size=4,
+        means=_half([means, means]),
+        group_bitmap=_bool([[0, 1, 1], [1, 0, 0]]),
+        salient_columns=torch.tensor([False, True, False]),
+        residual_signs=_bool([[0], [1]]),
+        salient_groups=True,
+    )
+    assert weight.zone_names[2:] == [
+        "salient_concentrated",
+        "salient_concentrated_residual",
+        "salient_sparse",
+        "salient_sparse_residual",
+    ]
+    # (0,1): bitmap set -> salient_sparse: 8*(+1) - 1 + residual 0.25*(-1) + 0.5 = 7.25
+    # (1,1): bitmap clear -> salient_concentrated: 4*(-1) + 1 + residual 0.5*(+1) + 0 = -2.5
+    expected = torch.tensor([[1.0, 7.25, -2.0], [-2.0, -2.5, 1.0]])
+    assert torch.equal(weight.dequantize(), expected)
+    # CGB stores no extra plane: same bitmaps and signs as BiLLM's layout, only more scales.
+    assert set(weight.packed_tensors()) == {
+        "signs",
+        "scales",
+        "means",
+        "group_bitmap",
+        "salient_columns",
+        "residual_signs",
+    }
+
+
+def test_row_column_scales_multiply_per_zone_and_cost_their_fp16_bits() -> None:
+    # 2 rows x 3 columns, column 2 salient; zones: dense, salient, salient_residual (no means: ARB-RC).
+    row_scales = _half([[[2.0, 1.0, 0.5]], [[1.0, 4.0, 1.0]]])
+    weight = BinaryWeight(
+        signs=_bool([[1, 0, 1], [0, 1, 0]]),
+        scales=row_scales,
+        block_size=3,
+        salient_columns=torch.tensor([False, False, True]),
+        residual_signs=_bool([[0], [1]]),
+        column_scales=_half([[0.5], [3.0]]),  # non-salient columns 0 and 1, zone dense
+        salient_column_scales=_half([[2.0, 0.25]]),  # salient column 2: salient, salient_residual
+    )
+    expected = torch.tensor(
+        [
+            [2.0 * 0.5, -2.0 * 3.0, 1.0 * 2.0 - 0.5 * 0.25],
+            [-1.0 * 0.5, 1.0 * 3.0, -4.0 * 2.0 + 1.0 * 0.25],
+        ]
+    )
+    assert torch.equal(weight.dequantize(), expected)
+    bits = 2 * 8 + 2 * 1 * 3 * 16 + 8 + 2 * 8 + 2 * 16 + 2 * 16  # signs, scales, column mask, residual, col scales
+    assert weight.storage_bits_total == bits
+
+
+def test_column_scales_are_checked_against_the_zones() -> None:
+    signs = torch.ones(2, 3, dtype=torch.bool)
+    with pytest.raises(ValueError, match="column_scales"):
+        BinaryWeight(signs=signs, scales=torch.ones(2, 1, 1, dtype=torch.float16), block_size=3,
+                     column_scales=torch.ones(3, 2, dtype=torch.float16))  # fmt: skip
+    with pytest.raises(ValueError, match="go together"):
+        BinaryWeight(
+            signs=signs, scales=torch.ones(2, 1, 3, dtype=torch.float16), block_size=3,
+            salient_columns=torch.tensor([True, False, False]), residual_signs=torch.ones(2, 1, dtype=torch.bool),
+            column_scales=torch.ones(2, 1, dtype=torch.float16),
+        )  # fmt: skip
+
+
+def _roundtrip_cases() -> list:
+    gen = torch.Generator().manual_seed(0)
+    rows, cols = 5, 21
+    signs = torch.rand(rows, cols, generator=gen) > 0.5
+    bitmap = torch.rand(rows, cols, generator=gen) > 0.7
+    salient = torch.zeros(cols, dtype=torch.bool)
+    salient[[2, 9, 20]] = True
+    residual = torch.rand(rows, 3, generator=gen) > 0.5
+
+    def half(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen).half()
+
+    return [
+        BinaryWeight(signs=signs, scales=half(rows, 3, 1), block_size=8),
+        BinaryWeight(signs=signs, scales=half(rows, 3, 1), block_size=8, means=half(rows, 3, 1)),
+        BinaryWeight(
+            signs=signs, scales=half(rows, 2, 6), block_size=16, means=half(rows, 2, 6), group_bitmap=bitmap,
+            salient_columns=salient, residual_signs=residual, salient_groups=True,
+        ),
+        BinaryWeight(
+            signs=signs, scales=half(rows, 2, 4), block_size=16, group_bitmap=bitmap, salient_columns=salient,
+            residual_signs=residual, column_scales=half(cols - 3, 2), salient_column_scales=half(3, 2),
+        ),
+        _billm_like_weight(),
+        _uniform(),
+        _uniform(zeros=False),
+        _uniform(group_index=torch.tensor([1, 0, 1, 0, 1, 0])),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("index", range(8))
+def test_every_layout_round_trips_through_its_packed_tensors(index: int) -> None:
+    from binq.quant.structured import layout_class
+
+    weight = _roundtrip_cases()[index]
+    rebuilt = layout_class(weight.layout).from_packed(weight.packed_tensors(), weight.metadata())
+    assert torch.equal(rebuilt.dequantize(), weight.dequantize())
+    assert rebuilt.storage_bits_total == weight.storage_bits_total
+    assert rebuilt.metadata() == weight.metadata()
+
+
+def test_from_packed_names_the_bad_tensor() -> None:
+    from binq.errors import BinqError
+
+    weight = _roundtrip_cases()[3]
+    tensors = weight.packed_tensors()
+    bad = dict(tensors, scales=tensors["scales"][:, :1])
+    with pytest.raises(BinqError, match="'scales' has shape"):
+        BinaryWeight.from_packed(bad, weight.metadata())
+    missing = {k: v for k, v in tensors.items() if k != "salient_column_scales"}
+    with pytest.raises(BinqError, match="'salient_column_scales' is missing"):
+        BinaryWeight.from_packed(missing, weight.metadata())
+    nan = dict(tensors, column_scales=torch.full_like(tensors["column_scales"], float("nan")))
+    with pytest.raises(BinqError, match="'column_scales' has non-finite"):
+        BinaryWeight.from_packed(nan, weight.metadata())
+    with pytest.raises(BinqError, match="unexpected tensor"):
+        BinaryWeight.from_packed(dict(tensors, extra=torch.zeros(1)), weight.metadata())
+    with pytest.raises(BinqError, match="'shape'"):
+        BinaryWeight.from_packed(tensors, {"shape": [5], "block_size": 16})
+    with pytest.raises(BinqError, match="unknown weight layout"):
+        from binq.quant.structured import layout_class
+
+        layout_class("nope")
