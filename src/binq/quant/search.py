@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+
 import torch
 
 from binq.quant.binarize import binarization_error
@@ -61,24 +64,62 @@ def salient_column_search(
     return mask
 
 
+ErrorFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def score_splits(
+    magnitude: torch.Tensor, scored: torch.Tensor, region: torch.Tensor, candidates: torch.Tensor, error_fn: ErrorFn
+) -> torch.Tensor:
+    """The error of every candidate break-point at once: ``region`` is cut into ``magnitude < p`` and
+    ``magnitude >= p`` and ``error_fn(scored, masks)`` scores each part (masks batched on a leading dim).
+    Candidates go through in chunks only to stay in cache; within a chunk they are one tensor expression.
+    """
+    errors = []
+    for chunk in candidates.split(_CANDIDATE_CHUNK):
+        below = magnitude.unsqueeze(0) < chunk.view(-1, 1, 1)
+        errors.append(error_fn(scored, below & region) + error_fn(scored, ~below & region))
+    return torch.cat(errors)
+
+
 def split_search(
-    metric: torch.Tensor, salient_mask: torch.Tensor, quantiles: torch.Tensor = BILLM_SPLIT_QUANTILES
+    metric: torch.Tensor,
+    salient_mask: torch.Tensor,
+    quantiles: torch.Tensor = BILLM_SPLIT_QUANTILES,
+    scored: torch.Tensor | None = None,
+    error_fn: ErrorFn = binarization_error,
 ) -> torch.Tensor:
     """BiLLM's concentrated/sparse break-point search (Eq. 9-13), vectorized over candidates.
 
     Candidates are quantiles of ``|metric|`` over the block with salient entries zeroed, not removed
-    (the reference's behaviour). Each candidate ``p`` splits the non-salient entries into ``|m| < p``
-    and ``|m| >= p``, each binarized with order 1; the salient part's error does not depend on ``p``
-    and is left out of the comparison. Returns the break-point.
+    (the reference's behaviour), all from one sort. Each candidate ``p`` splits the non-salient entries
+    into ``|m| < p`` and ``|m| >= p``, each binarized with order 1 and scored by ``error_fn`` on
+    ``scored`` (``metric`` itself by default, as the reference does; ARB-X scores the weights in its
+    calibration metric); the salient part does not depend on ``p`` and is left out. Returns the break-point.
     """
     magnitude = metric.abs()
     nonsalient = ~salient_mask
     candidates = sorted_quantiles(magnitude * nonsalient, quantiles.to(metric.device))
-    errors = []
-    for chunk in candidates.split(_CANDIDATE_CHUNK):
-        below = magnitude.unsqueeze(0) < chunk.view(-1, 1, 1)
-        concentrated = below & nonsalient
-        sparse = ~below & nonsalient
-        errors.append(binarization_error(metric, concentrated) + binarization_error(metric, sparse))
-    errors = torch.cat(errors)
+    errors = score_splits(magnitude, metric if scored is None else scored, nonsalient, candidates, error_fn)
+    return candidates[errors.argmin()]
+
+
+def salient_split_search(
+    metric: torch.Tensor, salient_mask: torch.Tensor, quantiles: torch.Tensor = BILLM_SPLIT_QUANTILES
+) -> torch.Tensor:
+    """ARB's CGB break-point inside the salient columns (research notes 4.5).
+
+    Candidates are quantiles of the *non-zero* ``|metric|`` inside the salient columns; each splits them
+    into two parts binarized with order 2 (BiLLM's residual), scored on ``metric``. Returns the break-point
+    (``inf`` when there is nothing to split: every salient entry then stays in the concentrated part).
+    """
+    magnitude = metric.abs()
+    values = magnitude[salient_mask & (magnitude > 0)]
+    if values.numel() == 0:
+        return torch.tensor(float("inf"), dtype=metric.dtype, device=metric.device)
+    candidates = sorted_quantiles(values, quantiles.to(metric.device))
+    # Only the salient columns can score: slicing them out gives the same errors, far cheaper.
+    columns = salient_mask.any(0)
+    scored = metric[:, columns]
+    error_fn = partial(binarization_error, order=2)
+    errors = score_splits(scored.abs(), scored, salient_mask[:, columns], candidates, error_fn)
     return candidates[errors.argmin()]
