@@ -11,7 +11,7 @@ import torch
 from binq.engine.hessian import HessianAccumulator
 from binq.methods import get_method
 from binq.methods.arb import ARBConfig, ARBXConfig, block_zones, fit_zone
-from binq.methods.arb_group import ARBGroupConfig, compensated_metric, quantize_arb_group
+from binq.methods.arb_group import ARBGroupConfig, quantize_arb_group
 from binq.quant.arb import (
     arb_fit,
     arb_x_refine,
@@ -265,7 +265,7 @@ def test_arb_group_is_q1_0_shaped_and_beats_sign_rounding() -> None:
 
 
 def test_compensated_metric_prices_a_group_as_gptqs_exact_block_error() -> None:
-    from binq.quant.compensation import block_error
+    from binq.quant.compensation import block_error, compensated_metric
     from binq.quant.hessian import factor_hessian
 
     hessian = _hessian(32)

@@ -37,7 +37,7 @@ from binq.quant.arb import (
     rc_fit,
     rc_start_error,
 )
-from binq.quant.compensation import block_error, propagate_block_error
+from binq.quant.compensation import block_error, compensated_metric, propagate_block_error
 from binq.quant.hessian import dead_columns, factor_hessian
 from binq.quant.search import salient_column_search, salient_split_search, split_search
 from binq.quant.structured import BinaryWeight
@@ -78,15 +78,19 @@ class ARBConfig:
 @dataclass
 class ARBXConfig(ARBConfig):
     """ARB-X adds ``x_iterations`` closed-form rounds in the calibration metric (15), after the
-    weight-space ones, and ``x_split_metric``: score the break-point candidates in that metric (the
-    reference) rather than BiLLM's way."""
+    weight-space ones; ``x_split_metric``: score the break-point candidates in that metric (the
+    reference) rather than BiLLM's way; ``x_metric``: ``block`` is the paper's ``S = H_bb``,
+    ``compensated`` the metric the block's error is really paid in once later columns compensate it
+    (``(U_bb^T U_bb)^-1``, exact with ``--exact-compensation``)."""
 
     x_iterations: int = 15
     x_split_metric: bool = True
+    x_metric: str = "block"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_range("--x-iterations", self.x_iterations, 0, 10_000)
+        check_choice("--x-metric", self.x_metric, ("block", "compensated"))
 
 
 @dataclass
@@ -193,7 +197,10 @@ def quantize_arb(weight: torch.Tensor, hessian: torch.Tensor, config: ARBConfig,
             saliency = block.square() / factor_diagonal.square().unsqueeze(0)
         else:
             saliency = block
-        metric = undamped[start:end, start:end] if variant == "arb-x" else None
+        metric = None
+        if variant == "arb-x":
+            compensated = getattr(config, "x_metric", "block") == "compensated"
+            metric = compensated_metric(u_block)[1] if compensated else undamped[start:end, start:end]
         zones = block_zones(block, saliency, config, variant, metric)
         fits = [fit_zone(block, zone, config, variant, metric) for zone in zones]
         if config.intra_block:

@@ -24,7 +24,7 @@ import torch
 from binq.methods.arb import resign_columns
 from binq.methods.registry import check_range, register
 from binq.quant.arb import ZoneFit, arb_fit, arb_x_refine
-from binq.quant.compensation import block_error, propagate_block_error
+from binq.quant.compensation import block_error, compensated_metric, propagate_block_error
 from binq.quant.hessian import dead_columns, factor_hessian
 from binq.quant.structured import BinaryWeight
 
@@ -50,13 +50,6 @@ class ARBGroupConfig:
         check_range("--iterations", self.iterations, 0, 10_000)
         check_range("--rounds", self.rounds, 0, 1000)
         check_range("--percdamp", self.percdamp, 0.0, 10.0)
-
-
-def compensated_metric(u_block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(L, S)`` with ``L = U_gg^-1`` and ``S = L L^T``: the group's loss is ``||R L||^2 = Tr(R S R^T)``."""
-    eye = torch.eye(u_block.shape[0], dtype=u_block.dtype, device=u_block.device)
-    inverse = torch.linalg.solve_triangular(u_block, eye, upper=True)
-    return inverse, inverse @ inverse.T
 
 
 def fit_group(group: torch.Tensor, u_block: torch.Tensor, config: ARBGroupConfig) -> ZoneFit:

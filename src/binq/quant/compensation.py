@@ -27,3 +27,12 @@ def propagate_block_error(
     """In place: ``W[:, end:] -= E @ U[start:end, end:]``."""
     if end < weight.shape[1]:
         weight[:, end:] -= error @ factor[start:end, end:]
+
+
+def compensated_metric(block_factor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(L, S)`` with ``L = U_bb^-1`` and ``S = L L^T``: once the later columns compensate (exactly),
+    fixing the block at ``Q_b`` costs ``||(W_b - Q_b) L||_F^2 = Tr(R S R^T)`` (GPTQ's identity).
+    ``S`` is the inverse of ``[(H + lambda I)^-1]_bb``, the metric a block's own error is really paid in."""
+    eye = torch.eye(block_factor.shape[0], dtype=block_factor.dtype, device=block_factor.device)
+    inverse = torch.linalg.solve_triangular(block_factor, eye, upper=True)
+    return inverse, inverse @ inverse.T
