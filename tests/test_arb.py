@@ -275,3 +275,41 @@ def test_compensated_metric_prices_a_group_as_gptqs_exact_block_error() -> None:
     exact = block_error(residual, torch.zeros_like(residual), u, exact=True)
     assert torch.allclose(residual @ inverse, exact, rtol=1e-4, atol=1e-5)
     assert torch.allclose(((residual @ metric) * residual).sum(), exact.square().sum(), rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------ searches
+
+
+def _loop_best(candidates, error_fn, scored, magnitude, region) -> float:
+    """The break-point a plain loop over the candidates picks (the reference's way)."""
+    errors = []
+    for c in candidates:
+        below, above = (magnitude < c) & region, (magnitude >= c) & region
+        errors.append(float(error_fn(scored, below[None]) + error_fn(scored, above[None])))
+    return float(candidates[min(range(len(errors)), key=errors.__getitem__)])
+
+
+def test_vectorized_split_searches_pick_the_same_break_points_as_a_loop_over_candidates() -> None:
+    from functools import partial
+
+    from binq.quant.arb import metric_binarization_error, rc_start_error
+    from binq.quant.binarize import binarization_error
+    from binq.quant.search import BILLM_SPLIT_QUANTILES, salient_split_search, sorted_quantiles, split_search
+
+    w = _weight(24, 32)
+    saliency = w.square()
+    salient = torch.zeros_like(w, dtype=torch.bool)
+    salient[:, [3, 17]] = True
+    metric = _hessian(32)
+    candidates = sorted_quantiles(saliency * ~salient, BILLM_SPLIT_QUANTILES)
+    for scored, error_fn in (
+        (saliency, binarization_error),
+        (w, partial(metric_binarization_error, metric=metric)),
+        (saliency, rc_start_error),
+    ):
+        expected = _loop_best(candidates, error_fn, scored, saliency, ~salient)
+        assert float(split_search(saliency, salient, scored=scored, error_fn=error_fn)) == expected
+    salient_candidates = sorted_quantiles(saliency[salient & (saliency > 0)], BILLM_SPLIT_QUANTILES)
+    order_two = partial(binarization_error, order=2)
+    expected = _loop_best(salient_candidates, order_two, saliency, saliency, salient)
+    assert float(salient_split_search(saliency, salient)) == expected
