@@ -2,9 +2,12 @@
 
     python benchmarks/quality.py            # quick protocol (32 x 512 calibration, 16 windows of 512)
     python benchmarks/quality.py --full     # GPTQ's protocol (128 x 2048, all windows of 2048)
+    python benchmarks/quality.py --section arb --rows arb,arb-llm-x,...   # another table of the doc
 
 Each row is one ``binq quantize`` run in its own process (so its peak memory is its own); the
-Markdown table lists the command of every row.
+Markdown table lists the command of every row. The table replaces the doc's section between
+``<!-- begin SECTION -->`` and ``<!-- end SECTION -->`` (appended if the markers are missing), so
+several tables, each with its own command, live in one doc.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ def main() -> int:
     parser.add_argument("--out", default="runs/benchmark")
     parser.add_argument("--doc", default="docs/BENCHMARKS.md")
     parser.add_argument("--rows", default=",".join(ROWS))
+    parser.add_argument("--section", default="quality", help="name of the doc section this table replaces")
+    parser.add_argument("--title", default=None, help="heading of the section (default: model and protocol)")
     parser.add_argument(
         "--reuse", action="store_true", help="keep a row's existing report.json if it was made by the same command"
     )
@@ -64,7 +69,7 @@ def main() -> int:
     )
     first = reports[0]
     text = [
-        f"## Quality on {args.model}, {protocol}",
+        f"## {args.title or f'Quality on {args.model}, {protocol}'}",
         "",
         f"Made by `{shlex.join(['python', 'benchmarks/quality.py', *sys.argv[1:]])}` on {date.today().isoformat()}; "
         f"machine: {machine()}; versions: {first['versions']}.",
@@ -109,10 +114,23 @@ def main() -> int:
         *[f"- {r['label']}: `{shlex.join(c)}`" for r, c in zip(reports, commands, strict=True)],
         "",
     ]
-    Path(args.doc).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.doc).write_text("\n".join(text))
+    write_section(Path(args.doc), args.section, "\n".join(text))
     print("\n".join(text))
     return 0
+
+
+def write_section(doc: Path, section: str, body: str) -> None:
+    """Replace the text between the section's markers in ``doc`` (append the section if it is new)."""
+    begin, end = f"<!-- begin {section} -->", f"<!-- end {section} -->"
+    block = f"{begin}\n{body.rstrip()}\n{end}\n"
+    text = doc.read_text() if doc.is_file() else ""
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1].lstrip("\n")
+    else:
+        text = text + ("\n" if text and not text.endswith("\n") else "") + block
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text(text)
 
 
 if __name__ == "__main__":
