@@ -366,3 +366,16 @@ def test_weights_of_dead_inputs_are_ignored(metric: str) -> None:
 def test_invalid_configs_raise_binq_error(options: dict) -> None:
     with pytest.raises(BinqError):
         BiLLMConfig(**options)
+
+
+@pytest.mark.parametrize("order", [1, 2, 3])
+@pytest.mark.parametrize("centred", [True, False])
+def test_closed_form_search_error_equals_the_error_of_the_built_approximation(order: int, centred: bool) -> None:
+
+    gen = torch.Generator().manual_seed(order)
+    weight = torch.randn(20, 33, generator=gen).double() * 3 + 1
+    masks = torch.rand(5, 20, 33, generator=gen) > 0.4
+    masks[0, 4] = False  # an empty row
+    approx, _ = residual_binarize(weight, masks, order, centred, rounded=False)
+    built = ((weight - approx) * masks).square().sum((-2, -1))
+    assert torch.allclose(binarization_error(weight, masks, order, centred), built, rtol=1e-10, atol=1e-10)

@@ -71,6 +71,23 @@ def binarization_error(weight: torch.Tensor, mask: torch.Tensor, order: int = 1,
     Scored without the fp16 rounding: the searches score metrics such as BiLLM's ``W^2 / U_jj^2``, whose
     scale follows the activations' and can leave fp16's range (overflow to inf, or subnormal steps),
     which would make the search depend on that scale. The reference searches in fp32.
+
+    Computed in closed form instead of building the approximation (the searches' hot spot, about 3x
+    faster at order 1): with ``d = r - mu`` and ``alpha = mean |d|`` over a row's ``n`` masked entries,
+    ``sum (d - alpha sign(d))^2 = sum d^2 - n alpha^2`` because ``sum sign(d) d = n alpha``; only the
+    last order's residual is left, earlier orders just update ``r``.
     """
-    approx, _ = residual_binarize(weight, mask, order, centred, rounded=False)
-    return ((weight - approx) * mask.to(weight.dtype)).square().sum((-2, -1))
+    maskf = mask.to(weight.dtype)
+    count = maskf.sum(-1)
+    safe_count = count.clamp_min(1.0)
+    residual = weight
+    for t in range(order):
+        mean = (maskf * residual).sum(-1) / safe_count if centred else torch.zeros_like(count)
+        shifted = residual - mean.unsqueeze(-1)
+        scale = (maskf * shifted.abs()).sum(-1) / safe_count
+        if t == order - 1:
+            squares = (maskf * shifted.square()).sum(-1)
+            return (squares - count * scale.square()).clamp_min(0.0).sum(-1)
+        step = scale.unsqueeze(-1)
+        residual = torch.where(shifted >= 0, shifted - step, shifted + step)
+    raise ValueError(f"order must be at least 1, got {order}")
