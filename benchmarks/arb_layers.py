@@ -43,14 +43,16 @@ METHODS = {
 LINEARS = ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj")
 
 
-def layer_hessians(model_name: str, blocks: list[int], samples: int, seqlen: int) -> dict[str, tuple]:
+def layer_hessians(
+    model_name: str, blocks: list[int], samples: int, seqlen: int, names: tuple[str, ...] = LINEARS
+) -> dict[str, tuple]:
     loaded = load_model(model_name)
     model, arch = loaded.model, get_architecture(loaded.model)
     ids = calibration_windows(loaded.tokenizer, "austen", samples, seqlen, seed=0)
     sums, hooks = {}, []
     for index in blocks:
         linears = block_linears(get_blocks(model, arch)[index], arch)
-        for name in LINEARS:
+        for name in names:
             key = f"{index}.{name}"
             linear = linears[name]
             sums[key] = [
@@ -80,8 +82,10 @@ def main() -> int:
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--linears", default=",".join(LINEARS), help="linears of each block")
     args = parser.parse_args()
-    layers = layer_hessians(args.model, [int(b) for b in args.blocks.split(",")], args.samples, args.seqlen)
+    blocks = [int(b) for b in args.blocks.split(",")]
+    layers = layer_hessians(args.model, blocks, args.samples, args.seqlen, tuple(args.linears.split(",")))
     labels = args.methods.split(",")
     errors = {label: [] for label in labels}
     bits = {label: [] for label in labels}
