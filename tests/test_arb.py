@@ -313,3 +313,30 @@ def test_vectorized_split_searches_pick_the_same_break_points_as_a_loop_over_can
     order_two = partial(binarization_error, order=2)
     expected = _loop_best(salient_candidates, order_two, saliency, saliency, salient)
     assert float(salient_split_search(saliency, salient)) == expected
+
+
+# ------------------------------------------------------------------------------------- through the engine
+
+
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [
+        ("arb-llm-x", {"block_size": 16}),
+        ("arb-llm-rc", {"block_size": 16, "intra_block": True}),
+        ("arb-group", {"group_size": 16}),
+    ],
+)
+def test_the_methods_run_through_the_engine_on_a_tiny_llama(name, options, make_tiny_model, make_ids) -> None:
+    from binq.engine.calibrate import quantize_model
+    from binq.models import block_linears, get_architecture, get_blocks
+    from binq.quant.structured import BinaryWeight
+
+    model = make_tiny_model("llama")
+    arch = get_architecture(model)
+    method = get_method(name)
+    result = quantize_model(model, arch, make_ids(4, 16, seed=1), method, method.make_config(**options), progress=False)
+    for block in get_blocks(model, arch):
+        for linear in block_linears(block, arch).values():
+            assert torch.isfinite(linear.weight).all()
+    assert all(isinstance(w, BinaryWeight) for w in result.weights.values())
+    assert all(0 < r.relative_error < 1 for r in result.records)
