@@ -79,7 +79,11 @@ def quantize_args(model: Path | str, calib: Path, *extra: str) -> list[str]:
 
 def test_unknown_method(capsys: pytest.CaptureFixture[str], tiny_llama_folder: Path, calib: Path) -> None:
     code, _, err = run_cli(capsys, *quantize_args(tiny_llama_folder, calib, "--method", "nope"))
-    assert_one_line_error(code, err, r"binq: error: unknown method 'nope' \(available: billm, gptq, rtn\)")
+    from binq.methods import available_methods
+
+    names = ", ".join(m.name for m in available_methods())
+    assert "arb-llm-rc" in names and "billm" in names
+    assert_one_line_error(code, err, r"binq: error: unknown method 'nope' \(available: " + re.escape(names) + r"\)")
 
 
 def test_method_is_required(capsys: pytest.CaptureFixture[str], tiny_llama_folder: Path, calib: Path) -> None:

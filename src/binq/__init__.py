@@ -1,7 +1,20 @@
 """binq: post-training binarization of causal language models, with honest bit accounting."""
 
+from typing import Any
+
 from binq.errors import BinqError
+from binq.integration.hook import install as _install_transformers_hook
 
 __version__ = "0.1.0"
 
-__all__ = ["BinqError", "__version__"]
+__all__ = ["BinqError", "__version__", "load"]
+
+# After `import binq`, AutoModelForCausalLM.from_pretrained reads binq checkpoints (quant_method "binq").
+_install_transformers_hook()
+
+
+def load(folder: Any, **kwargs: Any) -> Any:
+    """Load a binq checkpoint folder as a transformers model (see :func:`binq.checkpoint.load`)."""
+    from binq.checkpoint.load import load as _load
+
+    return _load(folder, **kwargs)

@@ -1,4 +1,4 @@
-"""The ``binq`` command line: quantize, eval, methods, demo.
+"""The ``binq`` command line: quantize, eval, export, methods, demo.
 
 Every user error is one line on stderr and exit code 2; argparse already behaves that way for bad
 options, and :class:`BinqError` does for everything found later.
@@ -77,6 +77,18 @@ def _add_protocol_options(parser: argparse.ArgumentParser, calibration: bool) ->
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def _add_activation_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("activation quantization (simulated; W(1+1)A(1x4) = --method w11 --act-bits 4)")
+    group.add_argument("--act-bits", type=int, default=16, help="bits per activation, per token (16 = none)")
+    group.add_argument("--act-sym", action="store_true", help="symmetric activation grid (default asymmetric)")
+    group.add_argument("--act-clip", default="search", help="clipping ratio: 'search' on calibration data, or a number")
+    group.add_argument(
+        "--smooth", default="none", help="none, channel (factors folded into the norm) or token (per-token scale)"
+    )
+    group.add_argument("--smooth-proxy", default="w11", help="weights assumed by the channel search: w11 or none")
+    group.add_argument("--act-calib-tokens", type=int, default=2048, help="tokens per linear group for the searches")
+
+
 def _base_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="binq", description="Post-training binarization of causal LMs.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
@@ -85,18 +97,31 @@ def _base_parser() -> argparse.ArgumentParser:
     quantize = sub.add_parser("quantize", help="quantize a model, evaluate it, write report.json")
     _add_protocol_options(quantize, calibration=True)
     quantize.add_argument("--method", required=True, help="quantization method (see `binq methods`)")
-    quantize.add_argument("--out", default=None, help="output folder for report.json")
+    quantize.add_argument(
+        "--out", default=None, help="output folder: report.json and the packed checkpoint (docs/FORMAT.md)"
+    )
     quantize.add_argument("--label", default=None, help="name of this run in tables (default: method and bits)")
     quantize.add_argument("--hessian-dtype", default="float32", choices=("float32", "float64"))
     quantize.add_argument(
         "--true-sequential", action="store_true", help="quantize the groups of linears of a block one after another"
     )
     quantize.add_argument("--no-layer-table", action="store_true", help="do not print a row per module")
+    quantize.add_argument(
+        "--workers", type=int, default=None, help="processes of calibration-free methods (default: all cores)"
+    )
+    _add_activation_options(quantize)
 
     evaluate = sub.add_parser("eval", help="evaluate a model's perplexity")
-    _add_protocol_options(evaluate, calibration=False)
+    # Calibration options too: activation quantization searches its clipping and smoothing on them.
+    _add_protocol_options(evaluate, calibration=True)
+    _add_activation_options(evaluate)
 
     sub.add_parser("methods", help="list the methods and their options")
+
+    export = sub.add_parser("export", help="export a binq checkpoint (GGUF Q1_0 for llama.cpp)")
+    export.add_argument("checkpoint", help="a folder written by `binq quantize --out`")
+    export.add_argument("--gguf", required=True, help="the GGUF file to write")
+    export.add_argument("--like", default=None, help="a GGUF of the same model to copy llama.cpp's metadata from")
 
     demo = sub.add_parser("demo", help="the main job: several methods on the embedded model, one table")
     demo.add_argument("--full", action="store_true", help="the full protocol (128 x 2048, all windows at 2048)")
@@ -169,6 +194,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             from binq.commands import list_methods
 
             return list_methods()
+        if args.command == "export":
+            from binq.export.gguf import export_gguf
+
+            path = export_gguf(args.checkpoint, args.gguf, like=args.like)
+            print(f"wrote {path}")
+            return 0
         if args.command == "demo":
             from binq.commands import run_demo
 

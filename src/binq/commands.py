@@ -18,9 +18,11 @@ from rich.console import Console
 from rich.table import Table
 from tqdm.auto import tqdm
 
+from binq.activations import ActivationConfig, ActivationSwap, calibrate_activations, quantized_activations
 from binq.bits import summarize_bits, unquantized_bits
 from binq.data import calibration_windows, describe_eval, evaluation_tokens
 from binq.engine.calibrate import EngineConfig, quantize_model
+from binq.engine.independent import default_workers, quantize_independent
 from binq.errors import BinqError
 from binq.evaluation import Protocol, WeightSwap, evaluate_perplexity
 from binq.methods import available_methods, get_method
@@ -29,6 +31,8 @@ from binq.report import (
     LAYER_HEADER,
     REPORT_SCHEMA,
     comparison_table,
+    extra_bit_line,
+    extra_bit_summary,
     layer_row,
     library_versions,
     machine,
@@ -59,6 +63,16 @@ def list_methods() -> int:
 def _model_dtype(device: str) -> torch.dtype:
     # fp16 matmuls are slow or missing on CPUs; evaluation there runs in fp32.
     return torch.float16 if device.startswith("cuda") else torch.float32
+
+
+def _stored_dtype(loaded: Any) -> torch.dtype:
+    """The dtype the source checkpoint stores its parameters in (float16 when it does not say)."""
+    config_file = Path(loaded.path) / "config.json"
+    dtype = None
+    if config_file.is_file():
+        config = json.loads(config_file.read_text())
+        dtype = config.get("torch_dtype") or config.get("dtype")
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(dtype, torch.float16)
 
 
 def _stored_precision_bits(loaded: Any) -> int:
@@ -105,6 +119,17 @@ def _evaluate_sets(
     return results
 
 
+def _activation_config(args: argparse.Namespace) -> ActivationConfig:
+    return ActivationConfig(
+        bits=args.act_bits,
+        sym=args.act_sym,
+        clip=args.act_clip,
+        smooth=args.smooth,
+        smooth_proxy=args.smooth_proxy,
+        calib_tokens=args.act_calib_tokens,
+    )
+
+
 def run_quantize(
     args: argparse.Namespace, eval_sets: list[str], method_options: dict[str, Any], argv: list[str]
 ) -> int:
@@ -113,6 +138,9 @@ def run_quantize(
     config = method.make_config(**method_options)
     engine = EngineConfig(device=args.device, hessian_dtype=args.hessian_dtype, true_sequential=args.true_sequential)
     label = args.label or _default_label(method.name, config)
+    act_config = _activation_config(args)
+    if act_config.enabled and not args.label:
+        label += f" A{act_config.bits}"
 
     loaded = load_model(args.model, dtype=_model_dtype(args.device))
     model = loaded.model
@@ -120,9 +148,13 @@ def run_quantize(
     inventory = parameter_inventory(model, arch)
     stored_bits = _stored_precision_bits(loaded)
     _check_seqlen(model, args.seqlen)
-    calibration = calibration_windows(loaded.tokenizer, args.calib, args.nsamples, args.seqlen, args.seed)
+    calibration = None
+    if not method.calibration_free or act_config.needs_calibration:
+        calibration = calibration_windows(loaded.tokenizer, args.calib, args.nsamples, args.seqlen, args.seed)
     # Read every evaluation set before the long part, so a bad name fails in seconds.
     eval_tokens = {name: evaluation_tokens(loaded.tokenizer, name, args.seqlen) for name in eval_sets}
+    # Smoothing is folded into the fp model first: the weights are quantized, and kept for KL, smoothed.
+    act_plan = calibrate_activations(model, arch, calibration, act_config, args.seed, not args.no_progress)
     originals = {
         linear: linear.weight.data
         for block in get_blocks(model, arch)
@@ -133,10 +165,15 @@ def run_quantize(
     if not args.no_layer_table:
         tqdm.write(LAYER_HEADER)
         on_layer = lambda record: tqdm.write(layer_row(record))  # noqa: E731
-    result = quantize_model(model, arch, calibration, method, config, engine, on_layer, not args.no_progress)
+    if method.calibration_free:
+        # No engine pass: every linear is independent, in parallel worker processes.
+        result = quantize_independent(model, arch, method, config, args.workers, on_layer, not args.no_progress)
+    else:
+        result = quantize_model(model, arch, calibration, method, config, engine, on_layer, not args.no_progress)
 
     eval_started = time.perf_counter()
-    evaluations = _evaluate_sets(model, loaded, eval_tokens, args, WeightSwap(originals))
+    with quantized_activations(model, arch, act_plan) as act_hooks:
+        evaluations = _evaluate_sets(model, loaded, eval_tokens, args, ActivationSwap(WeightSwap(originals), act_hooks))
     eval_s = time.perf_counter() - eval_started
     memory, memory_kind = peak_memory()
     report = {
@@ -158,7 +195,7 @@ def run_quantize(
             "nsamples": args.nsamples,
             "seqlen": args.seqlen,
             "seed": args.seed,
-            "tokens": int(calibration.numel()),
+            "tokens": 0 if calibration is None else int(calibration.numel()),
         },
         "seed": args.seed,
         "bits": summarize_bits(inventory, result.weights, stored_bits).to_dict(),
@@ -175,13 +212,29 @@ def run_quantize(
     report["storage_bits"] = {k: report["bits"][k]["storage_bits"] for k in ("linear", "model")}
     report["ppl"] = {k: {"quantized": v["ppl"], "original": v["ppl_original"]} for k, v in evaluations.items()}
     report["kl"] = {k: v["kl"] for k, v in evaluations.items()}
+    if act_config.enabled:
+        report["activations"] = act_plan.summary(model.config.hidden_size)
+    if method.calibration_free:
+        report["engine"] = {"path": "independent", "workers": args.workers or default_workers()}
+    extra_bits = extra_bit_summary(result.weights)
+    if extra_bits:
+        report["extra_bits"] = extra_bits
     if args.out:
         path = write_report(report, Path(args.out))
         log.info("wrote %s", path)
+        from binq.checkpoint import save_checkpoint
+
+        # Unquantized tensors go back at the source's precision: the same bits the report counts.
+        save_checkpoint(
+            model, result.weights, Path(args.out), tokenizer=loaded.tokenizer, method=method.name,
+            method_config=dataclasses.asdict(config), dtype=_stored_dtype(loaded),
+        )  # fmt: skip
     print_table(comparison_table([report], f"{label} on {loaded.name}"))
     for name, evaluation in evaluations.items():
         protocol = evaluation["protocol"]
         print(f"protocol {name}: {Protocol(**protocol).summary()}; {protocol['description']}")
+    if extra_bits:
+        print(extra_bit_line(extra_bits))
     return 0
 
 
@@ -193,14 +246,47 @@ def _default_label(method: str, config: Any) -> str:
     return label
 
 
+def _load_checkpoint(folder: Path, dtype: torch.dtype) -> Any:
+    """A binq checkpoint as a LoadedModel (its linears are BinaryLinear, so load_model's checks do not apply)."""
+    from transformers import AutoTokenizer
+
+    from binq.checkpoint import load
+    from binq.models import LoadedModel
+
+    model = load(folder, dtype=dtype, cache_weight=True)
+    model.config.use_cache = False
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    return LoadedModel(model=model, tokenizer=tokenizer, name=folder.resolve().name, path=str(folder.resolve()))
+
+
 def run_eval(args: argparse.Namespace, eval_sets: list[str]) -> int:
-    loaded = load_model(args.model, dtype=_model_dtype(args.device))
+    from binq.checkpoint import is_checkpoint
+
+    if is_checkpoint(args.model):
+        loaded = _load_checkpoint(Path(args.model), _model_dtype(args.device))
+    else:
+        loaded = load_model(args.model, dtype=_model_dtype(args.device))
     if not eval_sets:
         raise BinqError("binq eval needs at least one --eval set")
     _check_seqlen(loaded.model, args.seqlen)
     tokens = {name: evaluation_tokens(loaded.tokenizer, name, args.seqlen) for name in eval_sets}
-    for name, evaluation in _evaluate_sets(loaded.model, loaded, tokens, args, None).items():
-        print(f"{name}: PPL {evaluation['ppl']:.3f}  ({Protocol(**evaluation['protocol']).summary()})")
+    act_config = _activation_config(args)
+    if not act_config.enabled:
+        evaluations = _evaluate_sets(loaded.model, loaded, tokens, args, None)
+    else:
+        if is_checkpoint(args.model):
+            raise BinqError("activation quantization of a binq checkpoint is not supported: quantize with --act-bits")
+        arch = get_architecture(loaded.model)
+        calibration = None
+        if act_config.needs_calibration:
+            calibration = calibration_windows(loaded.tokenizer, args.calib, args.nsamples, args.seqlen, args.seed)
+        plan = calibrate_activations(loaded.model, arch, calibration, act_config, args.seed, not args.no_progress)
+        # The "original" of the swap is the same model with full-precision activations: KL to it.
+        with quantized_activations(loaded.model, arch, plan) as hooks:
+            evaluations = _evaluate_sets(loaded.model, loaded, tokens, args, ActivationSwap(None, hooks))
+    for name, evaluation in evaluations.items():
+        kl = "" if evaluation["kl"] is None else f", KL {evaluation['kl']:.4f} to full-precision activations"
+        print(f"{name}: PPL {evaluation['ppl']:.3f}{kl}  ({Protocol(**evaluation['protocol']).summary()})")
     return 0
 
 
@@ -212,6 +298,19 @@ DEMO_RUNS: dict[str, list[str]] = {
     "gptq 3-bit g128": ["--method", "gptq", "--bits", "3", "--group-size", "128"],
     "gptq 4-bit g128": ["--method", "gptq", "--bits", "4", "--group-size", "128"],
     "billm": ["--method", "billm"],
+    "rtn 1-bit g128": ["--method", "rtn", "--bits", "1", "--group-size", "128"],
+    "arb": ["--method", "arb"],
+    "arb cgb": ["--method", "arb", "--cgb"],
+    "arb-x": ["--method", "arb-x"],
+    "arb-llm-x": ["--method", "arb-llm-x"],
+    "arb-rc": ["--method", "arb-rc"],
+    "arb-llm-rc": ["--method", "arb-llm-rc"],
+    "arb-llm-x exact": ["--method", "arb-llm-x", "--exact-compensation"],
+    "arb-llm-x intra": ["--method", "arb-llm-x", "--intra-block"],
+    "arb-llm-rc exact": ["--method", "arb-llm-rc", "--exact-compensation"],
+    "arb-llm-rc intra": ["--method", "arb-llm-rc", "--intra-block"],
+    "arb-group g128": ["--method", "arb-group"],
+    "arb-group g128 mean": ["--method", "arb-group", "--mean"],
 }
 DEMO_DEFAULT = ("rtn 1-bit", "gptq 1-bit g128", "gptq 2-bit g128", "gptq 4-bit g128", "billm")
 

@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from binq.engine.calibrate import LayerRecord
+from binq.quant.structured import QuantizedWeight
 
 REPORT_SCHEMA = "binq.report/1"
 LAYER_HEADER = f"{'block':>5}  {'module':<22} {'shape':>12}  {'rel.err':>9}  {'c.bits':>6}  {'s.bits':>6}  {'time':>7}"
@@ -153,6 +154,35 @@ def comparison_table(reports: list[dict], title: str) -> Table:
     for row in rows:
         table.add_row(*row)
     return table
+
+
+def extra_bit_summary(weights: dict[str, QuantizedWeight]) -> dict[str, Any]:
+    """Layouts' further bit figures (``extra_bit_figures``), per linear and weighted by parameters.
+
+    Empty when no layout reports any. These are side figures (an entropy bound, a paper's convention),
+    never the storage figure.
+    """
+    per_layer = {name: w.extra_bit_figures() for name, w in weights.items()}
+    per_layer = {name: figures for name, figures in per_layer.items() if figures}
+    if not per_layer:
+        return {}
+    total = sum(weights[name].numel for name in per_layer)
+    keys = sorted({key for figures in per_layer.values() for key in figures})
+    linear = {
+        key: sum(figures.get(key, 0.0) * weights[name].numel for name, figures in per_layer.items()) / total
+        for key in keys
+    }
+    return {"linear": linear, "layers": per_layer}
+
+
+def extra_bit_line(summary: dict[str, Any]) -> str:
+    """One line for the terminal, labelling each figure as what it is."""
+    labels = {
+        "index_entropy_bits": "group-index entropy {:.3f} bits/weight (an entropy coder's bound, not stored)",
+        "paper_convention_bits": "paper's convention {:.4f} bits/weight (signs + scales, index not counted)",
+    }
+    parts = [labels.get(key, key + " {:.3f}").format(value) for key, value in summary["linear"].items()]
+    return "linear layers: " + "; ".join(parts)
 
 
 def print_table(table: Table) -> None:

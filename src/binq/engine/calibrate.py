@@ -89,6 +89,20 @@ class LayerRecord:
     numel: int
     time_s: float
 
+    @classmethod
+    def of(cls, block: int, name: str, quantized: QuantizedWeight, error: float, time_s: float) -> LayerRecord:
+        return cls(
+            block=block,
+            name=name,
+            shape=quantized.shape,
+            relative_error=error,
+            compute_bits=quantized.compute_bits,
+            storage_bits=quantized.storage_bits,
+            storage_bits_total=quantized.storage_bits_total,
+            numel=quantized.numel,
+            time_s=time_s,
+        )
+
 
 @dataclass
 class QuantizationResult:
@@ -234,17 +248,7 @@ def quantize_model(
                         full_name = f"{arch.blocks}.{index}.{name}"
                         t0 = time.perf_counter()
                         quantized, error = _quantize_linear(full_name, linears[name], hessian, method, method_config)
-                        record = LayerRecord(
-                            block=index,
-                            name=name,
-                            shape=quantized.shape,
-                            relative_error=error,
-                            compute_bits=quantized.compute_bits,
-                            storage_bits=quantized.storage_bits,
-                            storage_bits_total=quantized.storage_bits_total,
-                            numel=quantized.numel,
-                            time_s=time.perf_counter() - t0,
-                        )
+                        record = LayerRecord.of(index, name, quantized, error, time.perf_counter() - t0)
                         _share_weight(linears[name], owner)
                         result.weights[full_name] = quantized
                         result.records.append(record)

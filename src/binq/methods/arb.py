@@ -38,7 +38,7 @@ from binq.quant.arb import (
     rc_start_error,
 )
 from binq.quant.compensation import block_error, compensated_metric, propagate_block_error
-from binq.quant.hessian import dead_columns, factor_hessian
+from binq.quant.hessian import prepare_weight
 from binq.quant.search import salient_column_search, salient_split_search, split_search
 from binq.quant.structured import BinaryWeight
 
@@ -181,10 +181,7 @@ def quantize_arb(weight: torch.Tensor, hessian: torch.Tensor, config: ARBConfig,
     if variant not in VARIANTS:
         raise ValueError(f"unknown ARB variant {variant!r}")
     rows, cols = weight.shape
-    factor = factor_hessian(hessian, config.percdamp)
-    u = factor.inverse_cholesky_upper
-    w = weight.to(u.dtype).clone()
-    w[:, dead_columns(hessian)] = 0
+    w, u = prepare_weight(weight, hessian, config.percdamp)
     undamped = hessian.to(u.dtype)
     builder = _LayoutBuilder(rows, cols, config, variant, w.device, w.dtype)
 

@@ -25,7 +25,7 @@ from binq.methods.arb import resign_columns
 from binq.methods.registry import check_range, register
 from binq.quant.arb import ZoneFit, arb_fit, arb_x_refine
 from binq.quant.compensation import block_error, compensated_metric, propagate_block_error
-from binq.quant.hessian import dead_columns, factor_hessian
+from binq.quant.hessian import prepare_weight
 from binq.quant.structured import BinaryWeight
 
 
@@ -77,10 +77,7 @@ def fit_group(group: torch.Tensor, u_block: torch.Tensor, config: ARBGroupConfig
 @register("arb-group", ARBGroupConfig, "Sign + one fp16 scale per group (Q1_0 form): ARB start, Hessian-metric fit")
 def quantize_arb_group(weight: torch.Tensor, hessian: torch.Tensor, config: ARBGroupConfig) -> BinaryWeight:
     rows, cols = weight.shape
-    factor = factor_hessian(hessian, config.percdamp)
-    u = factor.inverse_cholesky_upper
-    w = weight.to(u.dtype).clone()
-    w[:, dead_columns(hessian)] = 0
+    w, u = prepare_weight(weight, hessian, config.percdamp)
     groups = math.ceil(cols / config.group_size)
     signs = torch.zeros(rows, cols, dtype=torch.bool, device=w.device)
     scales = torch.zeros(rows, groups, 1, dtype=w.dtype, device=w.device)

@@ -20,7 +20,7 @@ import torch
 from binq.methods.registry import check_choice, check_range, register
 from binq.quant.binarize import residual_binarize
 from binq.quant.compensation import block_error, propagate_block_error
-from binq.quant.hessian import dead_columns, factor_hessian
+from binq.quant.hessian import prepare_weight
 from binq.quant.search import salient_column_search, split_search
 from binq.quant.structured import BinaryWeight
 
@@ -78,10 +78,7 @@ def billm_block_masks(block: torch.Tensor, factor_diagonal: torch.Tensor, config
 @register("billm", BiLLMConfig, "BiLLM: salient columns with residual binarization, two-zone split, blocks")
 def quantize_billm(weight: torch.Tensor, hessian: torch.Tensor, config: BiLLMConfig) -> BinaryWeight:
     rows, cols = weight.shape
-    factor = factor_hessian(hessian, config.percdamp)
-    u = factor.inverse_cholesky_upper
-    w = weight.to(u.dtype).clone()
-    w[:, dead_columns(hessian)] = 0
+    w, u = prepare_weight(weight, hessian, config.percdamp)
     blocks = math.ceil(cols / config.block_size)
 
     signs = torch.zeros(rows, cols, dtype=torch.bool, device=w.device)

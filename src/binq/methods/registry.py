@@ -27,6 +27,7 @@ class Method:
     config_class: type
     quantize: QuantizeFn
     summary: str
+    calibration_free: bool = False  # the hessian argument is None: no calibration, no engine pass
 
     def make_config(self, **options: Any) -> Any:
         """Build the config from keyword options; unknown names are a user error."""
@@ -42,13 +43,18 @@ class Method:
 _METHODS: dict[str, Method] = {}
 
 
-def register(name: str, config_class: type, summary: str) -> Callable[[QuantizeFn], QuantizeFn]:
-    """Decorator: register ``fn`` as method ``name`` configured by ``config_class``."""
+def register(
+    name: str, config_class: type, summary: str, calibration_free: bool = False
+) -> Callable[[QuantizeFn], QuantizeFn]:
+    """Decorator: register ``fn`` as method ``name`` configured by ``config_class``.
+
+    A ``calibration_free`` method is called with ``hessian=None`` on every linear independently.
+    """
 
     def wrap(fn: QuantizeFn) -> QuantizeFn:
         if name in _METHODS:
             raise ValueError(f"method {name!r} registered twice")
-        _METHODS[name] = Method(name, config_class, fn, summary)
+        _METHODS[name] = Method(name, config_class, fn, summary, calibration_free)
         return fn
 
     return wrap

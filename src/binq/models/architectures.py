@@ -33,6 +33,10 @@ class Architecture:
     linear_groups: tuple[tuple[str, ...], ...]
     embeddings: tuple[str, ...]
     lm_head: str
+    # Per linear group: the module (relative to the block) whose output *is* the group's input up to a
+    # per-channel scale (a norm's weight, or a linear feeding an elementwise product), so activation
+    # smoothing factors can be folded into it exactly; None where none exists. Empty = not supported.
+    smoothing_sources: tuple[str | None, ...] = ()
 
     @property
     def linear_names(self) -> tuple[str, ...]:
@@ -48,9 +52,13 @@ _LLAMA_GROUPS: tuple[tuple[str, ...], ...] = (
     ("mlp.gate_proj", "mlp.up_proj"),
     ("mlp.down_proj",),
 )
+# o_proj's input comes from v_proj through the attention mix, shared by grouped query heads: not folded.
+_LLAMA_SMOOTHING: tuple[str | None, ...] = ("input_layernorm", None, "post_attention_layernorm", "mlp.up_proj")
 
 
-def _llama_like(name: str, *model_types: str) -> Architecture:
+def _llama_like(
+    name: str, *model_types: str, smoothing_sources: tuple[str | None, ...] = _LLAMA_SMOOTHING
+) -> Architecture:
     return Architecture(
         name=name,
         model_types=model_types or (name,),
@@ -58,6 +66,7 @@ def _llama_like(name: str, *model_types: str) -> Architecture:
         linear_groups=_LLAMA_GROUPS,
         embeddings=("model.embed_tokens",),
         lm_head="lm_head",
+        smoothing_sources=smoothing_sources,
     )
 
 
@@ -68,9 +77,10 @@ ARCHITECTURES: dict[str, Architecture] = {
         _llama_like("mistral"),
         _llama_like("qwen2"),  # q/k/v carry a bias; that changes nothing here
         _llama_like("qwen3"),  # q_norm/k_norm act after the projections, so q/k/v still share input
-        _llama_like("gemma"),
-        _llama_like("gemma2"),
-        _llama_like("gemma3_text"),  # Gemma3ForCausalLM (text-only, e.g. gemma-3-270m)
+        # Gemma's norms scale by (1 + weight) and Gemma 2/3 norm again after each sublayer: no smoothing.
+        _llama_like("gemma", smoothing_sources=()),
+        _llama_like("gemma2", smoothing_sources=()),
+        _llama_like("gemma3_text", smoothing_sources=()),  # Gemma3ForCausalLM (text-only, e.g. gemma-3-270m)
         Architecture(
             name="opt",
             model_types=("opt",),

@@ -77,3 +77,13 @@ def relative_output_error(weight: torch.Tensor, quantized: torch.Tensor, hessian
     num = (delta @ h * delta).sum()
     den = (w @ h * w).sum()
     return float(num / den) if den > 0 else float("nan")
+
+
+def prepare_weight(weight: torch.Tensor, hessian: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """What every Hessian-based method starts from: ``(W, U)``, a working copy of the weight in the
+    factor's dtype with its dead columns zeroed (no input ever reaches them), and the upper factor
+    ``U`` of the damped inverse Hessian."""
+    u = factor_hessian(hessian, percdamp).inverse_cholesky_upper
+    w = weight.to(u.dtype).clone()
+    w[:, dead_columns(hessian)] = 0
+    return w, u

@@ -73,6 +73,10 @@ class QuantizedWeight(ABC):
         """Stored bits per weight, from the packed tensors."""
         return self.storage_bits_total / self.numel
 
+    def extra_bit_figures(self) -> dict[str, float]:
+        """Further per-weight bit figures a layout reports beside the two above (none by default)."""
+        return {}
+
 
 _LAYOUTS: dict[str, type[QuantizedWeight]] = {}
 

@@ -1,0 +1,190 @@
+"""Activation quantization settings and their calibration pass (smoothing folded in, clipping searched).
+
+:func:`calibrate_activations` runs the full-precision model block by block on the calibration samples
+(the engine's capture), takes a random subset of each linear group's input tokens, and per group:
+
+1. with ``smooth="channel"``, searches the smoothing strength and folds the factors into the group's
+   producer (the architecture's ``smoothing_sources``), so the full-precision model is unchanged;
+2. with ``clip="search"``, picks the clipping ratio of smallest output error for the (smoothed) input.
+
+It must run before the weights are quantized (the weights are quantized in their smoothed form) and
+before the originals are kept for KL (the smoothed fp model is the same function).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from binq.activations.int4 import activation_storage_bits, fake_quantize, token_scale_fake_quantize
+from binq.activations.smoothing import (
+    CLIP_RATIOS,
+    fold_smoothing,
+    search_clip_ratio,
+    search_smoothing,
+    two_group_proxy,
+)
+from binq.engine.capture import block_output, capture_block_inputs
+from binq.errors import BinqError
+from binq.methods.registry import check_choice, check_range
+from binq.models.architectures import Architecture, block_linears, get_blocks, get_module
+
+log = logging.getLogger(__name__)
+
+SMOOTH_KINDS = ("none", "channel", "token")
+PROXY_KINDS = ("w11", "none")
+
+
+@dataclass
+class ActivationConfig:
+    """How the block linears' inputs are quantized (``bits`` 16 = not at all).
+
+    - ``bits``: integer bits per activation (4 for A(1x4)); ``sym``: symmetric instead of asymmetric.
+    - ``clip``: ``search`` (a ratio per linear group, on calibration data) or a fixed ratio such as ``1.0``.
+    - ``smooth``: ``channel`` (per-input-channel factors, strength searched, folded into the norm or
+      linear before: the primary reading of the paper), ``token`` (each token's scale shrunk to its
+      error-minimising clip ratio at run time: the other reading), or ``none``.
+    - ``smooth_proxy``: the weight quantizer the channel search assumes: ``w11`` (a cheap two-group
+      fit) or ``none`` (full-precision weights).
+    - ``calib_tokens``: input tokens per linear group used by the searches.
+    """
+
+    bits: int = 16
+    sym: bool = False
+    clip: str = "search"
+    smooth: str = "none"
+    smooth_proxy: str = "w11"
+    calib_tokens: int = 2048
+
+    def __post_init__(self) -> None:
+        check_range("--act-bits", self.bits, 2, 16)
+        check_choice("--smooth", self.smooth, SMOOTH_KINDS)
+        check_choice("--smooth-proxy", self.smooth_proxy, PROXY_KINDS)
+        check_range("--act-calib-tokens", self.calib_tokens, 16, 1 << 30)
+        if self.clip != "search":
+            try:
+                ratio = float(self.clip)
+            except ValueError:
+                raise BinqError(f"--act-clip must be 'search' or a ratio in (0, 1], got '{self.clip}'") from None
+            check_range("--act-clip", ratio, 1e-3, 1.0)
+
+    @property
+    def enabled(self) -> bool:
+        return self.bits < 16
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.enabled and (self.clip == "search" or self.smooth == "channel")
+
+    def quantizer(self, clip_ratio: float) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The simulated quantizer of one linear's input."""
+        if self.smooth == "token":
+            ratios = tuple(r for r in CLIP_RATIOS if r <= clip_ratio) or (clip_ratio,)
+            return lambda x: token_scale_fake_quantize(x, self.bits, self.sym, ratios)
+        return lambda x: fake_quantize(x, self.bits, self.sym, clip_ratio)
+
+
+@dataclass
+class ActivationPlan:
+    """What calibration decided: a clip ratio per linear, the smoothing strength per group."""
+
+    config: ActivationConfig
+    clip_ratios: dict[str, float] = field(default_factory=dict)  # "block.name" -> ratio
+    smoothing_alphas: dict[str, float | None] = field(default_factory=dict)  # "block.first name" -> alpha
+    smoothing_error_ratio: list[float] = field(default_factory=list)  # searched error / unsmoothed error
+
+    def clip_ratio(self, key: str) -> float:
+        default = 1.0 if self.config.clip == "search" else float(self.config.clip)
+        return self.clip_ratios.get(key, default)
+
+    def summary(self, features: int) -> dict:
+        """For report.json: the settings, the storage of one activation of ``features`` inputs, the choices."""
+        alphas = [a for a in self.smoothing_alphas.values() if a is not None]
+        ratios = list(self.clip_ratios.values())
+        return {
+            "config": asdict(self.config),
+            "storage_bits": activation_storage_bits(features, self.config.bits, self.config.sym),
+            "clip_ratio_mean": sum(ratios) / len(ratios) if ratios else None,
+            "smoothed_groups": len(alphas),
+            "smoothing_alpha_mean": sum(alphas) / len(alphas) if alphas else None,
+            "smoothing_error_ratio_mean": (
+                sum(self.smoothing_error_ratio) / len(self.smoothing_error_ratio)
+                if self.smoothing_error_ratio
+                else None
+            ),
+        }
+
+
+def _sample_tokens(chunks: list[torch.Tensor], count: int, generator: torch.Generator) -> torch.Tensor:
+    tokens = torch.cat([c.reshape(-1, c.shape[-1]) for c in chunks]).float()
+    if tokens.shape[0] > count:
+        tokens = tokens[torch.randperm(tokens.shape[0], generator=generator)[:count]]
+    return tokens
+
+
+@torch.no_grad()
+def calibrate_activations(
+    model: nn.Module,
+    arch: Architecture,
+    calibration: torch.Tensor,
+    config: ActivationConfig,
+    seed: int = 0,
+    progress: bool = True,
+) -> ActivationPlan:
+    """Fold the smoothing into ``model`` (in place, on the CPU) and search the clip ratios."""
+    plan = ActivationPlan(config)
+    if not config.needs_calibration:
+        return plan
+    if config.smooth == "channel" and not arch.smoothing_sources:
+        raise BinqError(f"--smooth channel is not supported for {arch.name} (no foldable norm declared)")
+    generator = torch.Generator().manual_seed(seed)
+    blocks = get_blocks(model, arch)
+    inputs = capture_block_inputs(model, blocks, calibration)
+    hidden = inputs.hidden_states
+    proxy = two_group_proxy if config.smooth_proxy == "w11" else None
+    for index in tqdm(range(len(blocks)), desc="activations", unit="block", disable=not progress):
+        block = blocks[index]
+        linears = block_linears(block, arch)
+        captured: dict[str, list[torch.Tensor]] = {group[0]: [] for group in arch.linear_groups}
+        handles = [
+            linears[name].register_forward_pre_hook(lambda _m, args, sink=sink: sink.append(args[0].detach()))
+            for name, sink in captured.items()
+        ]
+        try:
+            outputs = [block_output(block(x, *inputs.args[index], **inputs.kwargs[index])) for x in hidden]
+        finally:
+            for handle in handles:
+                handle.remove()
+        for g, group in enumerate(arch.linear_groups):
+            x = _sample_tokens(captured[group[0]], config.calib_tokens, generator)
+            weights = [linears[name].weight.float() for name in group]
+            key = f"{arch.blocks}.{index}.{group[0]}"
+            source = arch.smoothing_sources[g] if g < len(arch.smoothing_sources) else None
+            if config.smooth == "channel" and source is not None:
+                choice = search_smoothing(x, weights, config.quantizer(1.0), proxy)
+                plan.smoothing_alphas[key] = choice.alpha
+                plan.smoothing_error_ratio.append(choice.error / max(choice.error_unsmoothed, 1e-30))
+                if choice.factors is not None:
+                    fold_smoothing(get_module(block, source), [linears[n] for n in group], choice.factors)
+                    x = x / choice.factors
+                    weights = [linears[name].weight.float() for name in group]
+            if config.clip == "search":
+                ratio = search_clip_ratio(x, weights, lambda t, r: config.quantizer(r)(t))
+            else:
+                ratio = float(config.clip)
+            for name in group:
+                plan.clip_ratios[f"{arch.blocks}.{index}.{name}"] = ratio
+        hidden = outputs
+    summary = plan.summary(1)
+    log.info(
+        "activation calibration: mean clip ratio %s, %d groups smoothed (mean alpha %s)",
+        summary["clip_ratio_mean"],
+        summary["smoothed_groups"],
+        summary["smoothing_alpha_mean"],
+    )
+    return plan

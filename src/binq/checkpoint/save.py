@@ -1,0 +1,106 @@
+"""Write a binq checkpoint (layout in :mod:`binq.checkpoint.format` and docs/FORMAT.md)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from binq.checkpoint.format import WEIGHTS_FILE, build_quantization_config, packed_key
+from binq.errors import BinqError
+from binq.quant.structured import QuantizedWeight
+
+log = logging.getLogger(__name__)
+
+
+def _unquantized_tensors(model: nn.Module, quantized: set[str], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """Every other state-dict tensor once (tied ones under their first name), floats cast to ``dtype``."""
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, tuple[int, ...]]] = set()
+    for name, tensor in model.state_dict().items():
+        module = name.rpartition(".")[0]
+        if module in quantized:
+            continue
+        key = (tensor.data_ptr(), tuple(tensor.shape))
+        if key in seen:  # tied to a tensor already stored (SmolLM2's lm_head is its embedding)
+            continue
+        seen.add(key)
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        tensors[name] = tensor.detach().cpu().contiguous()
+    return tensors
+
+
+def _quantized_tensors(
+    model: nn.Module, weights: dict[str, QuantizedWeight], dtype: torch.dtype | None
+) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for module_name, weight in weights.items():
+        try:
+            module = model.get_submodule(module_name)
+        except AttributeError:
+            raise BinqError(f"the model has no module '{module_name}' to save a quantized weight for") from None
+        shape = (getattr(module, "out_features", None), getattr(module, "in_features", None))
+        if shape != weight.shape:
+            raise BinqError(f"'{module_name}' is {shape[0]}x{shape[1]}, its quantized weight {weight.shape}")
+        for tensor_name, tensor in weight.packed_tensors().items():
+            if tensor_name in ("bias", "weight"):
+                raise BinqError(f"layout '{weight.layout}' names a tensor '{tensor_name}', which is reserved")
+            tensors[packed_key(module_name, tensor_name)] = tensor.detach().cpu().contiguous()
+        bias = getattr(module, "bias", None)
+        if bias is not None:
+            tensors[packed_key(module_name, "bias")] = bias.detach().to(dtype or bias.dtype).cpu().contiguous()
+    return tensors
+
+
+def save_checkpoint(
+    model: nn.Module,
+    weights: dict[str, QuantizedWeight],
+    out_dir: Path | str,
+    *,
+    tokenizer: Any = None,
+    method: str | None = None,
+    method_config: dict[str, Any] | None = None,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Write ``model`` with its linears ``weights`` (full module name -> quantized weight) to ``out_dir``.
+
+    ``dtype`` is the precision of everything that is not quantized (the source checkpoint's, e.g.
+    float16; ``None`` keeps the in-memory dtype). Returns the safetensors file's path.
+    """
+    if not weights:
+        raise BinqError("nothing to save: no quantized weights")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = _unquantized_tensors(model, set(weights), dtype)
+    tensors.update(_quantized_tensors(model, weights, dtype))
+    path = out / WEIGHTS_FILE
+    partial = out / (WEIGHTS_FILE + ".partial")
+    save_file(tensors, str(partial), metadata={"format": "pt"})
+    partial.replace(path)  # a crash mid-write never leaves a file that looks complete
+
+    config = copy.deepcopy(model.config)
+    config.use_cache = True
+    if dtype is not None:
+        config.dtype = dtype
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.save_pretrained(out)
+    config_file = out / "config.json"
+    data = json.loads(config_file.read_text(encoding="utf-8"))
+    modules = {name: (w.layout, w.metadata()) for name, w in weights.items()}
+    data["quantization_config"] = build_quantization_config(modules, method, method_config)
+    config_file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None:
+        generation_config.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    log.info("wrote checkpoint %s (%.1f MiB)", out, path.stat().st_size / 2**20)
+    return path

@@ -1,0 +1,165 @@
+"""The calibration-free path: every declared linear quantized on its own, in parallel worker processes.
+
+A calibration-free method (``Method.calibration_free``, e.g. ``msb``) needs neither calibration data nor
+the block-sequential engine: each weight matrix depends on nothing but itself, so matrices are
+embarrassingly parallel. Workers are processes (the solvers are Python and numpy, which threads would
+serialize), each limited to one torch thread (forked like torch's DataLoader workers, spawned once CUDA is
+initialised); ``workers=1`` runs in this process.
+
+The outputs are the engine's (:class:`~binq.engine.calibrate.QuantizationResult` with one
+:class:`~binq.engine.calibrate.LayerRecord` per linear, in model order), so reports and tables work
+unchanged. With no calibration inputs, ``relative_error`` is the weight-space error
+``||W - Q||^2 / ||W||^2``.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from binq.engine.calibrate import LayerRecord, QuantizationResult
+from binq.errors import BinqError
+from binq.methods.registry import Method, get_method
+from binq.models.architectures import Architecture, block_linears, get_blocks
+from binq.quant.structured import QuantizedWeight
+
+log = logging.getLogger(__name__)
+
+
+def default_workers() -> int:
+    """All cores this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def relative_weight_error(weight: torch.Tensor, dequantized: torch.Tensor) -> float:
+    """``||W - Q||^2 / ||W||^2`` in float64."""
+    w = weight.to(torch.float64)
+    den = float(w.square().sum())
+    return float((w - dequantized.to(torch.float64)).square().sum() / den) if den > 0 else float("nan")
+
+
+def quantize_weight(method_name: str, config: Any, weight: torch.Tensor) -> tuple[QuantizedWeight, float, float]:
+    """One linear (in a worker): the structured weight, its relative weight error, and the time it took."""
+    started = time.perf_counter()
+    method = get_method(method_name)
+    quantized = method.quantize(weight, None, config)
+    error = relative_weight_error(weight, quantized.dequantize())
+    quantized.packed_tensors()  # pack in the worker: the bit figures need the packed planes
+    return quantized, error, time.perf_counter() - started
+
+
+def _init_worker() -> None:
+    torch.set_num_threads(1)
+
+
+def _start_method() -> str:
+    """fork where it is safe (as torch's DataLoader does: workers start in milliseconds, not after
+    re-importing torch), spawn where it is not (no fork, or CUDA already initialised in this process)."""
+    if "fork" in multiprocessing.get_all_start_methods() and not torch.cuda.is_initialized():
+        return "fork"
+    return "spawn"
+
+
+def _linears(model: nn.Module, arch: Architecture) -> Iterator[tuple[int, str, nn.Linear]]:
+    for index, block in enumerate(get_blocks(model, arch)):
+        for name, linear in block_linears(block, arch).items():
+            yield index, name, linear
+
+
+def quantize_independent(
+    model: nn.Module,
+    arch: Architecture,
+    method: Method,
+    method_config: Any,
+    workers: int | None = None,
+    on_layer: Callable[[LayerRecord], None] | None = None,
+    progress: bool = True,
+) -> QuantizationResult:
+    """Quantize every declared linear of every block of ``model`` in place, each independently.
+
+    ``workers`` processes (default: all cores) take one matrix at a time; at most two matrices per
+    worker are in flight, so memory stays bounded on large models. ``on_layer`` sees each record as it
+    completes (completion order); the result lists records in model order.
+    """
+    if not method.calibration_free:
+        raise BinqError(f"method '{method.name}' needs calibration: it cannot run on the independent path")
+    workers = default_workers() if workers is None else workers
+    if workers < 1:
+        raise BinqError(f"--workers must be at least 1, got {workers}")
+    started = time.perf_counter()
+    jobs = list(_linears(model, arch))
+    for index, name, linear in jobs:
+        if not torch.isfinite(linear.weight).all():
+            raise BinqError(f"{arch.blocks}.{index}.{name}: the weight has NaN or Inf entries")
+    records: dict[int, LayerRecord] = {}
+    result = QuantizationResult()
+    bar = tqdm(total=len(jobs), desc=f"{method.name} x{workers}", unit="linear", disable=not progress)
+
+    def finish(position: int, outcome: tuple[QuantizedWeight, float, float]) -> None:
+        index, name, linear = jobs[position]
+        quantized, error, seconds = outcome
+        linear.weight.data = quantized.dequantize().to(linear.weight.dtype)  # new tensor: originals stay valid
+        result.weights[f"{arch.blocks}.{index}.{name}"] = quantized
+        record = LayerRecord.of(index, name, quantized, error, seconds)
+        records[position] = record
+        if on_layer is not None:
+            on_layer(record)
+        bar.update()
+
+    def weight_of(position: int) -> torch.Tensor:
+        return jobs[position][2].weight.detach().to(torch.float32).cpu()
+
+    try:
+        if workers == 1:
+            for position in range(len(jobs)):
+                finish(position, _run_here(method, method_config, weight_of(position), jobs[position], arch))
+        else:
+            context = multiprocessing.get_context(_start_method())
+            with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker) as pool:
+                pending: dict[Future, int] = {}
+                queue = iter(range(len(jobs)))
+                for position in queue:
+                    pending[pool.submit(quantize_weight, method.name, method_config, weight_of(position))] = position
+                    if len(pending) >= 2 * workers:
+                        done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                        for future in done:
+                            position = pending.pop(future)
+                            finish(position, _outcome(future, jobs[position], arch))
+                for future in list(pending):
+                    position = pending.pop(future)
+                    finish(position, _outcome(future, jobs[position], arch))
+    finally:
+        bar.close()
+    result.records = [records[p] for p in sorted(records)]
+    result.time_s = time.perf_counter() - started
+    return result
+
+
+def _run_here(
+    method: Method, config: Any, weight: torch.Tensor, job: tuple[int, str, nn.Linear], arch: Architecture
+) -> tuple[QuantizedWeight, float, float]:
+    try:
+        return quantize_weight(method.name, config, weight)
+    except BinqError as err:
+        raise BinqError(f"{arch.blocks}.{job[0]}.{job[1]}: {err}") from err
+
+
+def _outcome(
+    future: Future, job: tuple[int, str, nn.Linear], arch: Architecture
+) -> tuple[QuantizedWeight, float, float]:
+    try:
+        return future.result()
+    except BinqError as err:
+        raise BinqError(f"{arch.blocks}.{job[0]}.{job[1]}: {err}") from err

@@ -1,0 +1,260 @@
+"""Export a binq checkpoint to GGUF, the quantized linears as Q1_0, for llama.cpp.
+
+What is written (docs/FORMAT.md, "GGUF export"):
+
+- every quantized linear in Q1_0's form (one fp16 scale per 128 weights of a row times a sign, see
+  :mod:`binq.export.q1_0`) whose width is a multiple of 128 as ``Q1_0``, bit for bit;
+- such a linear whose width is not a multiple of 128 as ``F16``, dequantized: still exact, since
+  its values are fp16 scales with a sign;
+- any other layout (means, bitmaps, salient residuals, column scales, integer grids) is refused,
+  naming the method that does fit;
+- 1-D tensors (norms, biases) as ``F32``; other unquantized tensors as ``F16`` when stored in fp16,
+  else ``F32``;
+- llama.cpp's metadata: with ``like`` (a GGUF of the same model, e.g. the one binq quantized), every
+  key-value pair of it but the file type; without, the hyperparameters from config.json and the
+  tokenizer from tokenizer.json (llama only; gemma3 needs ``like``).
+
+Architecture differences handled here: llama.cpp's ``llama`` uses interleaved rotary pairs, so q/k
+rows are permuted as its converter does (a row permutation: Q1_0 blocks, which run along rows, stay
+whole); Gemma stores RMSNorm weights as ``w - 1``, llama.cpp as ``w``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import torch
+from safetensors import safe_open
+
+from binq.checkpoint.format import WEIGHTS_FILE, packed_key
+from binq.checkpoint.header import read_header
+from binq.checkpoint.load import read_quantization_config
+from binq.errors import BinqError
+from binq.export.q1_0 import QK1_0, q1_0_form_problem, q1_0_rows
+from binq.quant.structured import QuantizedWeight, layout_class
+
+log = logging.getLogger(__name__)
+
+REFUSAL_HINT = (
+    "GGUF Q1_0 holds one fp16 scale per 128 weights of a row times a sign; quantize with "
+    "`binq quantize --method rtn --bits 1 --group-size 128` (no --centred) or with the bitmap-free per-group "
+    "ARB variant (`--method arb-group`) for a Q1_0 export"
+)
+
+
+@dataclass(frozen=True)
+class GGUFArch:
+    """How one HF ``model_type`` maps to llama.cpp."""
+
+    gguf_arch: gguf.MODEL_ARCH
+    permute_qk: bool  # llama.cpp's rotary pairs are interleaved: undo HF's half-split layout
+    norm_offset: float  # added to RMSNorm weights (Gemma stores w - 1)
+
+
+GGUF_ARCHS: dict[str, GGUFArch] = {
+    "llama": GGUFArch(gguf.MODEL_ARCH.LLAMA, permute_qk=True, norm_offset=0.0),
+    "mistral": GGUFArch(gguf.MODEL_ARCH.LLAMA, permute_qk=True, norm_offset=0.0),
+    "gemma3_text": GGUFArch(gguf.MODEL_ARCH.GEMMA3, permute_qk=False, norm_offset=1.0),
+}
+
+
+def rope_row_order(rows: int, n_head: int) -> torch.Tensor:
+    """Row index that turns HF's rotary layout into llama.cpp's (its converter's ``permute``)."""
+    head_dim = rows // n_head
+    return torch.arange(rows).reshape(n_head, 2, head_dim // 2).transpose(1, 2).reshape(rows)
+
+
+def _rope_theta(config: dict[str, Any]) -> float:
+    params = config.get("rope_parameters") or {}
+    return float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
+
+
+def llama_hparams(writer: gguf.GGUFWriter, config: dict[str, Any]) -> None:
+    """llama.cpp's ``llama.*`` hyperparameters from a HF config.json."""
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(config.get("num_key_value_heads") or heads)
+    writer.add_rope_freq_base(_rope_theta(config))
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_vocab_size(config["vocab_size"])
+
+
+def hf_tokenizer_metadata(writer: gguf.GGUFWriter, folder: Path) -> None:
+    """``tokenizer.ggml.*`` from tokenizer.json (byte-level BPE as llama.cpp's ``gpt2`` model).
+
+    The pre-tokenizer is written as ``default``: llama.cpp identifies pre-tokenizers by name, which a
+    tokenizer.json does not carry. Token ids are the same either way; pass ``like`` for the exact name.
+    """
+    from transformers import AutoTokenizer
+
+    data = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    model = data["model"]
+    vocab: dict[str, int] = dict(model.get("vocab") or {})
+    special: set[int] = set()
+    for added in data.get("added_tokens") or []:
+        vocab[added["content"]] = added["id"]
+        if added.get("special"):
+            special.add(added["id"])
+    size = max(vocab.values()) + 1
+    tokens = [f"[PAD{i}]" for i in range(size)]
+    types = [gguf.TokenType.UNUSED] * size
+    for text, index in vocab.items():
+        tokens[index] = text
+        types[index] = gguf.TokenType.CONTROL if index in special else gguf.TokenType.NORMAL
+    if model.get("type") != "BPE":
+        log.warning("tokenizer model %s is not BPE: llama.cpp will tokenize text differently", model.get("type"))
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+    if merges:
+        writer.add_token_merges(merges)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    for key, value in (
+        ("bos", tokenizer.bos_token_id),
+        ("eos", tokenizer.eos_token_id),
+        ("unk", tokenizer.unk_token_id),
+        ("pad", tokenizer.pad_token_id),
+    ):
+        if value is not None:
+            getattr(writer, f"add_{'unk' if key == 'unk' else key}_token_id")(value)
+    writer.add_add_bos_token(bool(getattr(tokenizer, "add_bos_token", False)))
+    if getattr(tokenizer, "chat_template", None):
+        writer.add_chat_template(tokenizer.chat_template)
+
+
+_SKIPPED_KEYS = ("GGUF.", "general.architecture", "general.file_type", "general.quantization_version")
+
+
+def copy_metadata(writer: gguf.GGUFWriter, like: Path) -> None:
+    """Every key-value pair of the GGUF ``like`` (hyperparameters, tokenizer), but its file type."""
+    reader = gguf.GGUFReader(like)
+    for key, field in reader.fields.items():
+        if key.startswith(_SKIPPED_KEYS):
+            continue
+        main = field.types[0]
+        sub = field.types[-1] if main == gguf.GGUFValueType.ARRAY else None
+        value = field.contents()
+        if sub == gguf.GGUFValueType.STRING:
+            value = [v.encode("utf-8") if isinstance(v, str) else v for v in value]
+        writer.add_key_value(key, value, main, sub_type=sub)
+
+
+def _gguf_name(name_map: gguf.TensorNameMap, hf_name: str) -> str:
+    mapped = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+    if mapped is None:
+        raise BinqError(f"no llama.cpp name for tensor '{hf_name}'")
+    return mapped
+
+
+def _qk_heads(module: str, config: dict[str, Any]) -> int | None:
+    if module.endswith("self_attn.q_proj"):
+        return config["num_attention_heads"]
+    if module.endswith("self_attn.k_proj"):
+        return config.get("num_key_value_heads") or config["num_attention_heads"]
+    return None
+
+
+def _weight_array(weight: QuantizedWeight, order: torch.Tensor | None) -> tuple[np.ndarray, Any]:
+    """(array, raw GGML type or None): Q1_0 bytes, or the exact dense weight in fp16."""
+    if weight.shape[1] % QK1_0 == 0:
+        data = q1_0_rows(weight)  # type: ignore[arg-type]
+        raw = gguf.GGMLQuantizationType.Q1_0
+    else:
+        data = weight.dequantize(torch.float32).to(torch.float16)
+        raw = None
+    if order is not None:
+        data = data[order]
+    return data.contiguous().numpy(), raw
+
+
+def _plain_array(name: str, tensor: torch.Tensor, norm_offset: float) -> np.ndarray:
+    if tensor.dim() == 1:
+        tensor = tensor.float()
+        if norm_offset and name.endswith("norm.weight"):
+            tensor = tensor + norm_offset
+        return tensor.numpy()
+    return tensor.to(torch.float16 if tensor.dtype == torch.float16 else torch.float32).contiguous().numpy()
+
+
+def export_gguf(folder: Path | str, out: Path | str, like: Path | str | None = None) -> Path:
+    """Write the checkpoint in ``folder`` as the GGUF file ``out`` (see the module docstring)."""
+    folder, out = Path(folder), Path(out)
+    quantization = read_quantization_config(folder)
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    arch = GGUF_ARCHS.get(config.get("model_type", ""))
+    if arch is None:
+        raise BinqError(f"GGUF export supports model types {', '.join(GGUF_ARCHS)}, not {config.get('model_type')!r}")
+    if like is None and arch.gguf_arch != gguf.MODEL_ARCH.LLAMA:
+        raise BinqError(f"exporting {config['model_type']} needs --like: a GGUF of the same model for its metadata")
+
+    modules = {name: (entry["layout"], entry["metadata"]) for name, entry in quantization["modules"].items()}
+    file = folder / WEIGHTS_FILE
+    entries = read_header(file)
+    weights: dict[str, QuantizedWeight] = {}
+    with safe_open(str(file), framework="pt") as handle:
+        for module, (layout, metadata) in modules.items():
+            prefix = module + "."
+            tensors = {
+                n[len(prefix) :]: handle.get_tensor(n)
+                for n in entries
+                if n.startswith(prefix) and n[len(prefix) :] != "bias" and "." not in n[len(prefix) :]
+            }
+            try:
+                weights[module] = layout_class(layout).from_packed(tensors, metadata)
+            except BinqError as error:
+                raise BinqError(f"{module}: {error}") from None
+            problem = q1_0_form_problem(weights[module])
+            if problem is not None:
+                method = quantization.get("method") or "this method"
+                raise BinqError(f"cannot export {method} to GGUF Q1_0: {module}: {problem}. {REFUSAL_HINT}")
+        plain = {n: handle.get_tensor(n) for n in entries if n.rpartition(".")[0] not in modules}
+        biases = [packed_key(m, "bias") for m in modules if packed_key(m, "bias") in entries]
+        plain.update({n: handle.get_tensor(n) for n in biases})
+
+    name_map = gguf.TensorNameMap(arch.gguf_arch, config["num_hidden_layers"])
+    writer = gguf.GGUFWriter(str(out), gguf.MODEL_ARCH_NAMES[arch.gguf_arch])
+    if like is not None:
+        copy_metadata(writer, Path(like))
+    else:
+        writer.add_name(folder.resolve().name)
+        llama_hparams(writer, config)
+        hf_tokenizer_metadata(writer, folder)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q1_0)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+    counts = {"Q1_0": 0, "F16 (exact)": 0}
+    for module, weight in sorted(weights.items()):
+        heads = _qk_heads(module, config) if arch.permute_qk else None
+        order = None if heads is None else rope_row_order(weight.shape[0], heads)
+        array, raw = _weight_array(weight, order)
+        counts["Q1_0" if raw is not None else "F16 (exact)"] += 1
+        writer.add_tensor(_gguf_name(name_map, packed_key(module, "weight")), array, raw_dtype=raw)
+    for name, tensor in sorted(plain.items()):
+        module = name.rpartition(".")[0]
+        heads = _qk_heads(module, config) if arch.permute_qk and name.endswith(".bias") else None
+        if heads is not None:
+            tensor = tensor[rope_row_order(tensor.shape[0], heads)]
+        writer.add_tensor(_gguf_name(name_map, name), _plain_array(name, tensor, arch.norm_offset))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    log.info("wrote %s: %d linears as Q1_0, %d as exact F16", out, counts["Q1_0"], counts["F16 (exact)"])
+    return out
