@@ -340,3 +340,12 @@ def test_the_methods_run_through_the_engine_on_a_tiny_llama(name, options, make_
             assert torch.isfinite(linear.weight).all()
     assert all(isinstance(w, BinaryWeight) for w in result.weights.values())
     assert all(0 < r.relative_error < 1 for r in result.records)
+
+
+def test_a_single_column_is_computed_as_the_whole_zone_computes_it() -> None:
+    from binq.methods.arb import _column
+
+    w, mask = _weight(), _mask()
+    for fit in (rc_fit(w, mask, 2).rounded(), arb_fit(w, mask, 2).rounded(), rc_fit(w, mask, 1).rounded()):
+        full = fit.approximation()
+        assert all(torch.equal(_column(fit, j), full[:, j]) for j in range(w.shape[1]))

@@ -164,16 +164,18 @@ def resign_columns(block: torch.Tensor, fits: list[ZoneFit], u_block: torch.Tens
                 continue
             for t, signs in enumerate(choose_signs(fit, j, w[:, j])):
                 fit.signs[t][:, j] = torch.where(rows, signs, fit.signs[t][:, j])
-            quantized += fit.approximation()[:, j] if fit.column_scales is not None else _column(fit, j)
+            quantized += _column(fit, j)
         error = (w[:, j] - quantized) / u_block[j, j]
         w[:, j + 1 :] -= error.unsqueeze(1) * u_block[j, j + 1 :].unsqueeze(0)
 
 
 def _column(fit: ZoneFit, j: int) -> torch.Tensor:
-    """Column ``j`` of a mean-and-scale zone's approximation, without building the whole block."""
+    """Column ``j`` of a zone's approximation (same operations as ``fit.approximation()``), without
+    building the whole block."""
     value = fit.mean.clone()
     for t in range(fit.order):
-        value = value + fit.row_scales[t] * (fit.signs[t][:, j].float() * 2 - 1)
+        scale = fit.row_scales[t] if fit.column_scales is None else fit.row_scales[t] * fit.column_scales[t][j]
+        value = value + scale * (fit.signs[t][:, j].float() * 2 - 1)
     return value * fit.mask[:, j].to(value.dtype)
 
 
