@@ -26,7 +26,7 @@ from functools import partial
 
 import torch
 
-from binq.methods.billm import _MIN_FACTOR_DIAGONAL
+from binq.methods.billm import block_saliency
 from binq.methods.registry import check_choice, check_range, register
 from binq.quant.arb import (
     ZoneFit,
@@ -40,7 +40,17 @@ from binq.quant.arb import (
 from binq.quant.compensation import block_error, compensated_metric, propagate_block_error
 from binq.quant.hessian import prepare_weight
 from binq.quant.search import salient_column_search, salient_split_search, split_search
-from binq.quant.structured import BinaryWeight
+from binq.quant.structured import (
+    ZONE_CONCENTRATED,
+    ZONE_SALIENT,
+    ZONE_SALIENT_CONCENTRATED,
+    ZONE_SALIENT_CONCENTRATED_RESIDUAL,
+    ZONE_SALIENT_RESIDUAL,
+    ZONE_SALIENT_SPARSE,
+    ZONE_SALIENT_SPARSE_RESIDUAL,
+    ZONE_SPARSE,
+    BinaryWeight,
+)
 
 VARIANTS = ("arb", "arb-x", "arb-rc")
 
@@ -129,15 +139,15 @@ def block_zones(
         breakpoint_value = split_search(saliency, salient)
     magnitude = saliency.abs()
     sparse = (magnitude >= breakpoint_value) & ~salient
-    zones = [Zone("concentrated", ~salient & ~sparse, 1), Zone("sparse", sparse, 1)]
+    zones = [Zone(ZONE_CONCENTRATED, ~salient & ~sparse, 1), Zone(ZONE_SPARSE, sparse, 1)]
     if config.cgb:
         salient_sparse = salient & (magnitude >= salient_split_search(saliency, salient))
         zones += [
-            Zone("salient_concentrated", salient & ~salient_sparse, 2),
-            Zone("salient_sparse", salient_sparse, 2),
+            Zone(ZONE_SALIENT_CONCENTRATED, salient & ~salient_sparse, 2),
+            Zone(ZONE_SALIENT_SPARSE, salient_sparse, 2),
         ]
     else:
-        zones.append(Zone("salient", salient, 2))
+        zones.append(Zone(ZONE_SALIENT, salient, 2))
     return zones
 
 
@@ -191,11 +201,7 @@ def quantize_arb(weight: torch.Tensor, hessian: torch.Tensor, config: ARBConfig,
         end = min(start + config.block_size, cols)
         block = w[:, start:end]
         u_block = u[start:end, start:end]
-        factor_diagonal = torch.diagonal(u_block).clamp_min(_MIN_FACTOR_DIAGONAL)
-        if config.salient_metric == "hessian":
-            saliency = block.square() / factor_diagonal.square().unsqueeze(0)
-        else:
-            saliency = block
+        saliency = block_saliency(block, torch.diagonal(u_block), config.salient_metric)
         metric = None
         if variant == "arb-x":
             compensated = getattr(config, "x_metric", "block") == "compensated"
@@ -225,10 +231,15 @@ class _LayoutBuilder:
         self.scales = torch.zeros(rows, blocks, zones, dtype=dtype, device=device)
         self.means = torch.zeros_like(self.scales)
         self.column_scales = torch.zeros(cols, zones, dtype=dtype, device=device)
-        self.zone_names = ["concentrated", "sparse"] + (
-            ["salient_concentrated", "salient_concentrated_residual", "salient_sparse", "salient_sparse_residual"]
+        self.zone_names = [ZONE_CONCENTRATED, ZONE_SPARSE] + (
+            [
+                ZONE_SALIENT_CONCENTRATED,
+                ZONE_SALIENT_CONCENTRATED_RESIDUAL,
+                ZONE_SALIENT_SPARSE,
+                ZONE_SALIENT_SPARSE_RESIDUAL,
+            ]
             if config.cgb
-            else ["salient", "salient_residual"]
+            else [ZONE_SALIENT, ZONE_SALIENT_RESIDUAL]
         )
 
     def add_block(self, b: int, start: int, end: int, zones: list[Zone], fits: list[ZoneFit]) -> None:
@@ -236,7 +247,7 @@ class _LayoutBuilder:
             mask = zone.mask
             columns = slice(start, end)
             self.signs[:, columns] = torch.where(mask, fit.signs[0], self.signs[:, columns])
-            if zone.name in ("sparse", "salient_sparse"):
+            if zone.name in (ZONE_SPARSE, ZONE_SALIENT_SPARSE):
                 self.bitmap[:, columns] |= mask
             first = self.zone_names.index(zone.name)
             for t in range(fit.order):

@@ -63,12 +63,16 @@ class BlockMasks:
     sparse: torch.Tensor  # bool (rows, cols): non-salient weights at or above the break-point
 
 
+def block_saliency(block: torch.Tensor, factor_diagonal: torch.Tensor, salient_metric: str) -> torch.Tensor:
+    """Step 1, the matrix the searches run on: ``W^2 / U_jj^2`` (``hessian``) or ``W`` (``magnitude``)."""
+    if salient_metric == "hessian":
+        return block.square() / factor_diagonal.clamp_min(_MIN_FACTOR_DIAGONAL).square().unsqueeze(0)
+    return block
+
+
 def billm_block_masks(block: torch.Tensor, factor_diagonal: torch.Tensor, config: BiLLMConfig) -> BlockMasks:
     """Steps 1-3 for one block: the salient columns and the concentrated/sparse split."""
-    if config.salient_metric == "hessian":
-        metric = block.square() / factor_diagonal.clamp_min(_MIN_FACTOR_DIAGONAL).square().unsqueeze(0)
-    else:
-        metric = block
+    metric = block_saliency(block, factor_diagonal, config.salient_metric)
     salient_columns = salient_column_search(metric, config.max_salient_columns, 2, config.search_order)
     salient = salient_columns.unsqueeze(0).expand_as(block)
     breakpoint_value = split_search(metric, salient)
