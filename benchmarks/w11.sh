@@ -11,7 +11,7 @@ declare -A RUNS=(
   [w16_a4]="eval --act-bits 4"
   [w11_a4_smooth]="quantize --method w11 --act-bits 4 --smooth channel"
   [w16_a4_smooth]="eval --act-bits 4 --smooth channel"
-  [w11_init_exact]="quantize --method w11 --init exact"
+  [w11_init_median]="quantize --method w11 --init median"
   [w11_offsets]="quantize --method w11 --offsets"
   [w11_importance_diag]="quantize --method w11 --importance diag"
   [w11_importance_review]="quantize --method w11 --importance review"
@@ -21,7 +21,7 @@ declare -A RUNS=(
   [w11_a4_sym]="quantize --method w11 --act-bits 4 --act-sym"
   [w11_a4_noclip]="quantize --method w11 --act-bits 4 --act-clip 1.0"
 )
-ORDER=(w11_default w11_a4 gptq2_a4 w16_a4 w11_a4_smooth w16_a4_smooth w11_init_exact w11_offsets
+ORDER=(w11_default w11_a4 gptq2_a4 w16_a4 w11_a4_smooth w16_a4_smooth w11_init_median w11_offsets
   w11_importance_diag w11_importance_review w11_no_em w11_init_salience w11_a4_token w11_a4_sym w11_a4_noclip)
 [ $# -gt 0 ] && ORDER=("$@")
 mkdir -p "$OUT"

@@ -311,6 +311,15 @@ DEMO_RUNS: dict[str, list[str]] = {
     "arb-llm-rc intra": ["--method", "arb-llm-rc", "--intra-block"],
     "arb-group g128": ["--method", "arb-group"],
     "arb-group g128 mean": ["--method", "arb-group", "--mean"],
+    "msb g2": ["--method", "msb", "--groups", "2"],
+    "msb g4": ["--method", "msb", "--groups", "4"],
+    "msb g8": ["--method", "msb", "--groups", "8"],
+    "msb g16": ["--method", "msb", "--groups", "16"],
+    "msb g32": ["--method", "msb", "--groups", "32"],
+    "msb g32 lo": ["--method", "msb", "--groups", "32", "--solver", "windowed-lo"],
+    "msb block g4": ["--method", "msb", "--granularity", "block", "--groups", "4"],
+    "msb-hessian g8": ["--method", "msb-hessian", "--groups", "8"],
+    "msb-hessian block g4": ["--method", "msb-hessian", "--granularity", "block", "--groups", "4"],
 }
 DEMO_DEFAULT = ("rtn 1-bit", "gptq 1-bit g128", "gptq 2-bit g128", "gptq 4-bit g128", "billm")
 
