@@ -20,7 +20,7 @@ from datetime import date
 from pathlib import Path
 
 from binq.commands import DEMO_RUNS, demo_command
-from binq.report import machine, markdown_table, read_report
+from binq.report import extra_bit_line, machine, markdown_table, read_report, write_section
 
 ROWS = ("rtn 1-bit", "gptq 1-bit g128", "gptq 2-bit g128", "gptq 3-bit g128", "gptq 4-bit g128", "billm")
 
@@ -85,6 +85,13 @@ def main() -> int:
         markdown_table(reports),
         "",
         *(
+            ["Side bit figures of some layouts (not what is stored; the storage column is):", ""]
+            + [f"- {r['label']}: {extra_bit_line(r['extra_bits'])}" for r in reports if r.get("extra_bits")]
+            + [""]
+            if any(r.get("extra_bits") for r in reports)
+            else []
+        ),
+        *(
             [
                 f"Reused rows (`--reuse`: reports already in `{out}`, each made by exactly the command listed "
                 f"below, for example by `binq demo`): {', '.join(reused)}. The other rows ran in this invocation.",
@@ -117,20 +124,6 @@ def main() -> int:
     write_section(Path(args.doc), args.section, "\n".join(text))
     print("\n".join(text))
     return 0
-
-
-def write_section(doc: Path, section: str, body: str) -> None:
-    """Replace the text between the section's markers in ``doc`` (append the section if it is new)."""
-    begin, end = f"<!-- begin {section} -->", f"<!-- end {section} -->"
-    block = f"{begin}\n{body.rstrip()}\n{end}\n"
-    text = doc.read_text() if doc.is_file() else ""
-    if begin in text and end in text:
-        head, rest = text.split(begin, 1)
-        text = head + block + rest.split(end, 1)[1].lstrip("\n")
-    else:
-        text = text + ("\n" if text and not text.endswith("\n") else "") + block
-    doc.parent.mkdir(parents=True, exist_ok=True)
-    doc.write_text(text)
 
 
 if __name__ == "__main__":

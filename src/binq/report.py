@@ -195,3 +195,17 @@ def markdown_table(reports: list[dict]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def write_section(doc: Path, section: str, body: str) -> None:
+    """Replace the text between the section's markers in ``doc`` (append the section if it is new)."""
+    begin, end = f"<!-- begin {section} -->", f"<!-- end {section} -->"
+    block = f"{begin}\n{body.rstrip()}\n{end}\n"
+    text = doc.read_text() if doc.is_file() else ""
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1].lstrip("\n")
+    else:
+        text = text + ("\n" if text and not text.endswith("\n") else "") + block
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text(text)
