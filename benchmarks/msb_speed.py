@@ -1,6 +1,7 @@
 """MSB speed: one matrix on one core, and a whole model on the calibration-free path.
 
     OMP_NUM_THREADS=1 python benchmarks/msb_speed.py matrix [--rows 3072 --cols 8192 --groups 32 --window 64]
+    OMP_NUM_THREADS=1 python benchmarks/msb_speed.py matrix --solver windowed-lo   # our WGM-LO reading
     python benchmarks/msb_speed.py model [--model smollm2-135m --workers 1 2]
 
 ``matrix`` times the paper's setting (per tensor, windowed greedy, w = 64, g = 32, lambda = 0.75) on a
@@ -41,7 +42,7 @@ def bench_matrix(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     # Student-t with 3 degrees of freedom: heavy tails like LLM weights.
     weight = torch.distributions.StudentT(3.0).sample((args.rows, args.cols)) * 0.02
-    config = MSBConfig(groups=args.groups, window=args.window)
+    config = MSBConfig(groups=args.groups, window=args.window, solver=args.solver)
     method = get_method("msb")
     times, cpu_times = [], []
     for _ in range(args.repeat):
@@ -54,7 +55,10 @@ def bench_matrix(args: argparse.Namespace) -> None:
     pack_s = time.perf_counter() - started
     error = float((quantized.dequantize() - weight).square().sum() / weight.square().sum())
     figures = quantized.extra_bit_figures()
-    print(f"matrix {args.rows}x{args.cols}, g={args.groups}, w={args.window}, one thread; load average {_load()}")
+    print(
+        f"matrix {args.rows}x{args.cols}, g={args.groups}, w={args.window}, solver {args.solver}, one thread; "
+        f"load average {_load()}"
+    )
     print(f"  quantize: {min(times):.2f} s wall (best of {args.repeat}; all: {', '.join(f'{t:.2f}' for t in times)})")
     print(
         f"  quantize: {min(cpu_times):.2f} s CPU time of this process (all: {', '.join(f'{t:.2f}' for t in cpu_times)})"
@@ -72,7 +76,7 @@ def bench_model(args: argparse.Namespace) -> None:
     from binq.report import extra_bit_summary
 
     method = get_method("msb")
-    config = MSBConfig(groups=args.groups, window=args.window, granularity=args.granularity)
+    config = MSBConfig(groups=args.groups, window=args.window, granularity=args.granularity, solver=args.solver)
     for workers in args.workers:
         loaded = load_model(args.model)
         arch = get_architecture(loaded.model)
@@ -106,6 +110,7 @@ def main() -> None:
     for p in (matrix, model):
         p.add_argument("--groups", type=int, default=32)
         p.add_argument("--window", type=int, default=64)
+        p.add_argument("--solver", default="auto", help="auto (windowed per tensor), windowed-lo, ...")
     args = parser.parse_args()
     if args.what == "matrix":
         bench_matrix(args)
