@@ -20,9 +20,13 @@ from binq.report import read_report, write_section
 # name: (weights, activations, command after "binq"); the order and commands of benchmarks/w11.sh.
 RUNS: dict[str, tuple[str, str, str]] = {
     "w11_default": ("w11", "fp", "quantize --method w11"),
-    "w11_a4": ("w11", "A4", "quantize --method w11 --act-bits 4"),
-    "gptq2_a4": ("gptq 2-bit g128", "A4", "quantize --method gptq --bits 2 --group-size 128 --act-bits 4"),
-    "w16_a4": ("fp", "A4", "eval --act-bits 4"),
+    "w11_a4": ("w11", "A4", "quantize --method w11 --act-bits 4 --smooth none"),
+    "gptq2_a4": (
+        "gptq 2-bit g128",
+        "A4",
+        "quantize --method gptq --bits 2 --group-size 128 --act-bits 4 --smooth none",
+    ),
+    "w16_a4": ("fp", "A4", "eval --act-bits 4 --smooth none"),
     "w11_a4_smooth": ("w11", "A4 + smooth channel", "quantize --method w11 --act-bits 4 --smooth channel"),
     "w16_a4_smooth": ("fp", "A4 + smooth channel", "eval --act-bits 4 --smooth channel"),
     "w11_init_median": ("w11 --init median", "fp", "quantize --method w11 --init median"),
@@ -57,7 +61,7 @@ def _row(name: str, out: Path) -> list[str] | None:
         time_s = f"{report['time_s']['quantize']:.0f} s"
     else:
         log = out / f"{name}.log"
-        found = {m[1]: m for m in _EVAL_LINE.findall(log.read_text())} if log.is_file() else {}
+        found = {m[0]: m for m in _EVAL_LINE.findall(log.read_text())} if log.is_file() else {}
         if not all(s in found for s in SETS):
             return None
         ppl = [float(found[s][1]) for s in SETS]

@@ -192,12 +192,27 @@ def test_smoothing_refused_where_no_norm_can_absorb_it(make_tiny_model: Callable
         )
 
 
+def test_auto_smoothing_is_channel_where_a_norm_can_absorb_it_and_none_elsewhere(
+    llama_and_ids, make_tiny_model: Callable[..., nn.Module], make_ids
+) -> None:
+    model, ids = llama_and_ids
+    plan = calibrate_activations(
+        model, get_architecture(model), ids, ActivationConfig(bits=4, calib_tokens=64), progress=False
+    )
+    assert plan.config.smooth == "channel" and plan.smoothing_alphas
+    gemma = make_tiny_model("gemma")
+    plan = calibrate_activations(
+        gemma, get_architecture(gemma), make_ids(2, 8), ActivationConfig(bits=4), progress=False
+    )
+    assert plan.config.smooth == "none" and not plan.smoothing_alphas and plan.clip_ratios
+
+
 def test_evaluation_hooks_quantize_inputs_and_the_swap_restores_full_precision(llama_and_ids) -> None:
     model, ids = llama_and_ids
     arch = get_architecture(model)
     with torch.no_grad():
         reference = model(ids).logits
-    plan = calibrate_activations(model, arch, ids, ActivationConfig(bits=4, clip="0.9"), progress=False)
+    plan = calibrate_activations(model, arch, ids, ActivationConfig(bits=4, clip="0.9", smooth="none"), progress=False)
     seen: list[torch.Tensor] = []
     linear = block_linears(get_blocks(model, arch)[0], arch)["mlp.down_proj"]
     with quantized_activations(model, arch, plan) as hooks, torch.no_grad():
@@ -222,7 +237,8 @@ def test_config_errors() -> None:
         ActivationConfig(bits=4, clip="1.5")
     with pytest.raises(BinqError, match="--smooth"):
         ActivationConfig(bits=4, smooth="rotate")
-    assert not ActivationConfig().enabled and not ActivationConfig(bits=4, clip="1.0").needs_calibration
+    assert not ActivationConfig().enabled and not ActivationConfig(bits=4, clip="1.0", smooth="none").needs_calibration
+    assert ActivationConfig(bits=4, clip="1.0").needs_calibration  # the default smoothing (auto) searches
 
 
 # ------------------------------------------------------------------------------------------ command line

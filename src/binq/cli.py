@@ -83,7 +83,9 @@ def _add_activation_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--act-sym", action="store_true", help="symmetric activation grid (default asymmetric)")
     group.add_argument("--act-clip", default="search", help="clipping ratio: 'search' on calibration data, or a number")
     group.add_argument(
-        "--smooth", default="none", help="none, channel (factors folded into the norm) or token (per-token scale)"
+        "--smooth",
+        default="auto",
+        help="auto (channel where a norm can absorb it), none, channel (factors folded into the norm) or token",
     )
     group.add_argument("--smooth-proxy", default="w11", help="weights assumed by the channel search: w11 or none")
     group.add_argument("--act-calib-tokens", type=int, default=2048, help="tokens per linear group for the searches")
