@@ -17,7 +17,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from binq.report import read_report, write_section
+from binq.report import markdown_grid, read_report, write_section
 
 
 def protocol_of(report: dict) -> tuple:
@@ -62,9 +62,8 @@ def main() -> int:
     on_frontier = frontier(reports)
     sets = list(reports[0]["eval"])
     header = ["method", "storage bits linear", "compute bits", *(f"PPL {s}" for s in sets), "mean KL", "frontier"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     original = reports[0]["eval"]
-    lines.append("| original | 16 | 16 | " + " | ".join(_ppl(original[s]["ppl_original"]) for s in sets) + " | 0 | |")
+    rows = [["original", "16", "16", *(_ppl(original[s]["ppl_original"]) for s in sets), "0", ""]]
     for report, best in zip(reports, on_frontier, strict=True):
         cells = [
             f"**{report['label']}**" if best else report["label"],
@@ -74,7 +73,7 @@ def main() -> int:
             f"{mean_kl(report):.3f}",
             "yes" if best else "",
         ]
-        lines.append("| " + " | ".join(cells) + " |")
+        rows.append(cells)
     nsamples, seqlen, windows = protocol
     text = [
         "## Quality against storage bits (every weight-only run, one protocol)",
@@ -86,7 +85,7 @@ def main() -> int:
         + ". Sorted by the storage bits of the linear layers; **bold** = on the frontier (no run stores at most "
         "as many bits with a lower mean KL over the two texts).",
         "",
-        *lines,
+        markdown_grid(header, rows),
         "",
         *([f"Left out (another protocol): {', '.join(skipped)}.", ""] if skipped else []),
     ]

@@ -15,7 +15,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from binq.report import read_report, write_section
+from binq.report import markdown_grid, read_report, write_section
 
 # name: (weights, activations, command after "binq"); the order and commands of benchmarks/w11.sh.
 RUNS: dict[str, tuple[str, str, str]] = {
@@ -93,14 +93,13 @@ def main() -> int:
         "run", "weights", "activations", "weight storage bits", "PPL brit1911", "PPL persuasion",
         "KL brit1911", "KL persuasion", "quantize time", "command",
     ]  # fmt: skip
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    missing = []
+    rows, missing = [], []
     for name in RUNS:
         row = _row(name, out)
         if row is None:
             missing.append(name)
         else:
-            lines.append("| " + " | ".join(row) + " |")
+            rows.append(row)
     text = [
         "### Perplexity, quick protocol (32 x 512 calibration tokens, first 16 windows of 512)",
         "",
@@ -111,7 +110,7 @@ def main() -> int:
         "full-precision activations. Rows with `obs` ran when `obs` was the default importance; the "
         "`diag` row made `diag` the default.",
         "",
-        *lines,
+        markdown_grid(header, rows),
         "",
         *([f"Not finished (no result yet): {', '.join(missing)}.", ""] if missing else []),
     ]

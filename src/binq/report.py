@@ -189,12 +189,16 @@ def print_table(table: Table) -> None:
     Console(width=max(160, Console().width)).print(table)
 
 
-def markdown_table(reports: list[dict]) -> str:
-    """The comparison as a Markdown table."""
-    header, rows = comparison_rows(reports)
+def markdown_grid(header: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table of strings."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def markdown_table(reports: list[dict]) -> str:
+    """The comparison as a Markdown table."""
+    return markdown_grid(*comparison_rows(reports))
 
 
 def write_section(doc: Path, section: str, body: str) -> None:
@@ -204,7 +208,8 @@ def write_section(doc: Path, section: str, body: str) -> None:
     text = doc.read_text() if doc.is_file() else ""
     if begin in text and end in text:
         head, rest = text.split(begin, 1)
-        text = head + block + rest.split(end, 1)[1].lstrip("\n")
+        tail = rest.split(end, 1)[1].lstrip("\n")
+        text = head + block + ("\n" + tail if tail else "")  # a blank line keeps what follows its own paragraph
     else:
         text = text + ("\n" if text and not text.endswith("\n") else "") + block
     doc.parent.mkdir(parents=True, exist_ok=True)
