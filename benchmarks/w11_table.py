@@ -15,6 +15,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from binq.activations.int4 import activation_storage_bits
 from binq.report import markdown_grid, read_report, write_section
 
 # name: (weights, activations, command after "binq"); the order and commands of benchmarks/w11.sh.
@@ -48,6 +49,7 @@ RUNS: dict[str, tuple[str, str, str]] = {
     "w11_a4_noclip": ("w11 obs", "A4 clip 1.0", "quantize --method w11 --importance obs --act-bits 4 --act-clip 1.0"),
 }
 SETS = ("brit1911", "persuasion")
+SMOLLM2_HIDDEN = 576  # the hidden size: what the quantize reports count activation bits over
 _EVAL_LINE = re.compile(r"^(\w+): PPL ([0-9.e+]+)(?:, KL ([0-9.]+))?", re.M)
 
 
@@ -76,7 +78,7 @@ def _row(name: str, out: Path) -> list[str] | None:
         kl = [float(found[s][2]) if found[s][2] else None for s in SETS]
         wbits, abits, time_s = "16 (fp)", None, "-"
         if "A4" in activations:
-            abits = 4 + 20 / 576  # 4-bit codes + fp16 scale + 4-bit zero point per token (docs/W11.md)
+            abits = activation_storage_bits(SMOLLM2_HIDDEN, 4, sym=False)  # the eval rows are asymmetric INT4
     act = activations if abits is None else f"{activations} ({abits:.3f} bits)"
     cells = [name, weights, act, wbits, *(_number(p) for p in ppl), *(_number(k, 3) for k in kl), time_s]
     return [*cells, f"`binq {command} --model smollm2-135m --quick`"]

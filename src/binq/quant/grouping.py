@@ -247,10 +247,9 @@ def refine_boundaries(
 
     # A boundary's best position depends on its two neighbours only: after the first sweep, revisit a
     # boundary only when a neighbour has moved (the same result as full sweeps, at a fraction of the work).
-    dirty = np.ones(len(b), dtype=bool)
-    dirty[[0, -1]] = False
+    dirty = np.ones(len(b), dtype=bool)  # the two ends are never visited: only [1:-1] counts
     for _ in range(max_sweeps):
-        if not dirty.any():
+        if not dirty[1:-1].any():
             break
         for i in range(1, len(b) - 1):
             if not dirty[i]:
@@ -266,7 +265,6 @@ def refine_boundaries(
             if best != b[i] - left - 1 and joint[best] < current - 1e-12 * max(abs(current), 1e-300):
                 b[i] = left + 1 + best
                 dirty[[i - 1, i + 1]] = True
-                dirty[[0, -1]] = False
     return b
 
 
