@@ -1,0 +1,451 @@
+"""CPU kernels for every packed layout: ``y = x W^T + b`` from the bits, never from a dense weight.
+
+The kernels are C (``binq/nn/cpu/kernels.c``, AVX-512 where the CPU has it, plain C elsewhere),
+compiled once per machine on first use with the system C compiler (``cc -O3 -march=native -fopenmp``)
+into ``$BINQ_CACHE/kernels`` and called through ctypes. The library links the OpenMP runtime that torch
+already loaded, so kernel threads and torch's threads are one pool. Why C and not numba: measured on
+this project's CPU, numba's loops over bit planes did not vectorize (scalar table look-ups, slower than
+torch fp32 on 4096-wide matrices), while one AVX-512 masked add sums 16 columns of a sign plane.
+
+Each layout is re-packed once per module (``BinaryLinear.kernel_state``) into rows of 16-column chunks
+(uint16, column ``16 t + k`` at bit ``k`` of chunk ``t``): the same bits as the checkpoint, only
+aligned, plus fp32 copies of the fp16 scales. The decode path (``M <= DECODE_TOKENS``) runs the
+bit-plane kernels; prefill dequantizes ``TILE_ROWS`` rows at a time into one scratch tile and
+multiplies it with torch (sgemm), so no whole dense weight ever exists.
+
+``BINQ_CPU_KERNELS=off`` disables them, ``=portable`` builds the plain-C path (tests check both).
+Without a C compiler binq warns once and runs the reference path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import math
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from binq.nn.binary_linear import BinaryLinear
+from binq.quant.grouping import index_bits
+from binq.quant.packing import unpack_bits, unpack_uint
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "cpu" / "kernels.c"
+DECODE_TOKENS = 8  # up to this many tokens per call the bit-plane kernels run; above, dequantized tiles
+TILE_ROWS = 256  # rows per dequantized tile in the prefill path
+
+_c_int, _c_ptr = ctypes.c_int, ctypes.c_void_p
+
+
+class _Binary(ctypes.Structure):
+    _fields_ = [
+        *[(n, _c_int) for n in ("rows", "chunks", "block_chunks", "blocks", "zones", "nplain")],
+        *[(n, _c_ptr) for n in ("signs", "bitmap", "nonsalient", "scales", "means", "colscale")],
+        *[(n, _c_int) for n in ("nsal", "salient_groups", "block_size")],
+        ("sal_cols", _c_ptr),
+        ("residual", _c_ptr),
+        ("sal_chunks", _c_int),
+        ("sal_colscale", _c_ptr),
+    ]
+
+
+class _Uniform(ctypes.Structure):
+    _fields_ = [
+        *[(n, _c_int) for n in ("rows", "chunks", "bits", "groups", "cols")],
+        *[(n, _c_ptr) for n in ("planes", "group_chunk", "colmap", "scales", "zeros")],
+    ]
+
+
+class _MultiScale(ctypes.Structure):
+    _fields_ = [
+        *[(n, _c_int) for n in ("rows", "chunks", "ibits", "groups", "blocks", "block_chunks", "per_row")],
+        *[(n, _c_ptr) for n in ("signs", "index", "scales", "zrow", "zcol")],
+    ]
+
+
+# --------------------------------------------------------------------------- building the library
+
+_library: ctypes.CDLL | None = None
+_library_tried = False
+
+
+def kernel_variant() -> str:
+    """``native`` (default), ``portable`` (plain C, no AVX-512) or ``off``, from ``BINQ_CPU_KERNELS``."""
+    variant = os.environ.get("BINQ_CPU_KERNELS", "native").strip().lower() or "native"
+    return variant if variant in ("native", "portable", "off") else "native"
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("BINQ_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "binq")
+    return Path(root) / "kernels"
+
+
+def _torch_openmp() -> Path | None:
+    candidate = Path(torch.__file__).parent / "lib" / "libgomp.so.1"
+    return candidate if candidate.is_file() else None
+
+
+def _compile(target: Path, variant: str) -> None:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise RuntimeError("no C compiler (cc) found")
+    flags = ["-O3", "-fPIC", "-shared", "-std=c11", "-fopenmp"]
+    flags += ["-march=native"] if variant == "native" else ["-mno-avx512f"]
+    gomp = _torch_openmp()
+    libs = [str(gomp), f"-Wl,-rpath,{gomp.parent}"] if gomp is not None else []
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+        out = Path(scratch) / target.name
+        command = [compiler, *flags, "-o", str(out), str(SOURCE), *libs, "-lm"]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)} failed: {done.stderr.strip()[-400:]}")
+        os.replace(out, target)  # atomic: a concurrent process sees the old file or the whole new one
+
+
+def load_library() -> ctypes.CDLL | None:
+    """The compiled kernels (built on first use), or None with one warning when they cannot be had."""
+    global _library, _library_tried
+    if _library_tried:
+        return _library
+    _library_tried = True
+    variant = kernel_variant()
+    if variant == "off":
+        return None
+    digest = hashlib.sha256(SOURCE.read_bytes() + variant.encode()).hexdigest()[:16]
+    target = _cache_dir() / f"binq_kernels-{digest}-{variant}.so"
+    try:
+        if not target.is_file():
+            _compile(target, variant)
+        library = ctypes.CDLL(str(target))
+    except (OSError, RuntimeError) as error:
+        log.warning("binq CPU kernels unavailable, quantized linears run the slow reference path (%s)", error)
+        return None
+    ptr, i32 = ctypes.c_void_p, ctypes.c_int
+    library.binq_binary_gemm.argtypes = [ptr, i32, ptr, ptr, ptr, ptr, ptr, ptr, i32]
+    library.binq_uniform_gemm.argtypes = [ptr, i32, ptr, ptr, ptr, ptr, ptr, i32]
+    library.binq_multiscale_gemm.argtypes = [ptr, i32, ptr, ptr, ptr, i32]
+    library.binq_half_gemm.argtypes = [i32, i32, i32, ptr, ptr, ptr, ptr, i32]
+    for name in ("binq_binary_dequant", "binq_uniform_dequant", "binq_multiscale_dequant"):
+        getattr(library, name).argtypes = [ptr, i32, i32, ptr]
+    for name in ("binq_binary_gemm", "binq_uniform_gemm", "binq_multiscale_gemm", "binq_half_gemm"):
+        getattr(library, name).restype = None
+    _library = library
+    return library
+
+
+def isa() -> str:
+    """Which path the loaded kernels run: ``avx512``, ``portable`` or ``none``."""
+    library = load_library()
+    if library is None:
+        return "none"
+    return "avx512" if library.binq_isa() == 512 else "portable"
+
+
+# --------------------------------------------------------------------------- re-packing
+
+
+def chunk_plane(bits: np.ndarray, width: int) -> np.ndarray:
+    """Bool ``(rows, n)`` -> uint16 ``(rows, width // 16)``: column ``16 t + k`` at bit ``k`` of chunk ``t``."""
+    rows, n = bits.shape
+    padded = np.zeros((rows, width), dtype=bool)
+    padded[:, :n] = bits
+    return np.ascontiguousarray(np.packbits(padded, axis=1, bitorder="little")).view("<u2")
+
+
+def _chunks(cols: int) -> int:
+    return math.ceil(cols / 16)
+
+
+def _f32(t: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(t.detach().cpu().float().numpy())
+
+
+def _ptr(a: np.ndarray | None) -> int | None:
+    return None if a is None else a.ctypes.data
+
+
+def _block_chunks(block_size: int, cols: int) -> int | None:
+    """Chunks per column block, or None when blocks do not start on chunk boundaries (reference path)."""
+    if block_size >= cols:
+        return _chunks(cols)
+    return block_size // 16 if block_size % 16 == 0 else None
+
+
+@dataclass
+class Prepared:
+    """A layout re-packed for the C kernels; ``arrays`` keeps the memory the struct points to alive."""
+
+    kind: str
+    struct: ctypes.Structure
+    arrays: dict[str, np.ndarray]
+    rows: int
+    cols: int
+    width: int  # padded activation width the kernel reads (the source width for uniform)
+    scratch: int  # floats of scratch per token
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays.values())
+
+
+def prepare_binary(module: BinaryLinear) -> Prepared | None:
+    t = module.packed_tensors()
+    meta = module.weight_metadata
+    rows, cols = module.out_features, module.in_features
+    block_size = int(meta["block_size"])
+    block_chunks = _block_chunks(block_size, cols)
+    if block_chunks is None:
+        return None
+    chunks = _chunks(cols)
+    width = chunks * 16
+    scales = _f32(t["scales"])
+    blocks, zones = scales.shape[1], scales.shape[2]
+    a: dict[str, np.ndarray] = {"signs": chunk_plane(unpack_bits(t["signs"], cols).numpy(), width), "scales": scales}
+    two = "group_bitmap" in t
+    nplain = 2 if two else 1
+    if two:
+        a["bitmap"] = chunk_plane(unpack_bits(t["group_bitmap"], cols).numpy(), width)
+    if "means" in t:
+        a["means"] = _f32(t["means"])
+    salient = np.zeros(cols, dtype=bool)
+    nsal = 0
+    if "salient_columns" in t:
+        salient = unpack_bits(t["salient_columns"], cols)[0].numpy()
+        nsal = int(salient.sum())
+        a["nonsalient"] = chunk_plane(~salient[None], width)[0]
+        a["sal_cols"] = np.flatnonzero(salient).astype(np.int32)
+        residual = unpack_bits(t["residual_signs"], nsal).numpy()
+        a["residual"] = chunk_plane(residual, _chunks(nsal) * 16)
+        if "salient_column_scales" in t:
+            a["sal_colscale"] = _f32(t["salient_column_scales"])
+    if "column_scales" in t:
+        full = np.zeros((nplain, width), dtype=np.float32)
+        full[:, :cols][:, ~salient] = _f32(t["column_scales"]).T
+        a["colscale"] = np.ascontiguousarray(full)
+    struct = _Binary(
+        rows=rows, chunks=chunks, block_chunks=block_chunks, blocks=blocks, zones=zones, nplain=nplain,
+        signs=_ptr(a["signs"]), bitmap=_ptr(a.get("bitmap")), nonsalient=_ptr(a.get("nonsalient")),
+        scales=_ptr(a["scales"]), means=_ptr(a.get("means")), colscale=_ptr(a.get("colscale")),
+        nsal=nsal, salient_groups=int(bool(meta.get("salient_groups", False))), block_size=block_size,
+        sal_cols=_ptr(a.get("sal_cols")), residual=_ptr(a.get("residual")), sal_chunks=_chunks(nsal),
+        sal_colscale=_ptr(a.get("sal_colscale")),
+    )  # fmt: skip
+    scratch = (nplain * width if "colscale" in a else 0) + 2 * blocks
+    return Prepared("binary", struct, a, rows, cols, width, scratch)
+
+
+def prepare_uniform(module: BinaryLinear) -> Prepared | None:
+    t = module.packed_tensors()
+    meta = module.weight_metadata
+    rows, cols = module.out_features, module.in_features
+    bits, group_size = int(meta["bits"]), int(meta["group_size"])
+    codes = unpack_uint(t["codes"], cols, bits).numpy()
+    scales = _f32(t["scales"])
+    groups = scales.shape[1]
+    if "group_index" in t:
+        column_group = t["group_index"].long().numpy()
+    else:
+        column_group = np.arange(cols) // group_size
+    order = np.argsort(column_group, kind="stable")
+    counts = np.bincount(column_group, minlength=groups)
+    group_chunk = np.zeros(groups + 1, dtype=np.int32)
+    group_chunk[1:] = np.cumsum((counts + 15) // 16)
+    width = int(group_chunk[-1]) * 16
+    colmap = np.full(width, -1, dtype=np.int32)
+    start = 0
+    for g in range(groups):  # each group's columns, in act order, from the group's first chunk
+        members = order[start : start + counts[g]]
+        colmap[group_chunk[g] * 16 : group_chunk[g] * 16 + counts[g]] = members
+        start += counts[g]
+    placed = np.zeros((rows, width), dtype=np.uint8)
+    valid = colmap >= 0
+    placed[:, valid] = codes[:, colmap[valid]]
+    planes = np.stack([chunk_plane((placed >> k & 1).astype(bool), width) for k in range(bits)], axis=-1)
+    if "zeros" in t:
+        zeros = unpack_uint(t["zeros"], groups, bits).numpy().astype(np.float32)
+    else:
+        zeros = np.full((rows, groups), 2.0 ** (bits - 1), dtype=np.float32)
+    a = {
+        "planes": np.ascontiguousarray(planes),
+        "group_chunk": group_chunk,
+        "colmap": colmap,
+        "scales": scales,
+        "zeros": np.ascontiguousarray(zeros),
+    }
+    struct = _Uniform(
+        rows=rows, chunks=width // 16, bits=bits, groups=groups, cols=cols, planes=_ptr(a["planes"]),
+        group_chunk=_ptr(group_chunk), colmap=_ptr(colmap), scales=_ptr(scales), zeros=_ptr(a["zeros"]),
+    )  # fmt: skip
+    return Prepared("uniform", struct, a, rows, cols, cols, width + groups)
+
+
+def prepare_multiscale(module: BinaryLinear) -> Prepared | None:
+    t = module.packed_tensors()
+    meta = module.weight_metadata
+    rows, cols = module.out_features, module.in_features
+    block_size, groups = int(meta["block_size"]), int(meta["groups"])
+    block_chunks = _block_chunks(block_size, cols)
+    if block_chunks is None:
+        return None
+    chunks = _chunks(cols)
+    width = chunks * 16
+    ibits = index_bits(groups)
+    index = unpack_uint(t["group_index"], cols, ibits).numpy() if ibits else np.zeros((rows, cols), np.uint8)
+    planes = [chunk_plane((index >> k & 1).astype(bool), width) for k in range(ibits)]
+    zero_rows = np.zeros(rows + 1, dtype=np.int64)
+    zero_cols = np.zeros(0, dtype=np.int32)
+    if "zero_positions" in t:
+        flat = np.sort(t["zero_positions"].long().numpy())
+        zero_rows[1:] = np.cumsum(np.bincount(flat // cols, minlength=rows))
+        zero_cols = (flat % cols).astype(np.int32)
+    scales = _f32(t["scales"])
+    a = {
+        "signs": chunk_plane(unpack_bits(t["signs"], cols).numpy(), width),
+        "index": np.ascontiguousarray(np.stack(planes, -1) if planes else np.zeros((rows, chunks, 1), np.uint16)),
+        "scales": scales,
+        "zrow": zero_rows,
+        "zcol": np.ascontiguousarray(zero_cols) if zero_cols.size else np.zeros(1, np.int32),
+    }
+    struct = _MultiScale(
+        rows=rows, chunks=chunks, ibits=ibits, groups=groups, blocks=scales.shape[1], block_chunks=block_chunks,
+        per_row=int(scales.shape[0] > 1), signs=_ptr(a["signs"]), index=_ptr(a["index"]), scales=_ptr(scales),
+        zrow=_ptr(zero_rows), zcol=_ptr(a["zcol"]),
+    )  # fmt: skip
+    return Prepared("multiscale", struct, a, rows, cols, width, 0)
+
+
+_PREPARE = {"binary": prepare_binary, "uniform": prepare_uniform, "multiscale": prepare_multiscale}
+_UNSUPPORTED = object()
+
+
+# --------------------------------------------------------------------------- running
+
+
+def _bias(module: BinaryLinear) -> torch.Tensor | None:
+    return None if module.bias is None else module.bias.detach().float().contiguous()
+
+
+def run_prepared(prepared: Prepared, x2d: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x2d (M, cols)`` float32 contiguous -> ``(M, rows)`` float32 through the C kernels."""
+    library = load_library()
+    assert library is not None
+    m = x2d.shape[0]
+    threads = torch.get_num_threads()
+    if m > DECODE_TOKENS:
+        return _tiled(library, prepared, x2d, bias)
+    out = torch.empty(m, prepared.rows, dtype=torch.float32)
+    bias_ptr = None if bias is None else bias.data_ptr()
+    struct = ctypes.byref(prepared.struct)
+    if prepared.kind == "uniform":
+        groups = prepared.struct.groups
+        xp, gsum = torch.empty(m, prepared.scratch - groups), torch.empty(m, groups)
+        library.binq_uniform_gemm(
+            struct, m, x2d.data_ptr(), xp.data_ptr(), gsum.data_ptr(), bias_ptr, out.data_ptr(), threads
+        )
+        return out
+    x = _padded(x2d, prepared.width)
+    if prepared.kind == "binary":
+        blocks = prepared.struct.blocks
+        scratch = torch.empty(m * prepared.scratch)
+        colscaled = scratch[: m * (prepared.scratch - 2 * blocks)]
+        sums = scratch[m * (prepared.scratch - 2 * blocks) :]
+        library.binq_binary_gemm(
+            struct, m, x.data_ptr(), colscaled.data_ptr(), sums.data_ptr(), sums[m * blocks :].data_ptr(),
+            bias_ptr, out.data_ptr(), threads,
+        )  # fmt: skip
+    else:
+        library.binq_multiscale_gemm(struct, m, x.data_ptr(), bias_ptr, out.data_ptr(), threads)
+    return out
+
+
+def _padded(x2d: torch.Tensor, width: int) -> torch.Tensor:
+    if x2d.shape[1] == width:
+        return x2d
+    x = torch.zeros(x2d.shape[0], width)
+    x[:, : x2d.shape[1]] = x2d
+    return x
+
+
+def _tiled(library: ctypes.CDLL, prepared: Prepared, x2d: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Prefill: dequantize ``TILE_ROWS`` rows into one scratch tile, multiply, next tile."""
+    dequant = getattr(library, f"binq_{prepared.kind}_dequant")
+    x = _padded(x2d, prepared.width)
+    rows = prepared.rows
+    out = torch.empty(x.shape[0], rows)
+    tile = torch.zeros(min(TILE_ROWS, rows), prepared.width)
+    struct = ctypes.byref(prepared.struct)
+    for r0 in range(0, rows, TILE_ROWS):
+        r1 = min(r0 + TILE_ROWS, rows)
+        part = tile[: r1 - r0]
+        dequant(struct, r0, r1, part.data_ptr())
+        out[:, r0:r1] = x @ part.t()
+    if bias is not None:
+        out += bias
+    return out
+
+
+class CpuKernel:
+    """The registered kernel of one layout family (``binary``, ``uniform`` or ``multiscale``)."""
+
+    priority = 10
+
+    def __init__(self, layout: str) -> None:
+        self.layout = layout
+        self.name = f"cpu-{layout}"
+
+    def prepared(self, module: BinaryLinear) -> Prepared | None:
+        state = module.kernel_state(self.name, lambda m: _PREPARE[self.layout](m) or _UNSUPPORTED)
+        return None if state is _UNSUPPORTED else state
+
+    def supports(self, module: BinaryLinear, x: torch.Tensor) -> bool:
+        if module.layout != self.layout or x.device.type != "cpu" or not x.is_floating_point():
+            return False
+        if any(t.device.type != "cpu" for t in module.packed_tensors().values()):
+            return False
+        return load_library() is not None and self.prepared(module) is not None
+
+    def forward(self, module: BinaryLinear, x: torch.Tensor) -> torch.Tensor:
+        prepared = self.prepared(module)
+        assert prepared is not None
+        x2d = x.reshape(-1, module.in_features).to(torch.float32).contiguous()
+        out = run_prepared(prepared, x2d, _bias(module))
+        return out.reshape(*x.shape[:-1], module.out_features).to(x.dtype)
+
+
+def half_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x W^T + b`` for an fp16 ``weight`` and float32 ``x``: exact fp16 values, fp32 accumulation.
+
+    For the embedding / lm_head matrices binq keeps in fp16: half the memory and bandwidth of fp32 and the
+    same products as upcasting them. Falls back to an fp32 matmul without the compiled kernels.
+    """
+    library = load_library()
+    x2d = x.reshape(-1, x.shape[-1]).to(torch.float32).contiguous()
+    if library is None or x2d.shape[0] > DECODE_TOKENS:
+        out = torch.empty(x2d.shape[0], weight.shape[0])
+        for r0 in range(0, weight.shape[0], 4 * TILE_ROWS * 16):
+            r1 = min(r0 + 4 * TILE_ROWS * 16, weight.shape[0])
+            out[:, r0:r1] = x2d @ weight[r0:r1].float().t()
+        if bias is not None:
+            out += bias.float()
+    else:
+        out = torch.empty(x2d.shape[0], weight.shape[0])
+        b = None if bias is None else bias.float().contiguous()
+        library.binq_half_gemm(
+            x2d.shape[0], weight.shape[0], weight.shape[1], x2d.data_ptr(), weight.contiguous().data_ptr(),
+            None if b is None else b.data_ptr(), out.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+KERNELS: list[Any] = [CpuKernel("binary"), CpuKernel("uniform"), CpuKernel("multiscale")]
