@@ -8,15 +8,16 @@ CPU has it, and the portable plain-C one). Real SmolLM2 layers are checked in te
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from binq.nn import BinaryLinear
-from binq.nn import cpu_kernels
+from binq.nn import BinaryLinear, cpu_kernels
 from binq.nn.kernels import reference_only, select_kernel
 from binq.quant.multiscale import MultiScaleWeight
 from binq.quant.structured import BinaryWeight, QuantizedWeight, UniformWeight
@@ -48,7 +49,8 @@ def binary_forms(rows: int, cols: int, block: int, seed: int = 0) -> dict[str, B
             signs=signs, scales=h(rows, blocks, 1), block_size=block, means=centred(rows, blocks, 1)
         ),
         "two zones (w11)": BinaryWeight(
-            signs=signs, scales=h(rows, blocks, 2), block_size=block, group_bitmap=bitmap, means=centred(rows, blocks, 2)
+            signs=signs, scales=h(rows, blocks, 2), block_size=block, group_bitmap=bitmap,
+            means=centred(rows, blocks, 2),
         ),
         "billm": BinaryWeight(
             signs=signs, scales=h(rows, blocks, 4), block_size=block, means=centred(rows, blocks, 4),
@@ -98,7 +100,8 @@ def uniform_forms(rows: int, cols: int, group: int, seed: int = 0) -> dict[str, 
 def multiscale_forms(rows: int, cols: int, seed: int = 0) -> dict[str, MultiScaleWeight]:
     g = torch.Generator().manual_seed(seed)
     forms = {}
-    for groups, per_row, block in ((1, False, cols), (8, False, cols), (32, True, cols), (4, True, 32), (40, False, cols)):
+    cases = ((1, False, cols), (8, False, cols), (32, True, cols), (4, True, 32), (40, False, cols))
+    for groups, per_row, block in cases:
         blocks = math.ceil(cols / block)
         forms[f"g{groups} {'row' if per_row else 'tensor'} block {block}"] = MultiScaleWeight(
             signs=torch.rand(rows, cols, generator=g) > 0.5,
@@ -163,7 +166,7 @@ def test_bfloat16_input_keeps_its_dtype() -> None:
 def test_half_linear_equals_an_fp32_matmul_of_the_upcast_weight() -> None:
     g = torch.Generator().manual_seed(3)
     weight = (torch.randn(301, 203, generator=g) * 0.1).half()
-    weight[0, :5] = torch.tensor([6.0e-8, -1e-6, 0.0, 65504.0, -2.0**-14]).half()  # subnormal, zero, max, min normal
+    weight[0, :5] = torch.tensor([6.0e-8, -1e-6, 0.0, 65504.0, -(2.0**-14)]).half()  # subnormal, zero, max, min normal
     x = torch.randn(2, 203, generator=g)
     for rows in (x[:1], x):
         got = cpu_kernels.half_linear(rows, weight)
@@ -171,7 +174,7 @@ def test_half_linear_equals_an_fp32_matmul_of_the_upcast_weight() -> None:
         assert relative_error(got, want) < 1e-5
 
 
-def test_the_portable_build_matches_the_reference_too(tmp_path) -> None:
+def test_the_portable_build_matches_the_reference_too(tmp_path: Path) -> None:
     # A fresh process: the variant is chosen when the library is first loaded.
     script = (
         "import torch, test_cpu_kernels as t\n"
@@ -183,12 +186,9 @@ def test_the_portable_build_matches_the_reference_too(tmp_path) -> None:
         "    assert err < 1e-5, (name, err)\n"
         "print('ok')\n"
     )
-    env = {"BINQ_CPU_KERNELS": "portable", "BINQ_CACHE": str(tmp_path), "PATH": "/usr/bin:/bin"}
-    import os
-
-    env = {**os.environ, **env}
+    env = {**os.environ, "BINQ_CPU_KERNELS": "portable", "BINQ_CACHE": str(tmp_path)}
     done = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, cwd=str(__import__("pathlib").Path(__file__).parent)
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, cwd=Path(__file__).parent
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().endswith("ok")

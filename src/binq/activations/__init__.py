@@ -3,6 +3,7 @@
 from binq.activations.calibrate import ActivationConfig, ActivationPlan, calibrate_activations
 from binq.activations.hooks import ActivationSwap, quantized_activations
 from binq.activations.int4 import (
+    ActivationQuantizer,
     TokenCodes,
     activation_storage_bits,
     bit_planes,
@@ -14,6 +15,7 @@ from binq.activations.int4 import (
 __all__ = [
     "ActivationConfig",
     "ActivationPlan",
+    "ActivationQuantizer",
     "ActivationSwap",
     "TokenCodes",
     "activation_storage_bits",

@@ -14,14 +14,13 @@ before the originals are kept for KL (the smoothed fp model is the same function
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from binq.activations.int4 import activation_storage_bits, fake_quantize, token_scale_fake_quantize
+from binq.activations.int4 import ActivationQuantizer, activation_storage_bits
 from binq.activations.smoothing import (
     CLIP_RATIOS,
     fold_smoothing,
@@ -83,12 +82,10 @@ class ActivationConfig:
     def needs_calibration(self) -> bool:
         return self.enabled and (self.clip == "search" or self.smooth in ("channel", "auto"))
 
-    def quantizer(self, clip_ratio: float) -> Callable[[torch.Tensor], torch.Tensor]:
-        """The simulated quantizer of one linear's input."""
-        if self.smooth == "token":
-            ratios = tuple(r for r in CLIP_RATIOS if r <= clip_ratio) or (clip_ratio,)
-            return lambda x: token_scale_fake_quantize(x, self.bits, self.sym, ratios)
-        return lambda x: fake_quantize(x, self.bits, self.sym, clip_ratio)
+    def quantizer(self, clip_ratio: float) -> ActivationQuantizer:
+        """The quantizer of one linear's input (called: the simulated ``x^``)."""
+        candidates = CLIP_RATIOS if self.smooth == "token" else None
+        return ActivationQuantizer(self.bits, self.sym, clip_ratio, candidates)
 
 
 @dataclass
@@ -99,10 +96,21 @@ class ActivationPlan:
     clip_ratios: dict[str, float] = field(default_factory=dict)  # "block.name" -> ratio
     smoothing_alphas: dict[str, float | None] = field(default_factory=dict)  # "block.first name" -> alpha
     smoothing_error_ratio: list[float] = field(default_factory=list)  # searched error / unsmoothed error
+    smoothed_producers: list[str] = field(default_factory=list)  # full names of the modules factors were folded into
 
     def clip_ratio(self, key: str) -> float:
         default = 1.0 if self.config.clip == "search" else float(self.config.clip)
         return self.clip_ratios.get(key, default)
+
+    def module_quantizers(self, model: nn.Module, arch: Architecture) -> dict[str, ActivationQuantizer]:
+        """The input quantizer of every block linear, by full module name (what the hooks install, and save)."""
+        if not self.config.enabled:
+            return {}
+        return {
+            key: self.config.quantizer(self.clip_ratio(key))
+            for index, block in enumerate(get_blocks(model, arch))
+            for key in (f"{arch.blocks}.{index}.{name}" for name in arch.linear_names)
+        }
 
     def summary(self, features: int) -> dict:
         """For report.json: the settings, the storage of one activation of ``features`` inputs, the choices."""
@@ -175,6 +183,7 @@ def calibrate_activations(
                 plan.smoothing_error_ratio.append(choice.error / max(choice.error_unsmoothed, 1e-30))
                 if choice.factors is not None:
                     fold_smoothing(get_module(block, source), [linears[n] for n in group], choice.factors)
+                    plan.smoothed_producers.append(f"{arch.blocks}.{index}.{source}")
                     x = x / choice.factors
                     weights = [linears[name].weight.float() for name in group]
             if config.clip == "search":

@@ -2,6 +2,8 @@
 
 Works with any method's weights (the hooks only touch the linears' inputs). For KL to the true
 full-precision model, :class:`ActivationSwap` turns the hooks off while the original weights are in.
+Each hook applies the plan's :class:`~binq.activations.int4.ActivationQuantizer` for its linear; a saved
+checkpoint keeps the same objects (``BinaryLinear.activation_quantizer``, docs/FORMAT.md).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from torch import nn
 
 from binq.activations.calibrate import ActivationPlan
 from binq.evaluation.perplexity import WeightSwap
-from binq.models.architectures import Architecture, block_linears, get_blocks
+from binq.models.architectures import Architecture
 
 
 class ActivationHooks:
@@ -28,17 +30,14 @@ def quantized_activations(model: nn.Module, arch: Architecture, plan: Activation
     """Inside the context every declared block linear sees its input fake-quantized per ``plan``."""
     state = ActivationHooks()
     handles = []
-    if plan.config.enabled:
-        for index, block in enumerate(get_blocks(model, arch)):
-            for name, linear in block_linears(block, arch).items():
-                quantize = plan.config.quantizer(plan.clip_ratio(f"{arch.blocks}.{index}.{name}"))
+    for name, quantize in plan.module_quantizers(model, arch).items():
 
-                def hook(_module: nn.Module, args: tuple, quantize=quantize) -> tuple | None:
-                    if not state.enabled:
-                        return None
-                    return (quantize(args[0]), *args[1:])
+        def hook(_module: nn.Module, args: tuple, quantize=quantize) -> tuple | None:
+            if not state.enabled:
+                return None
+            return (quantize(args[0]), *args[1:])
 
-                handles.append(linear.register_forward_pre_hook(hook))
+        handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
     try:
         yield state
     finally:

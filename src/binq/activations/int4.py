@@ -65,24 +65,57 @@ def fake_quantize(
     return quantize_per_token(x, bits, sym, clip_ratio).dequantize().to(x.dtype)
 
 
-def token_scale_fake_quantize(x: torch.Tensor, bits: int, sym: bool, ratios: tuple[float, ...]) -> torch.Tensor:
-    """The other reading of the paper's smoothing: per token, the clip ratio of smallest error.
+def token_clip_ratios(x: torch.Tensor, bits: int, sym: bool, ratios: tuple[float, ...]) -> torch.Tensor:
+    """Per token ``(..., 1)``: the candidate clip ratio of smallest quantization error (the first on ties).
 
-    Each token's scale is shrunk to the candidate ratio that minimises its own quantization error
-    (computed at run time, no calibration).
+    The other reading of the paper's smoothing: each token's scale is shrunk to the ratio that minimises
+    its own error, at run time, without calibration.
     """
-    best = best_error = None
+    work_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    best_ratio = best_error = None
     for ratio in ratios:
-        candidate = fake_quantize(x, bits, sym, ratio)
-        error = (candidate - x).float().square().sum(-1, keepdim=True)
-        if best is None:
-            best, best_error = candidate, error
+        error = (fake_quantize(x, bits, sym, ratio) - x).float().square().sum(-1, keepdim=True)
+        candidate = torch.full_like(error, ratio, dtype=work_dtype)
+        if best_ratio is None or best_error is None:
+            best_ratio, best_error = candidate, error
         else:
             better = error < best_error
-            best = torch.where(better, candidate, best)
+            best_ratio = torch.where(better, candidate, best_ratio)
             best_error = torch.where(better, error, best_error)
-    assert best is not None
-    return best
+    if best_ratio is None:
+        raise ValueError("token_clip_ratios needs at least one candidate ratio")
+    return best_ratio
+
+
+def token_scale_fake_quantize(x: torch.Tensor, bits: int, sym: bool, ratios: tuple[float, ...]) -> torch.Tensor:
+    """``x^`` with each token quantized at its own best clip ratio (:func:`token_clip_ratios`)."""
+    # A per-token ratio tensor gives bit for bit the codes of the same ratio passed as a number.
+    return fake_quantize(x, bits, sym, token_clip_ratios(x, bits, sym, ratios))
+
+
+@dataclass(frozen=True)
+class ActivationQuantizer:
+    """The quantizer of one linear's input: what the evaluation hooks apply and a loaded checkpoint keeps.
+
+    Per token, ``bits``-bit codes (:func:`quantize_per_token`) at ``clip_ratio``; with ``token_candidates``
+    (``--smooth token``) each token uses its best ratio among the candidates not above ``clip_ratio``
+    (``clip_ratio`` alone if none is). ``codes`` gives the integer codes (the bit-plane kernel's input),
+    calling it gives ``x^`` in ``x``'s dtype.
+    """
+
+    bits: int = 4
+    sym: bool = False
+    clip_ratio: float = 1.0
+    token_candidates: tuple[float, ...] | None = None
+
+    def codes(self, x: torch.Tensor) -> TokenCodes:
+        if self.token_candidates is None:
+            return quantize_per_token(x, self.bits, self.sym, self.clip_ratio)
+        ratios = tuple(r for r in self.token_candidates if r <= self.clip_ratio) or (self.clip_ratio,)
+        return quantize_per_token(x, self.bits, self.sym, token_clip_ratios(x, self.bits, self.sym, ratios))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.codes(x).dequantize().to(x.dtype)
 
 
 def bit_planes(codes: torch.Tensor, bits: int = 4) -> torch.Tensor:

@@ -6,21 +6,29 @@ import copy
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from binq.checkpoint.format import WEIGHTS_FILE, build_quantization_config, packed_key
+from binq.checkpoint.format import WEIGHTS_FILE, build_activations_config, build_quantization_config, packed_key
 from binq.errors import BinqError
 from binq.quant.structured import QuantizedWeight
+
+if TYPE_CHECKING:
+    from binq.activations.calibrate import ActivationPlan
 
 log = logging.getLogger(__name__)
 
 
-def _unquantized_tensors(model: nn.Module, quantized: set[str], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    """Every other state-dict tensor once (tied ones under their first name), floats cast to ``dtype``."""
+def _unquantized_tensors(
+    model: nn.Module, quantized: set[str], dtype: torch.dtype | None, exact_modules: frozenset[str] = frozenset()
+) -> dict[str, torch.Tensor]:
+    """Every other state-dict tensor once (tied ones under their first name), floats cast to ``dtype``.
+
+    The tensors of ``exact_modules`` keep their in-memory dtype (norms that channel smoothing changed).
+    """
     tensors: dict[str, torch.Tensor] = {}
     seen: set[tuple[int, tuple[int, ...]]] = set()
     for name, tensor in model.state_dict().items():
@@ -31,7 +39,7 @@ def _unquantized_tensors(model: nn.Module, quantized: set[str], dtype: torch.dty
         if key in seen:  # tied to a tensor already stored (SmolLM2's lm_head is its embedding)
             continue
         seen.add(key)
-        if dtype is not None and tensor.is_floating_point():
+        if dtype is not None and tensor.is_floating_point() and module not in exact_modules:
             tensor = tensor.to(dtype)
         tensors[name] = tensor.detach().cpu().contiguous()
     return tensors
@@ -59,6 +67,17 @@ def _quantized_tensors(
     return tensors
 
 
+def _activations_entry(model: nn.Module, weights: dict[str, QuantizedWeight], plan: ActivationPlan) -> dict[str, Any]:
+    """quantization_config's ``activations``: the quantizer of every linear the evaluation hooks covered."""
+    from binq.models.architectures import get_architecture
+
+    quantizers = plan.module_quantizers(model, get_architecture(model))
+    missing = sorted(set(quantizers) - set(weights))
+    if missing:
+        raise BinqError(f"the activation plan quantizes the input of '{missing[0]}', which has no quantized weight")
+    return build_activations_config(quantizers, plan.config.smooth, plan.smoothed_producers)
+
+
 def save_checkpoint(
     model: nn.Module,
     weights: dict[str, QuantizedWeight],
@@ -68,17 +87,25 @@ def save_checkpoint(
     method: str | None = None,
     method_config: dict[str, Any] | None = None,
     dtype: torch.dtype | None = None,
+    activations: ActivationPlan | None = None,
 ) -> Path:
     """Write ``model`` with its linears ``weights`` (full module name -> quantized weight) to ``out_dir``.
 
     ``dtype`` is the precision of everything that is not quantized (the source checkpoint's, e.g.
-    float16; ``None`` keeps the in-memory dtype). Returns the safetensors file's path.
+    float16; ``None`` keeps the in-memory dtype). ``activations``: the plan the model was evaluated with
+    (``--act-bits``), saved so that a loaded model quantizes its linears' inputs the same way; the
+    norms its channel smoothing was folded into keep their in-memory precision, so the loaded model
+    computes what the evaluation measured. Returns the safetensors file's path.
     """
     if not weights:
         raise BinqError("nothing to save: no quantized weights")
+    activation_entry, exact_modules = None, frozenset[str]()
+    if activations is not None and activations.config.enabled:
+        activation_entry = _activations_entry(model, weights, activations)
+        exact_modules = frozenset(activation_entry["smoothed_producers"])
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = _unquantized_tensors(model, set(weights), dtype)
+    tensors = _unquantized_tensors(model, set(weights), dtype, exact_modules)
     tensors.update(_quantized_tensors(model, weights, dtype))
     path = out / WEIGHTS_FILE
     partial = out / (WEIGHTS_FILE + ".partial")
@@ -95,7 +122,7 @@ def save_checkpoint(
     config_file = out / "config.json"
     data = json.loads(config_file.read_text(encoding="utf-8"))
     modules = {name: (w.layout, w.metadata()) for name, w in weights.items()}
-    data["quantization_config"] = build_quantization_config(modules, method, method_config)
+    data["quantization_config"] = build_quantization_config(modules, method, method_config, activation_entry)
     config_file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     generation_config = getattr(model, "generation_config", None)
     if generation_config is not None:

@@ -10,7 +10,9 @@ transformers looks the ``quant_method`` of config.json's ``quantization_config``
    every quantized ``nn.Linear`` by a :class:`~binq.nn.BinaryLinear` whose buffers have the stored
    shapes and dtypes, so transformers' own loader fills them without casting a bit;
 3. after loading, every module's weight is rebuilt by its layout's ``from_packed`` once, which checks
-   shapes against the metadata and scales for non-finite values.
+   shapes against the metadata and scales for non-finite values, and the checkpoint's activation plan
+   (``quantization_config.activations``, validated in step 1) gives each listed module its
+   ``activation_quantizer``.
 
 Fragility, stated: this rides on transformers' quantizer hooks (``preprocess_model`` passing
 ``checkpoint_files``, meta-device init, a loader that keeps a buffer's dtype), checked against
@@ -35,7 +37,7 @@ from transformers.quantizers.auto import (
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from binq.checkpoint.format import QUANT_METHOD, check_quantization_config
+from binq.checkpoint.format import QUANT_METHOD, check_activations, check_quantization_config
 from binq.checkpoint.header import TensorEntry, read_header
 from binq.errors import BinqError
 from binq.nn.binary_linear import BinaryLinear
@@ -54,6 +56,7 @@ class BinqConfig(QuantizationConfigMixin):
         method_config: dict[str, Any] | None = None,
         binq_version: str | None = None,
         quant_method: str = QUANT_METHOD,
+        activations: dict[str, Any] | None = None,
         **extra: Any,
     ) -> None:
         self.quant_method = quant_method
@@ -62,12 +65,15 @@ class BinqConfig(QuantizationConfigMixin):
         self.method = method
         self.method_config = method_config or {}
         self.modules = modules or {}
+        if activations is not None:  # absent from checkpoints without an activation plan
+            self.activations = activations
         for key, value in extra.items():  # fields of a later minor revision, kept on save
             setattr(self, key, value)
         self.parsed_modules = check_quantization_config(self.to_dict())
+        self.parsed_activations = check_activations(self.to_dict(), self.parsed_modules)
 
     def to_dict(self) -> dict[str, Any]:
-        data = {k: v for k, v in self.__dict__.items() if k != "parsed_modules"}
+        data = {k: v for k, v in self.__dict__.items() if k not in ("parsed_modules", "parsed_activations")}
         return {k: (v.value if hasattr(v, "value") else v) for k, v in data.items()}
 
 
@@ -140,6 +146,15 @@ def validate_loaded(model: nn.Module) -> None:
                 raise BinqError(f"{name}: {error}") from None
 
 
+def set_activation_quantizers(model: nn.Module, quantizers: dict[str, Any]) -> None:
+    """Give each named ``BinaryLinear`` its input quantizer (``quantization_config.activations``)."""
+    for name, quantizer in quantizers.items():
+        module = model.get_submodule(name)
+        if not isinstance(module, BinaryLinear):
+            raise BinqError(f"quantization_config activations name '{name}', which is not a quantized linear")
+        module.activation_quantizer = quantizer
+
+
 class BinqHfQuantizer(HfQuantizer):
     """Loads binq checkpoints; it never quantizes (use ``binq quantize``)."""
 
@@ -153,6 +168,7 @@ class BinqHfQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         validate_loaded(model)
+        set_activation_quantizers(model, self.quantization_config.parsed_activations)
         return model
 
     def is_serializable(self) -> bool:

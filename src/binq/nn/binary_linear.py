@@ -10,12 +10,16 @@ leave the stored bits as they are (only the bias follows the model's dtype).
 reference: rebuild the weight with the layout's ``from_packed``, dequantize, ``F.linear``. The reference
 works on any device (the unpacking runs on the CPU, the matmul where the input is). Caching the dense
 weight (``cache_weight``) trades the memory of a dense copy for not unpacking on every call.
+
+``activation_quantizer`` (set on load from a checkpoint's activation plan, W(1+1)A(1x4)) quantizes the
+input per token first, exactly as the evaluation hooks did; a kernel whose ``quantizes_input`` is true
+gets the raw input and computes from the quantizer's integer codes itself (:mod:`binq.nn.bitplane_kernel`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +27,9 @@ from torch import nn
 
 from binq.nn.kernels import select_kernel
 from binq.quant.structured import QuantizedWeight, layout_class
+
+if TYPE_CHECKING:
+    from binq.activations.int4 import ActivationQuantizer
 
 # Names a layout's tensor must not take: they are the module's own attributes or the bias.
 _RESERVED = {"bias", "weight", "in_features", "out_features", "layout", "weight_metadata", "packed_names"}
@@ -55,6 +62,8 @@ class BinaryLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.cache_weight = cache_weight
         self._dense_cache: torch.Tensor | None = None
+        self._kernel_state: dict[str, Any] = {}
+        self.activation_quantizer: ActivationQuantizer | None = None
 
     @classmethod
     def from_weight(
@@ -96,8 +105,23 @@ class BinaryLinear(nn.Module):
         self._dense_cache = dense if self.cache_weight else None
         return dense
 
+    def kernel_state(self, key: str, build: Callable[[BinaryLinear], Any]) -> Any:
+        """What a kernel prepared once from the packed tensors (a re-packing, never a dense weight).
+
+        Built on first use by ``build(self)`` and kept until the buffers move (``.to()``, ``.cuda()``).
+        """
+        state = self._kernel_state.get(key)
+        if state is None:
+            state = build(self)
+            self._kernel_state[key] = state
+        return state
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kernel = select_kernel(self, x)
+        if kernel is not None and getattr(kernel, "quantizes_input", False):
+            return kernel.forward(self, x)
+        if self.activation_quantizer is not None:
+            x = self.activation_quantizer(x)
         if kernel is not None:
             return kernel.forward(self, x)
         bias = None if self.bias is None else self.bias.to(x.dtype)
@@ -115,12 +139,14 @@ class BinaryLinear(nn.Module):
                     tensor = torch.empty_like(tensor, device=device)
                 self._buffers[name] = tensor.to(device)
         self._dense_cache = None
+        self._kernel_state = {}
         return self
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, layout={self.layout}, "
             f"bias={self.bias is not None}"
+            + ("" if self.activation_quantizer is None else f", activations={self.activation_quantizer}")
         )
 
 

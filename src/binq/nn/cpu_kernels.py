@@ -132,14 +132,16 @@ def load_library() -> ctypes.CDLL | None:
         log.warning("binq CPU kernels unavailable, quantized linears run the slow reference path (%s)", error)
         return None
     ptr, i32 = ctypes.c_void_p, ctypes.c_int
-    library.binq_binary_gemm.argtypes = [ptr, i32, ptr, ptr, ptr, ptr, ptr, ptr, i32]
-    library.binq_uniform_gemm.argtypes = [ptr, i32, ptr, ptr, ptr, ptr, ptr, i32]
-    library.binq_multiscale_gemm.argtypes = [ptr, i32, ptr, ptr, ptr, i32]
+    library.binq_binary_gemm.argtypes = [ptr, i32, i32, ptr, ptr, ptr, i32]
+    library.binq_uniform_gemm.argtypes = [ptr, i32, ptr, ptr, ptr, i32]
+    library.binq_multiscale_gemm.argtypes = [ptr, i32, i32, ptr, ptr, ptr, i32]
     library.binq_half_gemm.argtypes = [i32, i32, i32, ptr, ptr, ptr, ptr, i32]
+    for name in ("binq_binary_gemm", "binq_uniform_gemm", "binq_multiscale_gemm"):
+        getattr(library, name).restype = i32
     for name in ("binq_binary_dequant", "binq_uniform_dequant", "binq_multiscale_dequant"):
         getattr(library, name).argtypes = [ptr, i32, i32, ptr]
-    for name in ("binq_binary_gemm", "binq_uniform_gemm", "binq_multiscale_gemm", "binq_half_gemm"):
         getattr(library, name).restype = None
+    library.binq_half_gemm.restype = None
     _library = library
     return library
 
@@ -191,8 +193,11 @@ class Prepared:
     arrays: dict[str, np.ndarray]
     rows: int
     cols: int
-    width: int  # padded activation width the kernel reads (the source width for uniform)
-    scratch: int  # floats of scratch per token
+    width: int  # padded activation width the dequantized tiles have (the source width for uniform)
+
+    @property
+    def address(self) -> int:
+        return ctypes.addressof(self.struct)
 
     @property
     def nbytes(self) -> int:
@@ -241,8 +246,7 @@ def prepare_binary(module: BinaryLinear) -> Prepared | None:
         sal_cols=_ptr(a.get("sal_cols")), residual=_ptr(a.get("residual")), sal_chunks=_chunks(nsal),
         sal_colscale=_ptr(a.get("sal_colscale")),
     )  # fmt: skip
-    scratch = (nplain * width if "colscale" in a else 0) + 2 * blocks
-    return Prepared("binary", struct, a, rows, cols, width, scratch)
+    return Prepared("binary", struct, a, rows, cols, width)
 
 
 def prepare_uniform(module: BinaryLinear) -> Prepared | None:
@@ -287,7 +291,7 @@ def prepare_uniform(module: BinaryLinear) -> Prepared | None:
         rows=rows, chunks=width // 16, bits=bits, groups=groups, cols=cols, planes=_ptr(a["planes"]),
         group_chunk=_ptr(group_chunk), colmap=_ptr(colmap), scales=_ptr(scales), zeros=_ptr(a["zeros"]),
     )  # fmt: skip
-    return Prepared("uniform", struct, a, rows, cols, cols, width + groups)
+    return Prepared("uniform", struct, a, rows, cols, cols)
 
 
 def prepare_multiscale(module: BinaryLinear) -> Prepared | None:
@@ -322,7 +326,7 @@ def prepare_multiscale(module: BinaryLinear) -> Prepared | None:
         per_row=int(scales.shape[0] > 1), signs=_ptr(a["signs"]), index=_ptr(a["index"]), scales=_ptr(scales),
         zrow=_ptr(zero_rows), zcol=_ptr(a["zcol"]),
     )  # fmt: skip
-    return Prepared("multiscale", struct, a, rows, cols, width, 0)
+    return Prepared("multiscale", struct, a, rows, cols, width)
 
 
 _PREPARE = {"binary": prepare_binary, "uniform": prepare_uniform, "multiscale": prepare_multiscale}
@@ -332,40 +336,28 @@ _UNSUPPORTED = object()
 # --------------------------------------------------------------------------- running
 
 
-def _bias(module: BinaryLinear) -> torch.Tensor | None:
-    return None if module.bias is None else module.bias.detach().float().contiguous()
-
-
 def run_prepared(prepared: Prepared, x2d: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``x2d (M, cols)`` float32 contiguous -> ``(M, rows)`` float32 through the C kernels."""
     library = load_library()
     assert library is not None
     m = x2d.shape[0]
-    threads = torch.get_num_threads()
     if m > DECODE_TOKENS:
         return _tiled(library, prepared, x2d, bias)
-    out = torch.empty(m, prepared.rows, dtype=torch.float32)
+    out = torch.empty(m, prepared.rows)
     bias_ptr = None if bias is None else bias.data_ptr()
-    struct = ctypes.byref(prepared.struct)
-    if prepared.kind == "uniform":
-        groups = prepared.struct.groups
-        xp, gsum = torch.empty(m, prepared.scratch - groups), torch.empty(m, groups)
-        library.binq_uniform_gemm(
-            struct, m, x2d.data_ptr(), xp.data_ptr(), gsum.data_ptr(), bias_ptr, out.data_ptr(), threads
-        )
-        return out
-    x = _padded(x2d, prepared.width)
+    threads = torch.get_num_threads()
     if prepared.kind == "binary":
-        blocks = prepared.struct.blocks
-        scratch = torch.empty(m * prepared.scratch)
-        colscaled = scratch[: m * (prepared.scratch - 2 * blocks)]
-        sums = scratch[m * (prepared.scratch - 2 * blocks) :]
-        library.binq_binary_gemm(
-            struct, m, x.data_ptr(), colscaled.data_ptr(), sums.data_ptr(), sums[m * blocks :].data_ptr(),
-            bias_ptr, out.data_ptr(), threads,
-        )  # fmt: skip
+        status = library.binq_binary_gemm(
+            prepared.address, m, prepared.cols, x2d.data_ptr(), bias_ptr, out.data_ptr(), threads
+        )
+    elif prepared.kind == "uniform":
+        status = library.binq_uniform_gemm(prepared.address, m, x2d.data_ptr(), bias_ptr, out.data_ptr(), threads)
     else:
-        library.binq_multiscale_gemm(struct, m, x.data_ptr(), bias_ptr, out.data_ptr(), threads)
+        status = library.binq_multiscale_gemm(
+            prepared.address, m, prepared.cols, x2d.data_ptr(), bias_ptr, out.data_ptr(), threads
+        )
+    if status != 0:
+        raise MemoryError("binq CPU kernel: out of memory for its scratch buffers")
     return out
 
 
@@ -409,18 +401,29 @@ class CpuKernel:
         return None if state is _UNSUPPORTED else state
 
     def supports(self, module: BinaryLinear, x: torch.Tensor) -> bool:
-        if module.layout != self.layout or x.device.type != "cpu" or not x.is_floating_point():
+        if module.layout != self.layout or x.device.type != "cpu":
             return False
-        if any(t.device.type != "cpu" for t in module.packed_tensors().values()):
+        state = module._kernel_state.get(self.name)
+        if state is not None:  # prepared (buffers on the CPU then; a move clears the state)
+            return state is not _UNSUPPORTED and x.is_floating_point()
+        if not x.is_floating_point() or getattr(module, module.packed_names[0]).device.type != "cpu":
             return False
         return load_library() is not None and self.prepared(module) is not None
 
     def forward(self, module: BinaryLinear, x: torch.Tensor) -> torch.Tensor:
-        prepared = self.prepared(module)
-        assert prepared is not None
-        x2d = x.reshape(-1, module.in_features).to(torch.float32).contiguous()
-        out = run_prepared(prepared, x2d, _bias(module))
-        return out.reshape(*x.shape[:-1], module.out_features).to(x.dtype)
+        prepared = module._kernel_state[self.name]
+        x2d = x.reshape(-1, module.in_features)
+        if x2d.dtype != torch.float32:
+            x2d = x2d.float()
+        if not x2d.is_contiguous():
+            x2d = x2d.contiguous()
+        bias = module.bias
+        if bias is not None and bias.dtype != torch.float32:
+            bias = bias.float()
+        out = run_prepared(prepared, x2d, bias)
+        if x.dim() != 2:
+            out = out.reshape(*x.shape[:-1], module.out_features)
+        return out if x.dtype == torch.float32 else out.to(x.dtype)
 
 
 def half_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

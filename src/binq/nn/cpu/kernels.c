@@ -12,6 +12,7 @@
  * (bit-serial: sum_j c_j x_j = sum_k 2^k P_k). The portable path computes the same sums in plain C.
  */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <math.h>
 #if defined(__AVX512F__)
@@ -97,14 +98,85 @@ static float binary_salient(const binary_weight *w, int i, const float *x) {
     return y;
 }
 
-/* x: (M, chunks*16) padded; xs: scratch (M, nplain, chunks*16) for column-scaled copies;
- * bsum: scratch (M, blocks) sums of x over non-salient columns per block (one-zone case). */
-void binq_binary_gemm(const binary_weight *w, int M, const float *x, float *xs, float *bsum, float *bsumc,
-                      const float *bias, float *out, int threads) {
+/* x: (M, cols) floats; copied into zero-padded rows of whole chunks when cols is ragged. */
+static float *padded_copy(const float *x, int M, int cols, int width) {
+    float *xp = (float *)calloc((size_t)M * width, sizeof(float));
+    if (!xp) return NULL;
+    for (int m = 0; m < M; m++) memcpy(xp + (int64_t)m * width, x + (int64_t)m * cols, sizeof(float) * cols);
+    return xp;
+}
+
+#if BINQ_AVX512
+static inline vacc vfma(float a, vacc v, vacc acc) { return _mm512_fmadd_ps(_mm512_set1_ps(a), v, acc); }
+#else
+static inline vacc vfma(float a, vacc v, vacc acc) { return acc + a * v; }
+#endif
+
+/* The one-zone form (sign and one scale per block, optional mean: arb-group, Q1_0's layout), four rows
+ * at a time so that four independent accumulator chains hide the adds' latency. */
+#define QUAD 4
+static void binary_one_zone(const binary_weight *w, int M, const float *x, const float *xs, const float *bsum,
+                            const float *bsumc, const float *bias, float *out, int threads) {
     const int width = w->chunks * 16;
+    const int quads = (w->rows + QUAD - 1) / QUAD;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int qd = 0; qd < quads; qd++) {
+        const int i0 = qd * QUAD;
+        const int n = w->rows - i0 < QUAD ? w->rows - i0 : QUAD;
+        for (int m = 0; m < M; m++) {
+            const float *x0 = w->colscale ? xs + (int64_t)m * width : x + (int64_t)m * width;
+            const float *bs = bsum + (int64_t)m * w->blocks, *bsc = bsumc + (int64_t)m * w->blocks;
+            vacc acc[QUAD];
+            float y[QUAD];
+            for (int r = 0; r < QUAD; r++) {
+                acc[r] = vzero();
+                y[r] = 0.0f;
+            }
+            for (int b = 0; b < w->blocks; b++) {
+                const int t0 = b * w->block_chunks;
+                const int t1 = t0 + w->block_chunks < w->chunks ? t0 + w->block_chunks : w->chunks;
+                vacc p[QUAD];
+                for (int r = 0; r < QUAD; r++) p[r] = vzero();
+                for (int t = t0; t < t1; t++)
+                    for (int r = 0; r < n; r++) p[r] = vmadd(p[r], w->signs[(int64_t)(i0 + r) * w->chunks + t], x0 + 16 * t);
+                for (int r = 0; r < n; r++) {
+                    const int64_t at = ((int64_t)(i0 + r) * w->blocks + b) * w->zones;
+                    acc[r] = vfma(2.0f * w->scales[at], p[r], acc[r]);
+                    y[r] -= w->scales[at] * bsc[b];
+                    if (w->means) y[r] += w->means[at] * bs[b];
+                }
+            }
+            for (int r = 0; r < n; r++) {
+                float v = y[r] + vsum(acc[r]);
+                if (bias) v += bias[i0 + r];
+                out[(int64_t)m * w->rows + i0 + r] = v;
+            }
+        }
+    }
+}
+
+/* Returns 0, or -1 when out of memory. Per block, the one-bit sums are weighted in vector registers
+ * (alpha (2 P - N) as two FMAs) and reduced once per row: a horizontal sum per block would cost as
+ * much as the block's masked adds. */
+int binq_binary_gemm(const binary_weight *w, int M, int cols, const float *x_in, const float *bias, float *out,
+                     int threads) {
+    const int width = w->chunks * 16;
+    float *owned = cols == width ? NULL : padded_copy(x_in, M, cols, width);
+    if (cols != width && !owned) return -1;
+    const float *x = owned ? owned : x_in;
+    const int scaled = w->colscale != NULL;
+    /* per token: column-scaled copies (colscale), and per block the sums of x (and of the scaled x)
+     * over non-salient columns, which are row-independent in the one-zone case */
+    float *xs = scaled ? (float *)malloc(sizeof(float) * (size_t)M * w->nplain * width) : NULL;
+    float *bsum = (float *)malloc(sizeof(float) * (size_t)M * w->blocks * 2);
+    if ((scaled && !xs) || !bsum) {
+        free(owned); free(xs); free(bsum);
+        return -1;
+    }
+    float *bsumc = bsum + (int64_t)M * w->blocks;
     for (int m = 0; m < M; m++) {
         const float *xm = x + (int64_t)m * width;
-        if (w->colscale)
+        if (scaled)
             for (int z = 0; z < w->nplain; z++)
                 for (int j = 0; j < width; j++)
                     xs[((int64_t)m * w->nplain + z) * width + j] = xm[j] * w->colscale[(int64_t)z * width + j];
@@ -115,22 +187,29 @@ void binq_binary_gemm(const binary_weight *w, int M, const float *x, float *xs, 
                 for (int k = 0; k < 16; k++)
                     if (ns >> k & 1) {
                         s += xm[16 * t + k];
-                        if (w->colscale) sc += xs[(int64_t)m * w->nplain * width + 16 * t + k];
+                        if (scaled) sc += xs[(int64_t)m * w->nplain * width + 16 * t + k];
                     }
             }
             bsum[(int64_t)m * w->blocks + b] = s;
-            bsumc[(int64_t)m * w->blocks + b] = w->colscale ? sc : s;
+            bsumc[(int64_t)m * w->blocks + b] = scaled ? sc : s;
         }
     }
     const int two = w->bitmap != NULL;
+    if (!two && !w->nsal && !w->nonsalient) {
+        binary_one_zone(w, M, x, xs, bsum, bsumc, bias, out, threads);
+        free(owned); free(xs); free(bsum);
+        return 0;
+    }
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int i = 0; i < w->rows; i++) {
         const uint16_t *srow = w->signs + (int64_t)i * w->chunks;
         const uint16_t *brow = two ? w->bitmap + (int64_t)i * w->chunks : NULL;
         for (int m = 0; m < M; m++) {
             const float *xm = x + (int64_t)m * width;
-            const float *x0 = w->colscale ? xs + (int64_t)m * w->nplain * width : xm;
-            const float *x1 = (w->colscale && two) ? x0 + width : xm;
+            const float *x0 = scaled ? xs + (int64_t)m * w->nplain * width : xm;
+            const float *x1 = (scaled && two) ? x0 + width : xm;
+            const float *bs = bsum + (int64_t)m * w->blocks, *bsc = bsumc + (int64_t)m * w->blocks;
+            vacc acc = vzero();
             float y = 0.0f;
             for (int b = 0; b < w->blocks; b++) {
                 const int t0 = b * w->block_chunks;
@@ -140,16 +219,23 @@ void binq_binary_gemm(const binary_weight *w, int M, const float *x, float *xs, 
                 if (!two) {
                     vacc p = vzero(), q = vzero();
                     int t = t0;
-                    for (; t + 1 < t1; t += 2) {
-                        const uint16_t ns0 = w->nonsalient ? w->nonsalient[t] : 0xFFFF;
-                        const uint16_t ns1 = w->nonsalient ? w->nonsalient[t + 1] : 0xFFFF;
-                        p = vmadd(p, srow[t] & ns0, x0 + 16 * t);
-                        q = vmadd(q, srow[t + 1] & ns1, x0 + 16 * (t + 1));
+                    if (w->nonsalient) {
+                        for (; t + 1 < t1; t += 2) {
+                            p = vmadd(p, srow[t] & w->nonsalient[t], x0 + 16 * t);
+                            q = vmadd(q, srow[t + 1] & w->nonsalient[t + 1], x0 + 16 * (t + 1));
+                        }
+                        if (t < t1) p = vmadd(p, srow[t] & w->nonsalient[t], x0 + 16 * t);
+                    } else {
+                        for (; t + 1 < t1; t += 2) {
+                            p = vmadd(p, srow[t], x0 + 16 * t);
+                            q = vmadd(q, srow[t + 1], x0 + 16 * (t + 1));
+                        }
+                        if (t < t1) p = vmadd(p, srow[t], x0 + 16 * t);
                     }
-                    if (t < t1) p = vmadd(p, srow[t] & (w->nonsalient ? w->nonsalient[t] : 0xFFFF), x0 + 16 * t);
-                    const float P = vsum(p) + vsum(q);
-                    y += sc[0] * (2.0f * P - bsumc[(int64_t)m * w->blocks + b]);
-                    if (mu) y += mu[0] * bsum[(int64_t)m * w->blocks + b];
+                    acc = vfma(2.0f * sc[0], p, acc);
+                    acc = vfma(2.0f * sc[0], q, acc);
+                    y -= sc[0] * bsc[b];
+                    if (mu) y += mu[0] * bs[b];
                 } else {
                     vacc p0 = vzero(), n0 = vzero(), p1 = vzero(), n1 = vzero(), m0 = vzero(), m1 = vzero();
                     for (int t = t0; t < t1; t++) {
@@ -165,15 +251,24 @@ void binq_binary_gemm(const binary_weight *w, int M, const float *x, float *xs, 
                             m1 = vmadd(m1, z1, xm + 16 * t);
                         }
                     }
-                    y += sc[0] * (2.0f * vsum(p0) - vsum(n0)) + sc[1] * (2.0f * vsum(p1) - vsum(n1));
-                    if (mu) y += mu[0] * vsum(m0) + mu[1] * vsum(m1);
+                    acc = vfma(2.0f * sc[0], p0, acc);
+                    acc = vfma(-sc[0], n0, acc);
+                    acc = vfma(2.0f * sc[1], p1, acc);
+                    acc = vfma(-sc[1], n1, acc);
+                    if (mu) {
+                        acc = vfma(mu[0], m0, acc);
+                        acc = vfma(mu[1], m1, acc);
+                    }
                 }
             }
+            y += vsum(acc);
             if (w->nsal) y += binary_salient(w, i, xm);
             if (bias) y += bias[i];
             out[(int64_t)m * w->rows + i] = y;
         }
     }
+    free(owned); free(xs); free(bsum);
+    return 0;
 }
 
 /* Rows r0..r1 of the dense weight, (r1 - r0, width) floats: the prefill path multiplies tiles. */
@@ -230,9 +325,11 @@ typedef struct {
     const float *scales, *zeros;
 } uniform_weight;
 
-void binq_uniform_gemm(const uniform_weight *w, int M, const float *x, float *xp, float *gsum, const float *bias,
-                       float *out, int threads) {
+int binq_uniform_gemm(const uniform_weight *w, int M, const float *x, const float *bias, float *out, int threads) {
     const int width = w->chunks * 16;
+    float *xp = (float *)malloc(sizeof(float) * (size_t)M * (width + w->groups));
+    if (!xp) return -1;
+    float *gsum = xp + (int64_t)M * width;
     for (int m = 0; m < M; m++) {
         float *xm = xp + (int64_t)m * width;
         for (int p = 0; p < width; p++) xm[p] = w->colmap[p] >= 0 ? x[(int64_t)m * w->cols + w->colmap[p]] : 0.0f;
@@ -248,21 +345,24 @@ void binq_uniform_gemm(const uniform_weight *w, int M, const float *x, float *xp
         const uint16_t *prow = w->planes + (int64_t)i * w->chunks * bits;
         for (int m = 0; m < M; m++) {
             const float *xm = xp + (int64_t)m * width;
+            vacc total = vzero();
             float y = 0.0f;
             for (int g = 0; g < w->groups; g++) {
                 vacc acc[8];
                 for (int k = 0; k < bits; k++) acc[k] = vzero();
                 for (int t = w->group_chunk[g]; t < w->group_chunk[g + 1]; t++)
                     for (int k = 0; k < bits; k++) acc[k] = vmadd(acc[k], prow[(int64_t)t * bits + k], xm + 16 * t);
-                float dot = 0.0f;
-                for (int k = 0; k < bits; k++) dot += (float)(1 << k) * vsum(acc[k]);
                 const int64_t ig = (int64_t)i * w->groups + g;
-                y += w->scales[ig] * (dot - w->zeros[ig] * gsum[(int64_t)m * w->groups + g]);
+                for (int k = 0; k < bits; k++) total = vfma(w->scales[ig] * (float)(1 << k), acc[k], total);
+                y -= w->scales[ig] * w->zeros[ig] * gsum[(int64_t)m * w->groups + g];
             }
+            y += vsum(total);
             if (bias) y += bias[i];
             out[(int64_t)m * w->rows + i] = y;
         }
     }
+    free(xp);
+    return 0;
 }
 
 /* Rows r0..r1 in the source column order, (r1 - r0, cols) floats. */
@@ -301,9 +401,12 @@ static inline int ms_index(const multiscale_weight *w, const uint16_t *irow, int
     return idx;
 }
 
-void binq_multiscale_gemm(const multiscale_weight *w, int M, const float *x, const float *bias, float *out,
-                          int threads) {
+int binq_multiscale_gemm(const multiscale_weight *w, int M, int cols, const float *x_in, const float *bias, float *out,
+                         int threads) {
     const int width = w->chunks * 16;
+    float *owned = cols == width ? NULL : padded_copy(x_in, M, cols, width);
+    if (cols != width && !owned) return -1;
+    const float *x = owned ? owned : x_in;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int i = 0; i < w->rows; i++) {
         const uint16_t *srow = w->signs + (int64_t)i * w->chunks;
@@ -352,6 +455,8 @@ void binq_multiscale_gemm(const multiscale_weight *w, int M, const float *x, con
             out[(int64_t)m * w->rows + i] = y;
         }
     }
+    free(owned);
+    return 0;
 }
 
 void binq_multiscale_dequant(const multiscale_weight *w, int r0, int r1, float *out) {

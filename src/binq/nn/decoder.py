@@ -1,0 +1,204 @@
+"""A lean decode loop for LLaMA-family models, and fp16 embeddings that stay fp16 in memory.
+
+transformers' generic forward spends more time per decoded token on Python (cache objects growing by
+``torch.cat``, mask construction, output dataclasses) than binq's kernels spend on all the quantized
+linears of a small model. :class:`LeanDecoder` runs the same modules (the model's own norms, MLPs,
+projections, rotary embedding) with a preallocated KV cache and plain tensor code for the attention, so
+a decode step is the layers' arithmetic and little else. It computes what the model's forward computes
+(tests compare the logits); architectures it does not cover (``supports`` says why) use the model's
+own forward.
+
+:func:`compact_embeddings` replaces the token embedding and the output head by modules that keep their
+weight in fp16 (exactly: it refuses weights that fp16 does not represent) and compute in fp32: half the
+memory of an fp32 copy, and for the head half the bandwidth per token (:func:`~binq.nn.cpu_kernels.half_linear`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LEAN_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+class HalfEmbedding(nn.Module):
+    """``nn.Embedding`` with an fp16 table; looks rows up in fp16 and returns ``out_dtype``."""
+
+    def __init__(self, weight: torch.Tensor, padding_idx: int | None, out_dtype: torch.dtype) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.padding_idx = padding_idx
+        self.out_dtype = out_dtype
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.weight.shape[1]
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight).to(self.out_dtype)
+
+
+class HalfLinear(nn.Module):
+    """``nn.Linear`` with an fp16 weight, fp32 activations and fp32 accumulation."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.out_features, self.in_features = weight.shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from binq.nn.cpu_kernels import half_linear
+
+        if x.device.type != "cpu":
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            return F.linear(x, self.weight.to(x.dtype), bias)
+        return half_linear(x, self.weight, self.bias).to(x.dtype)
+
+
+def _exactly_half(weight: torch.Tensor) -> torch.Tensor | None:
+    half = weight.detach().to(torch.float16)
+    return half if torch.equal(half.to(weight.dtype), weight.detach()) else None
+
+
+def compact_embeddings(model: nn.Module) -> int:
+    """Keep the input embedding and the output head in fp16 where that is exact; returns bytes saved.
+
+    A tied head shares the embedding's fp16 table. Weights that fp16 does not represent exactly are left
+    as they are (a model loaded from an fp32 source, say), so the model computes the same numbers.
+    """
+    if next(model.parameters()).device.type != "cpu":
+        return 0
+    embed = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    saved = 0
+    if isinstance(embed, nn.Embedding) and embed.weight.dtype == torch.float32:
+        half = _exactly_half(embed.weight)
+        if half is not None:
+            tied = head is not None and getattr(head, "weight", None) is embed.weight
+            new_embed = HalfEmbedding(half, embed.padding_idx, embed.weight.dtype)
+            model.set_input_embeddings(new_embed)
+            saved += embed.weight.numel() * 2
+            if tied:
+                model.set_output_embeddings(HalfLinear(new_embed.weight, head.bias))
+                head = None
+    if isinstance(head, nn.Linear) and head.weight.dtype == torch.float32:
+        half = _exactly_half(head.weight)
+        if half is not None:
+            model.set_output_embeddings(HalfLinear(half, head.bias))
+            saved += head.weight.numel() * 2
+    return saved
+
+
+def lean_unsupported(model: nn.Module, max_length: int) -> str | None:
+    """Why :class:`LeanDecoder` cannot run ``model`` up to ``max_length`` tokens, or None if it can."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in LEAN_MODEL_TYPES:
+        return f"model type {model_type!r} is not one of {', '.join(LEAN_MODEL_TYPES)}"
+    window = getattr(config, "sliding_window", None)
+    uses_window = getattr(config, "use_sliding_window", True) and window is not None
+    layer_types = getattr(config, "layer_types", None) or []
+    if uses_window and (max_length > window or any(t != "full_attention" for t in layer_types)):
+        return f"a sliding attention window ({window}) applies within {max_length} tokens"
+    if getattr(config, "rope_scaling", None) and (config.rope_scaling or {}).get("rope_type") == "dynamic":
+        return "dynamic rope scaling changes with the sequence length"
+    inner = getattr(model, "model", None)
+    if inner is None or not hasattr(inner, "layers") or not hasattr(inner, "rotary_emb"):
+        return "the model has no model.layers / model.rotary_emb"
+    return None
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class LeanDecoder:
+    """Batch-1 decoding of a LLaMA-family model with a preallocated KV cache.
+
+    ``forward(ids)`` appends ``ids`` (1-D) to the sequence and returns the logits of its last position
+    (or of every position with ``all_logits``). ``reset()`` empties the cache.
+    """
+
+    def __init__(self, model: nn.Module, max_length: int) -> None:
+        reason = lean_unsupported(model, max_length)
+        if reason is not None:
+            raise ValueError(f"LeanDecoder cannot run this model: {reason}")
+        self.model = model
+        self.inner = model.model
+        config = model.config
+        self.layers = list(self.inner.layers[: config.num_hidden_layers])
+        attn = self.layers[0].self_attn
+        self.head_dim = attn.head_dim
+        self.heads = config.num_attention_heads
+        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
+        self.scaling = attn.scaling
+        self.qk_norm = hasattr(attn, "q_norm")
+        self.max_length = max_length
+        param = next(model.parameters())
+        self.dtype = self.inner.norm.weight.dtype
+        self.device = param.device
+        shape = (len(self.layers), self.kv_heads, max_length, self.head_dim)
+        self.keys = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.values = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.length = 0
+
+    def reset(self) -> None:
+        self.length = 0
+
+    def _attention(self, index: int, layer: Any, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        attn = layer.self_attn
+        tokens = h.shape[0]
+        q = attn.q_proj(h).view(tokens, self.heads, self.head_dim)
+        k = attn.k_proj(h).view(tokens, self.kv_heads, self.head_dim)
+        v = attn.v_proj(h).view(tokens, self.kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # (heads, tokens, head_dim)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        start, end = self.length, self.length + tokens
+        self.keys[index, :, start:end] = k
+        self.values[index, :, start:end] = v
+        keys, values = self.keys[index, :, :end], self.values[index, :, :end]
+        group = self.heads // self.kv_heads
+        if tokens == 1:  # decode: one query row per head, grouped under its key/value head
+            scores = (q.reshape(self.kv_heads, group, self.head_dim) @ keys.transpose(1, 2)) * self.scaling
+            probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+            out = (probs @ values).reshape(1, self.heads * self.head_dim)
+        else:
+            causal = torch.ones(tokens, end, dtype=torch.bool, device=h.device).tril(diagonal=start)
+            out = F.scaled_dot_product_attention(
+                q.unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0), attn_mask=causal, scale=self.scaling,
+                enable_gqa=group > 1,
+            )  # fmt: skip
+            out = out[0].transpose(0, 1).reshape(tokens, self.heads * self.head_dim)
+        return attn.o_proj(out)
+
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
+        ids = ids.reshape(-1).to(self.device)
+        tokens = ids.shape[0]
+        if self.length + tokens > self.max_length:
+            raise ValueError(f"sequence of {self.length + tokens} tokens exceeds the cache of {self.max_length}")
+        h = self.inner.embed_tokens(ids).to(self.dtype)
+        positions = torch.arange(self.length, self.length + tokens, device=self.device).unsqueeze(0)
+        cos, sin = self.inner.rotary_emb(h.unsqueeze(0), positions)
+        cos, sin = cos[0].to(self.dtype), sin[0].to(self.dtype)
+        for index, layer in enumerate(self.layers):
+            h = h + self._attention(index, layer, layer.input_layernorm(h), cos, sin)
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        self.length += tokens
+        h = self.inner.norm(h if all_logits else h[-1:])
+        logits = self.model.lm_head(h)
+        scale = getattr(self.model.config, "logit_scale", None)  # none of the lean types uses one today
+        return logits * scale if scale is not None and not math.isclose(scale, 1.0) else logits
