@@ -1,4 +1,4 @@
-"""The ``binq`` command line: quantize, eval, export, methods, demo.
+"""The ``binq`` command line: quantize, eval, export, methods, demo, generate, bench.
 
 Every user error is one line on stderr and exit code 2; argparse already behaves that way for bad
 options, and :class:`BinqError` does for everything found later.
@@ -131,6 +131,34 @@ def _base_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default="cpu")
     demo.add_argument("--out", default="runs/demo", help="folder for each run's report.json")
     demo.add_argument("--only", default=None, help="comma-separated labels of the runs to do (default: all)")
+
+    generate = sub.add_parser("generate", help="continue a prompt, streaming the text (any model binq loads)")
+    generate.add_argument(
+        "--model", default=DEFAULT_MODEL, help="a binq checkpoint, embedded name, folder, .gguf or Hub id"
+    )
+    generate.add_argument("--prompt", required=True, help="the text to continue")
+    generate.add_argument("--max-new-tokens", type=int, default=128, help="stop after this many new tokens (128)")
+    generate.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    generate.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy; above, sampling")
+    generate.add_argument("--seed", type=int, default=0, help="sampling seed (with --temperature > 0)")
+    generate.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+
+    bench = sub.add_parser("bench", help="decode/prefill speed, memory and GEMV times against the source model")
+    bench.add_argument("--model", required=True, help="a binq checkpoint folder (or any model binq loads)")
+    bench.add_argument(
+        "--against",
+        default="original,bf16,llamacpp",
+        help="engines beside the checkpoint: original, bf16, llamacpp (or llamacpp-source, -f16, -q4_0, -q1_0, "
+        "-tq2_0, -tq1_0, -binq); 'none' for the checkpoint alone",
+    )
+    bench.add_argument("--original", default=None, help="the source model, when the checkpoint does not record it")
+    bench.add_argument("--threads", type=int, default=2, help="threads of every engine (2)")
+    bench.add_argument("--new-tokens", type=int, default=128, help="tokens decoded per engine (128)")
+    bench.add_argument("--prefill", type=int, default=512, help="prompt tokens of the prefill measurement (512)")
+    bench.add_argument("--device", default="cpu", help="cpu, or cuda for the torch engines and GEMVs")
+    bench.add_argument("--gemv", action="store_true", help="also the GEMV micro-benchmark of each layout on 7B shapes")
+    bench.add_argument("--gguf-dir", default=None, help="where llama.cpp's GGUF files are made (the binq cache)")
+    bench.add_argument("--json", default=None, help="write the records (one per engine) to this JSON file")
     return parser
 
 
@@ -206,6 +234,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from binq.commands import run_demo
 
             return run_demo(args)
+        if args.command in ("generate", "bench"):
+            from binq import commands
+
+            return commands.run_generate(args) if args.command == "generate" else commands.run_bench(args)
         _resolve_protocol(args)
         from binq import commands
 

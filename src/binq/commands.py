@@ -224,10 +224,11 @@ def run_quantize(
         log.info("wrote %s", path)
         from binq.checkpoint import save_checkpoint
 
-        # Unquantized tensors go back at the source's precision: the same bits the report counts.
+        # Unquantized tensors go back at the source's precision: the same bits the report counts. The
+        # activation plan (--act-bits) goes along, so the loaded model quantizes inputs as evaluated here.
         save_checkpoint(
             model, result.weights, Path(args.out), tokenizer=loaded.tokenizer, method=method.name,
-            method_config=dataclasses.asdict(config), dtype=_stored_dtype(loaded),
+            method_config=dataclasses.asdict(config), dtype=_stored_dtype(loaded), activations=act_plan,
         )  # fmt: skip
     print_table(comparison_table([report], f"{label} on {loaded.name}"))
     for name, evaluation in evaluations.items():
@@ -377,3 +378,76 @@ def run_demo(args: argparse.Namespace) -> int:
     )
     print(f"reports: {out}/*/report.json; summary: {summary}")
     return 0
+
+
+def _load_any(spec: str) -> Any:
+    """A binq checkpoint or anything ``load_model`` accepts, in fp32 on the CPU."""
+    from binq.checkpoint import is_checkpoint
+
+    if is_checkpoint(spec):
+        return _load_checkpoint(Path(spec), torch.float32)
+    return load_model(spec, dtype=torch.float32)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from binq.inference.generate import (
+        TextStream,
+        check_generation_options,
+        check_prompt_length,
+        context_length,
+        encode_prompt,
+        eos_token_ids,
+        generate,
+    )
+    from binq.inference.runtime import peak_rss_bytes, set_threads
+
+    if not args.prompt.strip():
+        raise BinqError("--prompt is empty")
+    check_generation_options(args.max_new_tokens, args.temperature)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise BinqError(f"--threads must be at least 1, got {args.threads}")
+        set_threads(args.threads)
+    loaded = _load_any(args.model)
+    ids = encode_prompt(loaded.tokenizer, args.prompt, chat=args.chat)
+    check_prompt_length(len(ids), context_length(loaded.model))
+    stream = TextStream(loaded.tokenizer)
+
+    def show(token: int) -> None:
+        text = stream.push(token)
+        if text:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+
+    result = generate(
+        loaded.model, ids, args.max_new_tokens, temperature=args.temperature, seed=args.seed,
+        eos_ids=eos_token_ids(loaded.model, loaded.tokenizer), on_token=show,
+    )  # fmt: skip
+    sys.stdout.write(stream.flush() + "\n")
+    sys.stdout.flush()
+    stats = result.stats
+    decode = "no decode step" if stats.decode_steps == 0 else f"decode {stats.decode_tokens_per_s:.2f} tokens/s"
+    print(
+        f"binq generate: {stats.prompt_tokens} prompt tokens, prefill {stats.prefill_s:.3f} s "
+        f"({stats.prefill_tokens_per_s:.1f} tokens/s); {stats.new_tokens} new tokens, {decode} "
+        f"({stats.decode_steps} steps in {stats.decode_s:.3f} s, stopped at {stats.stop_reason}); "
+        f"peak RSS {peak_rss_bytes() / 2**20:,.0f} MiB; {torch.get_num_threads()} threads",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from binq.inference.bench import BenchConfig, print_tables, run_bench
+
+    config = BenchConfig(
+        model=args.model, against=(args.against,), threads=args.threads, new_tokens=args.new_tokens,
+        prefill=args.prefill, device=args.device, gemv=args.gemv, original=args.original,
+        gguf_dir=None if args.gguf_dir is None else Path(args.gguf_dir),
+        json_out=None if args.json is None else Path(args.json),
+    )  # fmt: skip
+    records, all_ran = run_bench(config)
+    print_tables(records, config)
+    if config.json_out is not None:
+        print(f"wrote {config.json_out}")
+    return 0 if all_ran else 1
