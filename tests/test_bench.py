@@ -28,6 +28,7 @@ from binq.inference import llamacpp
 from binq.inference.bench import BenchConfig, parse_against, plan_engines, run_worker, source_model
 from binq.inference.gemv import LAYOUT_FORMS, layout_microbenchmark, model_gemv_times
 from binq.nn import BinaryLinear
+from binq.nn.decoder import HalfLinear
 from conftest import MAX_POSITIONS, build_tiny_model, word_text
 from test_models import write_tiny_gguf
 
@@ -38,7 +39,8 @@ LLAMA_CPP_MISSING = llamacpp.unavailable_reason()
 
 
 def linear_shapes(model: nn.Module) -> list[tuple[int, int]]:
-    return [(m.out_features, m.in_features) for m in model.modules() if isinstance(m, nn.Linear | BinaryLinear)]
+    kinds = nn.Linear | BinaryLinear | HalfLinear
+    return [(m.out_features, m.in_features) for m in model.modules() if isinstance(m, kinds)]
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +124,8 @@ def test_gemv_covers_every_linear_shape(bench_run: dict[str, Any], checkpoint: P
         assert sum(g["count"] for g in gemv) == len(expected)
         assert all(g["median_us"] > 0 for g in gemv)
     binq_gemv = bench_run["records"]["binq"]["gemv"]
-    assert {g["layout"] for g in binq_gemv} == {"binary", "dense"}  # the LM head stays dense
+    # the LM head stays unquantized: fp16 when its weights are exactly fp16 (compact_embeddings), else dense
+    assert {g["layout"] for g in binq_gemv} in ({"binary", "dense"}, {"binary", "fp16"})
     assert all(g["kernel"] == "torch" for g in binq_gemv if g["layout"] == "dense")
 
 

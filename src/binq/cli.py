@@ -142,6 +142,10 @@ def _base_parser() -> argparse.ArgumentParser:
     generate.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy; above, sampling")
     generate.add_argument("--seed", type=int, default=0, help="sampling seed (with --temperature > 0)")
     generate.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    generate.add_argument(
+        "--loop", default="auto", choices=("auto", "lean", "hf"),
+        help="decode loop: lean (binq's, LLaMA-family), hf (transformers' forward) or auto (lean where it applies)",
+    )  # fmt: skip
 
     bench = sub.add_parser("bench", help="decode/prefill speed, memory and GEMV times against the source model")
     bench.add_argument("--model", required=True, help="a binq checkpoint folder (or any model binq loads)")
@@ -159,6 +163,10 @@ def _base_parser() -> argparse.ArgumentParser:
     bench.add_argument("--gemv", action="store_true", help="also the GEMV micro-benchmark of each layout on 7B shapes")
     bench.add_argument("--gguf-dir", default=None, help="where llama.cpp's GGUF files are made (the binq cache)")
     bench.add_argument("--json", default=None, help="write the records (one per engine) to this JSON file")
+    bench.add_argument(
+        "--loop", default="auto", choices=("auto", "lean", "hf"),
+        help="decode loop of the binq and torch engines (original-hf always uses transformers' forward)",
+    )  # fmt: skip
     return parser
 
 

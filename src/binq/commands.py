@@ -385,7 +385,11 @@ def _load_any(spec: str) -> Any:
     from binq.checkpoint import is_checkpoint
 
     if is_checkpoint(spec):
-        return _load_checkpoint(Path(spec), torch.float32)
+        from binq.nn.decoder import compact_embeddings
+
+        loaded = _load_checkpoint(Path(spec), torch.float32)
+        compact_embeddings(loaded.model)  # the checkpoint's fp16 embeddings stay fp16 in memory (exact)
+        return loaded
     return load_model(spec, dtype=torch.float32)
 
 
@@ -421,7 +425,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
     result = generate(
         loaded.model, ids, args.max_new_tokens, temperature=args.temperature, seed=args.seed,
-        eos_ids=eos_token_ids(loaded.model, loaded.tokenizer), on_token=show,
+        eos_ids=eos_token_ids(loaded.model, loaded.tokenizer), on_token=show, loop=args.loop,
     )  # fmt: skip
     sys.stdout.write(stream.flush() + "\n")
     sys.stdout.flush()
@@ -444,7 +448,7 @@ def run_bench(args: argparse.Namespace) -> int:
         model=args.model, against=(args.against,), threads=args.threads, new_tokens=args.new_tokens,
         prefill=args.prefill, device=args.device, gemv=args.gemv, original=args.original,
         gguf_dir=None if args.gguf_dir is None else Path(args.gguf_dir),
-        json_out=None if args.json is None else Path(args.json),
+        json_out=None if args.json is None else Path(args.json), loop=args.loop,
     )  # fmt: skip
     records, all_ran = run_bench(config)
     print_tables(records, config)

@@ -58,7 +58,7 @@ log = logging.getLogger(__name__)
 DECODE_PROMPT_TOKENS = 16
 WARMUP_TOKENS = 8
 PROMPT_TEXT = "brit1911"
-TORCH_ENGINES = ("original", "bf16")
+TORCH_ENGINES = ("original", "bf16", "original-hf")  # original-hf: fp32 through transformers' own forward
 ERROR_PREFIX = "binq: error: "  # how a worker says what went wrong, as the command line does
 
 
@@ -67,7 +67,7 @@ class BenchConfig:
     """What ``binq bench`` measures (the command line's options)."""
 
     model: str
-    against: tuple[str, ...] = ("original", "bf16", "llamacpp")
+    against: tuple[str, ...] = ("original", "original-hf", "bf16", "llamacpp")
     threads: int = 2
     new_tokens: int = 128
     prefill: int = 512
@@ -76,6 +76,7 @@ class BenchConfig:
     original: str | None = None  # the source model, when the checkpoint does not say
     gguf_dir: Path | None = None  # where llama.cpp's GGUF files are made (default: the binq cache)
     json_out: Path | None = None
+    loop: str = "auto"  # the decode loop of the torch and binq engines (generate.make_stepper)
 
 
 @dataclass
@@ -304,6 +305,7 @@ def plan_engines(config: BenchConfig, tokens: list[int]) -> list[Engine]:
         "decode_prompt_ids": tokens[:DECODE_PROMPT_TOKENS],
         "new_tokens": config.new_tokens,
         "warmup_tokens": WARMUP_TOKENS,
+        "loop": config.loop,
     }
     engines: list[Engine] = []
     checkpoint = Path(config.model) if is_checkpoint(config.model) else None
@@ -319,11 +321,18 @@ def plan_engines(config: BenchConfig, tokens: list[int]) -> list[Engine]:
     for name in [n for n in names if n in TORCH_ENGINES]:
         dtype = "bfloat16" if name == "bf16" else ("float16" if cuda else "float32")
         label = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[dtype]
-        engine = Engine(name, "torch", label, config.device)
+        hf = name == "original-hf"
+        engine = Engine(name, "torch", label + (", transformers forward" if hf else ""), config.device)
         if original is None:
             engine.note = f"skipped: {config.model} does not say which model it was quantized from; pass --original"
         else:
-            engine.job = {**base_job, "task": "torch", "model": original, "dtype": dtype}
+            engine.job = {
+                **base_job,
+                "task": "torch",
+                "model": original,
+                "dtype": dtype,
+                "loop": "hf" if hf else config.loop,
+            }
         engines.append(engine)
     llama_names = [n for n in names if n.startswith("llamacpp-")]
     if llama_names:

@@ -62,9 +62,12 @@ def _load(job: dict[str, Any]) -> Any:
     dtype = _torch_dtype(job["dtype"])
     if job["task"] == "binq":
         from binq.checkpoint import load
+        from binq.nn.decoder import compact_embeddings
 
-        # The dense cache keeps layouts without a kernel from unpacking their bits at every token.
-        return load(Path(job["model"]), dtype=dtype, device=job["device"], cache_weight=True)
+        # No dense cache: a layout without a kernel unpacks its bits at every call, and the numbers say so.
+        model = load(Path(job["model"]), dtype=dtype, device=job["device"])
+        compact_embeddings(model)  # the checkpoint's fp16 embeddings stay fp16 (exact), as binq generate runs
+        return model
     from binq.models import load_model
 
     model = load_model(job["model"], dtype=dtype).model
@@ -77,7 +80,7 @@ def run_torch(job: dict[str, Any]) -> dict[str, Any]:
     from binq.inference.gemv import model_gemv_times
     from binq.inference.generate import generate
 
-    set_threads(job["threads"], numba=job["task"] == "binq")
+    set_threads(job["threads"])
     device = torch.device(job["device"])
     baseline = peak_rss_bytes()
     started = time.perf_counter()
@@ -85,11 +88,12 @@ def run_torch(job: dict[str, Any]) -> dict[str, Any]:
     load_s = time.perf_counter() - started
     prefill_ids, decode_ids = job["prefill_ids"], job["decode_prompt_ids"]
 
-    generate(model, prefill_ids[:WARMUP_PROMPT_TOKENS], 1)
-    generate(model, decode_ids, job["warmup_tokens"], ignore_eos=True)
-    set_threads(job["threads"], numba=job["task"] == "binq")  # again: a kernel's first call may start a pool
-    prefill = generate(model, prefill_ids, 1).stats
-    decoded = generate(model, decode_ids, job["new_tokens"], ignore_eos=True)
+    loop = job.get("loop", "auto")
+    generate(model, prefill_ids[:WARMUP_PROMPT_TOKENS], 1, loop=loop)
+    generate(model, decode_ids, job["warmup_tokens"], ignore_eos=True, loop=loop)
+    set_threads(job["threads"])  # again, in case a kernel's first call changed it
+    prefill = generate(model, prefill_ids, 1, loop=loop).stats
+    decoded = generate(model, decode_ids, job["new_tokens"], ignore_eos=True, loop=loop)
     decode = decoded.stats
     gemv = model_gemv_times(model, _torch_dtype(job["dtype"]), device)
 
@@ -107,6 +111,7 @@ def run_torch(job: dict[str, Any]) -> dict[str, Any]:
         "baseline_rss_bytes": baseline,
         "gemv": gemv,
         "torch_threads": torch.get_num_threads(),
+        "loop": decoded.loop,
     }
     if job["task"] == "binq":
         result["file_bytes"] = (Path(job["model"]) / "model.safetensors").stat().st_size

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from binq.nn import BinaryLinear
+from binq.nn.decoder import HalfLinear
 from binq.nn.kernels import select_kernel
 from binq.quant.multiscale import MultiScaleWeight
 from binq.quant.structured import BinaryWeight, QuantizedWeight, UniformWeight
@@ -75,6 +76,8 @@ def kernel_name(module: nn.Module, x: torch.Tensor) -> str:
 def _linear_signature(module: nn.Module) -> tuple[int, int, str] | None:
     if isinstance(module, BinaryLinear):
         return module.out_features, module.in_features, module.layout
+    if isinstance(module, HalfLinear):  # a head binq keeps in fp16 (compact_embeddings)
+        return module.out_features, module.in_features, "fp16"
     if isinstance(module, nn.Linear):
         return module.out_features, module.in_features, "dense"
     return None

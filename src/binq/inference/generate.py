@@ -56,6 +56,7 @@ class GenerationStats:
 class Generation:
     tokens: list[int]  # the new tokens only (the end-of-sequence token included when it stopped there)
     stats: GenerationStats
+    loop: str = "hf"  # which decode loop ran: "lean" or "hf"
 
 
 def context_length(model: torch.nn.Module) -> int | None:
@@ -122,6 +123,47 @@ class ModelStepper:
         return self._forward(torch.tensor([[token]], dtype=torch.long, device=self.device))
 
 
+class LeanStepper:
+    """The same interface over :class:`~binq.nn.decoder.LeanDecoder` (LLaMA-family models).
+
+    The decoder (and its preallocated KV cache) is kept on the model and reused while it is long enough.
+    """
+
+    def __init__(self, model: torch.nn.Module, max_length: int) -> None:
+        from binq.nn.decoder import LeanDecoder
+
+        decoder = getattr(model, "_binq_lean_decoder", None)
+        if decoder is None or decoder.max_length < max_length:
+            decoder = LeanDecoder(model, max_length)
+            model._binq_lean_decoder = decoder
+        self.decoder = decoder
+        self.device = decoder.device
+
+    def prefill(self, ids: list[int]) -> torch.Tensor:
+        self.decoder.reset()
+        return self.decoder.forward(torch.tensor(ids, dtype=torch.long, device=self.device))[-1]
+
+    def step(self, token: int) -> torch.Tensor:
+        return self.decoder.forward(torch.tensor([token], dtype=torch.long, device=self.device))[-1]
+
+
+LOOPS = ("auto", "lean", "hf")
+
+
+def make_stepper(model: torch.nn.Module, max_length: int, loop: str = "auto") -> ModelStepper | LeanStepper:
+    """``lean`` (:class:`LeanStepper`), ``hf`` (the model's own forward) or ``auto`` (lean where it applies)."""
+    from binq.nn.decoder import lean_unsupported
+
+    if loop not in LOOPS:
+        raise BinqError(f"unknown decode loop {loop!r} (loops: {', '.join(LOOPS)})")
+    reason = lean_unsupported(model, max_length) if loop != "hf" else "asked for"
+    if reason is None:
+        return LeanStepper(model, max_length)
+    if loop == "lean":
+        raise BinqError(f"the lean decode loop cannot run this model: {reason}")
+    return ModelStepper(model)
+
+
 def next_token(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> int:
     """Greedy at temperature 0, else a sample from ``softmax(logits / temperature)``."""
     if temperature == 0:
@@ -156,17 +198,20 @@ def generate(
     eos_ids: set[int] | frozenset[int] = frozenset(),
     ignore_eos: bool = False,
     on_token: Callable[[int], None] | None = None,
+    loop: str = "auto",
 ) -> Generation:
     """Continue ``prompt_ids`` by up to ``max_new_tokens`` tokens (batch 1; see the module docstring).
 
     Generation also stops when the sequence fills the model's context. ``on_token`` is called with
-    each new token as soon as it is chosen, the end-of-sequence token included.
+    each new token as soon as it is chosen, the end-of-sequence token included. ``loop`` picks the decode
+    loop (:func:`make_stepper`); both compute the same logits.
     """
     context = context_length(model)
     check_generation_options(max_new_tokens, temperature)
     check_prompt_length(len(prompt_ids), context)
     generator = torch.Generator().manual_seed(seed) if temperature > 0 else None
-    stepper = ModelStepper(model)
+    max_length = len(prompt_ids) + max_new_tokens
+    stepper = make_stepper(model, min(max_length, context) if context is not None else max_length, loop)
     stop_eos = set() if ignore_eos else set(eos_ids)
 
     started = time.perf_counter()
@@ -197,7 +242,7 @@ def generate(
             on_token(token)
     decode_s = time.perf_counter() - decode_started
     stats = GenerationStats(len(prompt_ids), len(tokens), prefill_s, decode_s, decode_steps, stop_reason)
-    return Generation(tokens, stats)
+    return Generation(tokens, stats, "lean" if isinstance(stepper, LeanStepper) else "hf")
 
 
 class TextStream:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import resource
 import sys
@@ -28,20 +27,8 @@ def peak_rss_bytes() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale)
 
 
-def set_threads(threads: int, numba: bool = True) -> None:
-    """Run torch, and numba's kernels when numba is installed, on ``threads`` threads.
-
-    ``numba=False`` leaves numba unimported: an engine that never runs a numba kernel should not
-    pay its memory in a peak-RSS comparison. numba goes first: starting its OpenMP pool resets
-    torch's thread count (they share the OpenMP runtime).
-    """
+def set_threads(threads: int) -> None:
+    """Run torch, and binq's CPU kernels (they take torch's thread count and OpenMP pool), on ``threads``."""
     import torch
 
-    if numba and importlib.util.find_spec("numba") is not None:
-        import numba as numba_module
-
-        available = numba_module.config.NUMBA_NUM_THREADS
-        if threads > available:
-            log.warning("numba has %d threads (NUMBA_NUM_THREADS), fewer than the %d asked for", available, threads)
-        numba_module.set_num_threads(min(threads, available))
     torch.set_num_threads(threads)

@@ -272,25 +272,33 @@ int binq_binary_gemm(const binary_weight *w, int M, int cols, const float *x_in,
 }
 
 /* Rows r0..r1 of the dense weight, (r1 - r0, width) floats: the prefill path multiplies tiles. */
-void binq_binary_dequant(const binary_weight *w, int r0, int r1, float *out) {
+void binq_binary_dequant(const binary_weight *w, int r0, int r1, float *out, int threads) {
     const int width = w->chunks * 16;
     const int nsz = w->zones - w->nplain;
+#pragma omp parallel for num_threads(threads) schedule(static)
     for (int i = r0; i < r1; i++) {
         float *o = out + (int64_t)(i - r0) * width;
         const uint16_t *srow = w->signs + (int64_t)i * w->chunks;
         const uint16_t *brow = w->bitmap ? w->bitmap + (int64_t)i * w->chunks : NULL;
-        for (int j = 0; j < width; j++) {
-            const int b = j / w->block_size;
-            if (b >= w->blocks || (w->nonsalient && !bit_at(w->nonsalient, j))) {
-                o[j] = 0.0f;
-                continue;
-            }
-            const int z = brow && bit_at(brow, j) ? 1 : 0;
+        for (int b = 0; b < w->blocks; b++) {
+            const int t0 = b * w->block_chunks;
+            const int t1 = t0 + w->block_chunks < w->chunks ? t0 + w->block_chunks : w->chunks;
             const float *sc = w->scales + ((int64_t)i * w->blocks + b) * w->zones;
-            const float c = w->colscale ? w->colscale[(int64_t)z * width + j] : 1.0f;
-            float v = sc[z] * c * (bit_at(srow, j) ? 1.0f : -1.0f);
-            if (w->means) v += w->means[((int64_t)i * w->blocks + b) * w->zones + z];
-            o[j] = v;
+            const float *mu = w->means ? w->means + ((int64_t)i * w->blocks + b) * w->zones : NULL;
+            const float a0 = sc[0], a1 = w->nplain > 1 ? sc[1] : 0.0f;
+            const float m0 = mu ? mu[0] : 0.0f, m1 = mu && w->nplain > 1 ? mu[1] : 0.0f;
+            for (int t = t0; t < t1; t++) {
+                const uint16_t s = srow[t], bm = brow ? brow[t] : 0;
+                const uint16_t ns = w->nonsalient ? w->nonsalient[t] : 0xFFFF;
+                float *ot = o + 16 * t;
+                for (int k = 0; k < 16; k++) {
+                    const int z = bm >> k & 1;
+                    float c = 1.0f;
+                    if (w->colscale) c = w->colscale[(int64_t)z * width + 16 * t + k];
+                    const float v = (z ? a1 : a0) * c * ((s >> k & 1) ? 1.0f : -1.0f) + (z ? m1 : m0);
+                    ot[k] = (ns >> k & 1) ? v : 0.0f;
+                }
+            }
         }
         const uint16_t *rrow = w->residual ? w->residual + (int64_t)i * w->sal_chunks : NULL;
         for (int k = 0; k < w->nsal; k++) {
@@ -366,19 +374,25 @@ int binq_uniform_gemm(const uniform_weight *w, int M, const float *x, const floa
 }
 
 /* Rows r0..r1 in the source column order, (r1 - r0, cols) floats. */
-void binq_uniform_dequant(const uniform_weight *w, int r0, int r1, float *out) {
-    const int width = w->chunks * 16;
+void binq_uniform_dequant(const uniform_weight *w, int r0, int r1, float *out, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
     for (int i = r0; i < r1; i++) {
         const uint16_t *prow = w->planes + (int64_t)i * w->chunks * w->bits;
-        int g = 0;
-        for (int p = 0; p < width; p++) {
-            const int t = p >> 4;
-            while (t >= w->group_chunk[g + 1]) g++;
-            if (w->colmap[p] < 0) continue;
-            int code = 0;
-            for (int k = 0; k < w->bits; k++) code |= (prow[(int64_t)t * w->bits + k] >> (p & 15) & 1) << k;
+        float *o = out + (int64_t)(i - r0) * w->cols;
+        for (int g = 0; g < w->groups; g++) {
             const int64_t ig = (int64_t)i * w->groups + g;
-            out[(int64_t)(i - r0) * w->cols + w->colmap[p]] = w->scales[ig] * ((float)code - w->zeros[ig]);
+            const float scale = w->scales[ig], zero = w->zeros[ig];
+            for (int t = w->group_chunk[g]; t < w->group_chunk[g + 1]; t++) {
+                int codes[16] = {0};
+                for (int q = 0; q < w->bits; q++) {
+                    const uint16_t plane = prow[(int64_t)t * w->bits + q];
+                    for (int k = 0; k < 16; k++) codes[k] |= (plane >> k & 1) << q;
+                }
+                for (int k = 0; k < 16; k++) {
+                    const int j = w->colmap[16 * t + k];
+                    if (j >= 0) o[j] = scale * ((float)codes[k] - zero);
+                }
+            }
         }
     }
 }
@@ -459,17 +473,22 @@ int binq_multiscale_gemm(const multiscale_weight *w, int M, int cols, const floa
     return 0;
 }
 
-void binq_multiscale_dequant(const multiscale_weight *w, int r0, int r1, float *out) {
+void binq_multiscale_dequant(const multiscale_weight *w, int r0, int r1, float *out, int threads) {
     const int width = w->chunks * 16;
+#pragma omp parallel for num_threads(threads) schedule(static)
     for (int i = r0; i < r1; i++) {
         const uint16_t *srow = w->signs + (int64_t)i * w->chunks;
         const uint16_t *irow = w->index + (int64_t)i * w->chunks * w->ibits;
         const int u = w->per_row ? i : 0;
         float *o = out + (int64_t)(i - r0) * width;
-        for (int j = 0; j < width; j++) {
-            const int t = j >> 4, k = j & 15;
-            const float v = w->scales[((int64_t)u * w->blocks + t / w->block_chunks) * w->groups + ms_index(w, irow, t, k)];
-            o[j] = (srow[t] >> k & 1) ? v : -v;
+        for (int t = 0; t < w->chunks; t++) {
+            const float *table = w->scales + ((int64_t)u * w->blocks + t / w->block_chunks) * w->groups;
+            int idx[16] = {0};
+            for (int q = 0; q < w->ibits; q++) {
+                const uint16_t plane = irow[(int64_t)t * w->ibits + q];
+                for (int k = 0; k < 16; k++) idx[k] |= (plane >> k & 1) << q;
+            }
+            for (int k = 0; k < 16; k++) o[16 * t + k] = (srow[t] >> k & 1) ? table[idx[k]] : -table[idx[k]];
         }
         for (int64_t q = w->zrow[i]; q < w->zrow[i + 1]; q++) o[w->zcol[q]] = 0.0f;
     }
