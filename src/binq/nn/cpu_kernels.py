@@ -47,15 +47,22 @@ TILE_ROWS = 1024  # rows per dequantized tile in the prefill path (4 MiB of fp32
 _c_int, _c_ptr = ctypes.c_int, ctypes.c_void_p
 
 
+class _BinaryPart(ctypes.Structure):
+    _fields_ = [
+        ("chunks", _c_int),
+        *[(n, _c_ptr) for n in ("colmap", "block_chunk", "signs", "bitmap")],
+        ("zone0", _c_int),
+        ("zone1", _c_int),
+        ("colscale", _c_ptr),
+    ]
+
+
 class _Binary(ctypes.Structure):
     _fields_ = [
-        *[(n, _c_int) for n in ("rows", "chunks", "block_chunks", "blocks", "zones", "nplain")],
-        *[(n, _c_ptr) for n in ("signs", "bitmap", "nonsalient", "scales", "means", "colscale")],
-        *[(n, _c_int) for n in ("nsal", "salient_groups", "block_size")],
-        ("sal_cols", _c_ptr),
-        ("residual", _c_ptr),
-        ("sal_chunks", _c_int),
-        ("sal_colscale", _c_ptr),
+        *[(n, _c_int) for n in ("rows", "blocks", "zones", "cols", "nparts")],
+        ("scales", _c_ptr),
+        ("means", _c_ptr),
+        ("parts", _BinaryPart * 3),
     ]
 
 
@@ -132,7 +139,7 @@ def load_library() -> ctypes.CDLL | None:
         log.warning("binq CPU kernels unavailable, quantized linears run the slow reference path (%s)", error)
         return None
     ptr, i32 = ctypes.c_void_p, ctypes.c_int
-    library.binq_binary_gemm.argtypes = [ptr, i32, i32, ptr, ptr, ptr, i32]
+    library.binq_binary_gemm.argtypes = [ptr, i32, ptr, ptr, ptr, i32]
     library.binq_uniform_gemm.argtypes = [ptr, i32, ptr, ptr, ptr, i32]
     library.binq_multiscale_gemm.argtypes = [ptr, i32, i32, ptr, ptr, ptr, i32]
     library.binq_half_gemm.argtypes = [i32, i32, i32, ptr, ptr, ptr, ptr, i32]
@@ -204,49 +211,98 @@ class Prepared:
         return sum(a.nbytes for a in self.arrays.values())
 
 
+def block_runs(columns: np.ndarray, block_size: int, blocks: int) -> tuple[np.ndarray, np.ndarray]:
+    """Gather ``columns`` (sorted) per column block, each block's run padded to whole chunks.
+
+    Returns ``colmap`` (the source column at each position, -1 for padding) and ``block_chunk``
+    (``blocks + 1`` chunk offsets).
+    """
+    block_of = columns // block_size
+    counts = np.bincount(block_of, minlength=blocks)
+    block_chunk = np.zeros(blocks + 1, dtype=np.int32)
+    block_chunk[1:] = np.cumsum((counts + 15) // 16)
+    colmap = np.full(int(block_chunk[-1]) * 16, -1, dtype=np.int32)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    rank = np.arange(columns.size) - starts[block_of]  # position of each column within its block
+    colmap[block_chunk[block_of] * 16 + rank] = columns
+    return colmap, block_chunk
+
+
+def _gather_plane(plane: np.ndarray, colmap: np.ndarray) -> np.ndarray:
+    """A bool ``(rows, n)`` plane at the part's positions (padding False), as uint16 chunks."""
+    gathered = plane[:, np.maximum(colmap, 0)] & (colmap >= 0)
+    return chunk_plane(gathered, colmap.size)
+
+
 def prepare_binary(module: BinaryLinear) -> Prepared | None:
     t = module.packed_tensors()
     meta = module.weight_metadata
     rows, cols = module.out_features, module.in_features
     block_size = int(meta["block_size"])
-    block_chunks = _block_chunks(block_size, cols)
-    if block_chunks is None:
-        return None
-    chunks = _chunks(cols)
-    width = chunks * 16
     scales = _f32(t["scales"])
     blocks, zones = scales.shape[1], scales.shape[2]
-    a: dict[str, np.ndarray] = {"signs": chunk_plane(unpack_bits(t["signs"], cols).numpy(), width), "scales": scales}
-    two = "group_bitmap" in t
-    nplain = 2 if two else 1
-    if two:
-        a["bitmap"] = chunk_plane(unpack_bits(t["group_bitmap"], cols).numpy(), width)
-    if "means" in t:
-        a["means"] = _f32(t["means"])
+    signs = unpack_bits(t["signs"], cols).numpy()
+    bitmap = unpack_bits(t["group_bitmap"], cols).numpy() if "group_bitmap" in t else None
+    nplain = 1 if bitmap is None else 2
     salient = np.zeros(cols, dtype=bool)
-    nsal = 0
     if "salient_columns" in t:
         salient = unpack_bits(t["salient_columns"], cols)[0].numpy()
-        nsal = int(salient.sum())
-        a["nonsalient"] = chunk_plane(~salient[None], width)[0]
-        a["sal_cols"] = np.flatnonzero(salient).astype(np.int32)
-        residual = unpack_bits(t["residual_signs"], nsal).numpy()
-        a["residual"] = chunk_plane(residual, _chunks(nsal) * 16)
-        if "salient_column_scales" in t:
-            a["sal_colscale"] = _f32(t["salient_column_scales"])
-    if "column_scales" in t:
-        full = np.zeros((nplain, width), dtype=np.float32)
-        full[:, :cols][:, ~salient] = _f32(t["column_scales"]).T
-        a["colscale"] = np.ascontiguousarray(full)
+    plain_cols, salient_cols = np.flatnonzero(~salient), np.flatnonzero(salient)
+    a: dict[str, np.ndarray] = {"scales": scales}
+    if "means" in t:
+        a["means"] = _f32(t["means"])
+    parts = []  # (columns, sign plane over all columns, bitmap or None, zone0, zone1, column scales (n, 2) or None)
+    plain_scales = _f32(t["column_scales"]) if "column_scales" in t else None
+    if plain_scales is not None and nplain == 1:
+        plain_scales = np.concatenate([plain_scales, np.zeros_like(plain_scales)], axis=1)
+    parts.append((plain_cols, signs, bitmap, 0, 1, plain_scales))
+    if salient_cols.size:
+        n_sal = salient_cols.size
+        residual = np.zeros((rows, cols), dtype=bool)
+        residual[:, salient_cols] = unpack_bits(t["residual_signs"], n_sal).numpy()
+        sal_scales = _f32(t["salient_column_scales"]) if "salient_column_scales" in t else None
+        if meta.get("salient_groups", False):  # CGB: the bitmap picks concentrated/sparse, each + residual
+            first = sal_scales[:, [0, 2]] if sal_scales is not None else None
+            second = sal_scales[:, [1, 3]] if sal_scales is not None else None
+            parts.append((salient_cols, signs, bitmap, nplain, nplain + 2, first))
+            parts.append((salient_cols, residual, bitmap, nplain + 1, nplain + 3, second))
+        else:
+            pad = None if sal_scales is None else np.zeros((n_sal, 1), np.float32)
+            first = None if sal_scales is None else np.concatenate([sal_scales[:, :1], pad], axis=1)
+            second = None if sal_scales is None else np.concatenate([sal_scales[:, 1:2], pad], axis=1)
+            parts.append((salient_cols, signs, None, nplain, nplain, first))
+            parts.append((salient_cols, residual, None, nplain + 1, nplain + 1, second))
+    structs = []
+    for index, (columns, plane, zone_plane, zone0, zone1, column_scales) in enumerate(parts):
+        colmap, block_chunk = block_runs(columns, block_size, blocks)
+        a[f"colmap{index}"], a[f"block_chunk{index}"] = colmap, block_chunk
+        a[f"signs{index}"] = _gather_plane(plane, colmap)
+        if zone_plane is not None:
+            a[f"bitmap{index}"] = _gather_plane(zone_plane, colmap)
+        if column_scales is not None:  # (n, 2) per column of this part -> (2, positions)
+            rank = np.full(cols, -1, dtype=np.int64)
+            rank[columns] = np.arange(columns.size)
+            full = np.zeros((2, colmap.size), dtype=np.float32)
+            valid = colmap >= 0
+            full[:, valid] = column_scales[rank[colmap[valid]]].T
+            a[f"colscale{index}"] = np.ascontiguousarray(full)
+        structs.append(
+            _BinaryPart(
+                chunks=colmap.size // 16,
+                colmap=_ptr(colmap),
+                block_chunk=_ptr(block_chunk),
+                signs=_ptr(a[f"signs{index}"]),
+                bitmap=_ptr(a.get(f"bitmap{index}")),
+                zone0=zone0,
+                zone1=zone1,
+                colscale=_ptr(a.get(f"colscale{index}")),
+            )  # fmt: skip
+        )
     struct = _Binary(
-        rows=rows, chunks=chunks, block_chunks=block_chunks, blocks=blocks, zones=zones, nplain=nplain,
-        signs=_ptr(a["signs"]), bitmap=_ptr(a.get("bitmap")), nonsalient=_ptr(a.get("nonsalient")),
-        scales=_ptr(a["scales"]), means=_ptr(a.get("means")), colscale=_ptr(a.get("colscale")),
-        nsal=nsal, salient_groups=int(bool(meta.get("salient_groups", False))), block_size=block_size,
-        sal_cols=_ptr(a.get("sal_cols")), residual=_ptr(a.get("residual")), sal_chunks=_chunks(nsal),
-        sal_colscale=_ptr(a.get("sal_colscale")),
+        rows=rows, blocks=blocks, zones=zones, cols=cols, nparts=len(structs), scales=_ptr(scales),
+        means=_ptr(a.get("means")), parts=(_BinaryPart * 3)(*structs),
     )  # fmt: skip
-    return Prepared("binary", struct, a, rows, cols, width)
+    return Prepared("binary", struct, a, rows, cols, cols)
 
 
 def prepare_uniform(module: BinaryLinear) -> Prepared | None:
@@ -347,9 +403,7 @@ def run_prepared(prepared: Prepared, x2d: torch.Tensor, bias: torch.Tensor | Non
     bias_ptr = None if bias is None else bias.data_ptr()
     threads = torch.get_num_threads()
     if prepared.kind == "binary":
-        status = library.binq_binary_gemm(
-            prepared.address, m, prepared.cols, x2d.data_ptr(), bias_ptr, out.data_ptr(), threads
-        )
+        status = library.binq_binary_gemm(prepared.address, m, x2d.data_ptr(), bias_ptr, out.data_ptr(), threads)
     elif prepared.kind == "uniform":
         status = library.binq_uniform_gemm(prepared.address, m, x2d.data_ptr(), bias_ptr, out.data_ptr(), threads)
     else:

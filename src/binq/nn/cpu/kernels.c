@@ -53,269 +53,247 @@ static inline float chunk_sum(const float *x) {
 static inline int bit_at(const uint16_t *plane, int64_t j) { return plane[j >> 4] >> (j & 15) & 1; }
 
 /* ---------------------------------------------------------------- binary layout
- * W[i, j] = alpha[i, b, z] c[j, z] s[i, j] + mu[i, b, z] (structured.BinaryWeight). Zones of
- * non-salient columns: one (dense) or two (concentrated, sparse: the group bitmap's 0 and 1). Salient
- * columns (few) are summed element by element from their compact list, first-order and residual.
- *
- * scales, means: float (rows, blocks, zones). colscale: float (nplain, chunks*16) or NULL (zero on
- * salient columns). nonsalient: uint16 (chunks) or NULL (every column). sal_*: see binary_salient.
+ * W[i, j] = alpha[i, b, z] c[j, z] s[i, j] + mu[i, b, z] (structured.BinaryWeight), as a sum of parts:
+ * the non-salient columns (one zone, or two picked by the group bitmap), and for salient columns their
+ * first-order and residual terms. A part holds its columns gathered per column block, each block's run
+ * padded to whole chunks (colmap: the source column of each position, -1 for padding), so that every
+ * chunk lies in one block and the activations are gathered once per call.
  */
 typedef struct {
-    int rows, chunks, block_chunks, blocks, zones, nplain;
-    const uint16_t *signs, *bitmap, *nonsalient;
-    const float *scales, *means, *colscale;
-    int nsal, salient_groups, block_size;
-    const int32_t *sal_cols;
-    const uint16_t *residual; /* (rows, sal_chunks) */
-    int sal_chunks;
-    const float *sal_colscale; /* (nsal, zones - nplain) or NULL */
+    int chunks;                 /* chunks per row */
+    const int32_t *colmap;      /* (chunks * 16) */
+    const int32_t *block_chunk; /* (blocks + 1) */
+    const uint16_t *signs;      /* (rows, chunks) */
+    const uint16_t *bitmap;     /* (rows, chunks) or NULL (one zone) */
+    int zone0, zone1;           /* the scale/mean index of bitmap bit 0 and bit 1 */
+    const float *colscale;      /* (2, chunks * 16): column scales of zone0, zone1; or NULL */
+} binary_part;
+
+typedef struct {
+    int rows, blocks, zones, cols, nparts;
+    const float *scales, *means; /* (rows, blocks, zones); means may be NULL */
+    binary_part parts[3];
 } binary_weight;
-
-static float binary_salient(const binary_weight *w, int i, const float *x) {
-    float y = 0.0f;
-    const int nsz = w->zones - w->nplain;
-    const uint16_t *srow = w->signs + (int64_t)i * w->chunks;
-    const uint16_t *brow = w->bitmap ? w->bitmap + (int64_t)i * w->chunks : NULL;
-    const uint16_t *rrow = w->residual + (int64_t)i * w->sal_chunks;
-    for (int k = 0; k < w->nsal; k++) {
-        const int j = w->sal_cols[k];
-        const int b = j / w->block_size;
-        int z = w->nplain;
-        if (w->salient_groups && bit_at(brow, j)) z += 2;
-        const float *sc = w->scales + ((int64_t)i * w->blocks + b) * w->zones;
-        const float *mu = w->means ? w->means + ((int64_t)i * w->blocks + b) * w->zones : NULL;
-        float c0 = 1.0f, c1 = 1.0f;
-        if (w->sal_colscale) {
-            c0 = w->sal_colscale[(int64_t)k * nsz + (z - w->nplain)];
-            c1 = w->sal_colscale[(int64_t)k * nsz + (z + 1 - w->nplain)];
-        }
-        const float s = bit_at(srow, j) ? 1.0f : -1.0f;
-        const float r = bit_at(rrow, k) ? 1.0f : -1.0f;
-        float v = sc[z] * c0 * s + sc[z + 1] * c1 * r;
-        if (mu) v += mu[z] + mu[z + 1];
-        y += v * x[j];
-    }
-    return y;
-}
-
-/* x: (M, cols) floats; copied into zero-padded rows of whole chunks when cols is ragged. */
-static float *padded_copy(const float *x, int M, int cols, int width) {
-    float *xp = (float *)calloc((size_t)M * width, sizeof(float));
-    if (!xp) return NULL;
-    for (int m = 0; m < M; m++) memcpy(xp + (int64_t)m * width, x + (int64_t)m * cols, sizeof(float) * cols);
-    return xp;
-}
 
 #if BINQ_AVX512
 static inline vacc vfma(float a, vacc v, vacc acc) { return _mm512_fmadd_ps(_mm512_set1_ps(a), v, acc); }
+static inline vacc vload(const float *x) { return _mm512_loadu_ps(x); }
+static inline vacc vmaskadd(vacc acc, uint16_t mask, vacc x) { return _mm512_mask_add_ps(acc, (__mmask16)mask, acc, x); }
 #else
 static inline vacc vfma(float a, vacc v, vacc acc) { return acc + a * v; }
 #endif
 
-/* The one-zone form (sign and one scale per block, optional mean: arb-group, Q1_0's layout), four rows
- * at a time so that four independent accumulator chains hide the adds' latency. */
 #define QUAD 4
-static void binary_one_zone(const binary_weight *w, int M, const float *x, const float *xs, const float *bsum,
-                            const float *bsumc, const float *bias, float *out, int threads) {
-    const int width = w->chunks * 16;
+
+/* Per-token inputs of one part: gathered x (and its column-scaled copies), per-block sums. */
+typedef struct {
+    float *x, *x0, *x1;  /* (M, width): gathered; scaled by zone0's / zone1's column scales */
+    float *sum, *sum0, *sum1; /* (M, blocks) */
+} part_inputs;
+
+static int part_prepare(const binary_part *p, int blocks, int M, int cols, const float *x, part_inputs *in) {
+    const int width = p->chunks * 16;
+    const int scaled = p->colscale != NULL;
+    const size_t nx = (size_t)M * width * (scaled ? 3 : 1), ns = (size_t)M * blocks * (scaled ? 3 : 1);
+    float *buffer = (float *)malloc(sizeof(float) * (nx + ns));
+    if (!buffer) return -1;
+    in->x = buffer;
+    in->x0 = scaled ? buffer + (size_t)M * width : buffer;
+    in->x1 = scaled ? buffer + (size_t)2 * M * width : buffer;
+    in->sum = buffer + nx;
+    in->sum0 = scaled ? in->sum + (size_t)M * blocks : in->sum;
+    in->sum1 = scaled ? in->sum + (size_t)2 * M * blocks : in->sum;
+    for (int m = 0; m < M; m++) {
+        float *xm = in->x + (int64_t)m * width;
+        for (int q = 0; q < width; q++) xm[q] = p->colmap[q] >= 0 ? x[(int64_t)m * cols + p->colmap[q]] : 0.0f;
+        if (scaled)
+            for (int q = 0; q < width; q++) {
+                in->x0[(int64_t)m * width + q] = xm[q] * p->colscale[q];
+                in->x1[(int64_t)m * width + q] = xm[q] * p->colscale[width + q];
+            }
+        for (int b = 0; b < blocks; b++) {
+            float s = 0.0f, s0 = 0.0f, s1 = 0.0f;
+            for (int q = 16 * p->block_chunk[b]; q < 16 * p->block_chunk[b + 1]; q++) {
+                s += xm[q];
+                if (scaled) {
+                    s0 += in->x0[(int64_t)m * width + q];
+                    s1 += in->x1[(int64_t)m * width + q];
+                }
+            }
+            in->sum[(int64_t)m * blocks + b] = s;
+            if (scaled) {
+                in->sum0[(int64_t)m * blocks + b] = s0;
+                in->sum1[(int64_t)m * blocks + b] = s1;
+            }
+        }
+    }
+    return 0;
+}
+
+/* Adds part p's contribution to rows i0 .. i0 + 3 (clamped; the caller keeps only real rows). */
+static void part_rows(const binary_weight *w, const binary_part *p, const part_inputs *in, int m, int i0,
+                      vacc acc[QUAD], float y[QUAD]) {
+    const int width = p->chunks * 16;
+    const float *xm = in->x + (int64_t)m * width, *x0 = in->x0 + (int64_t)m * width, *x1 = in->x1 + (int64_t)m * width;
+    const float *sum = in->sum + (int64_t)m * w->blocks, *sum0 = in->sum0 + (int64_t)m * w->blocks;
+    const uint16_t *srow[QUAD], *brow[QUAD];
+    int64_t sat[QUAD];
+    for (int r = 0; r < QUAD; r++) {
+        const int i = i0 + r < w->rows ? i0 + r : w->rows - 1;
+        srow[r] = p->signs + (int64_t)i * p->chunks;
+        brow[r] = p->bitmap ? p->bitmap + (int64_t)i * p->chunks : NULL;
+        sat[r] = (int64_t)i * w->blocks * w->zones;
+    }
+    const int z0 = p->zone0, z1 = p->zone1;
+    for (int b = 0; b < w->blocks; b++) {
+        const int t0 = p->block_chunk[b], t1 = p->block_chunk[b + 1];
+        if (t0 == t1) continue;
+        const int64_t bz = (int64_t)b * w->zones;
+        if (!p->bitmap) { /* one zone: alpha (2 P - N) + mu N */
+            vacc pp[QUAD];
+            for (int r = 0; r < QUAD; r++) pp[r] = vzero();
+            for (int t = t0; t < t1; t++) {
+#if BINQ_AVX512
+                const vacc xv = vload(x0 + 16 * t);
+                for (int r = 0; r < QUAD; r++) pp[r] = vmaskadd(pp[r], srow[r][t], xv);
+#else
+                for (int r = 0; r < QUAD; r++) pp[r] = vmadd(pp[r], srow[r][t], x0 + 16 * t);
+#endif
+            }
+            for (int r = 0; r < QUAD; r++) {
+                const float a = w->scales[sat[r] + bz + z0];
+                acc[r] = vfma(2.0f * a, pp[r], acc[r]);
+                y[r] -= a * sum0[b];
+                if (w->means) y[r] += w->means[sat[r] + bz + z0] * sum[b];
+            }
+        } else if (!p->colscale) { /* two zones: with n1 = sum over the bitmap, zone 0 sums N - n1 */
+            vacc p0[QUAD], p1[QUAD], n1[QUAD];
+            for (int r = 0; r < QUAD; r++) p0[r] = p1[r] = n1[r] = vzero();
+            for (int t = t0; t < t1; t++) {
+#if BINQ_AVX512
+                const vacc xv = vload(xm + 16 * t);
+                for (int r = 0; r < QUAD; r++) {
+                    const uint16_t s = srow[r][t], bm = brow[r][t];
+                    p0[r] = vmaskadd(p0[r], s & (uint16_t)~bm, xv);
+                    p1[r] = vmaskadd(p1[r], s & bm, xv);
+                    n1[r] = vmaskadd(n1[r], bm, xv);
+                }
+#else
+                for (int r = 0; r < QUAD; r++) {
+                    const uint16_t s = srow[r][t], bm = brow[r][t];
+                    p0[r] = vmadd(p0[r], s & (uint16_t)~bm, xm + 16 * t);
+                    p1[r] = vmadd(p1[r], s & bm, xm + 16 * t);
+                    n1[r] = vmadd(n1[r], bm, xm + 16 * t);
+                }
+#endif
+            }
+            for (int r = 0; r < QUAD; r++) {
+                const float a0 = w->scales[sat[r] + bz + z0], a1 = w->scales[sat[r] + bz + z1];
+                const float m0 = w->means ? w->means[sat[r] + bz + z0] : 0.0f;
+                const float m1 = w->means ? w->means[sat[r] + bz + z1] : 0.0f;
+                acc[r] = vfma(2.0f * a0, p0[r], acc[r]);
+                acc[r] = vfma(2.0f * a1, p1[r], acc[r]);
+                acc[r] = vfma(a0 - a1 - m0 + m1, n1[r], acc[r]);
+                y[r] += (m0 - a0) * sum[b];
+            }
+        } else { /* two zones with column scales (ARB-RC) */
+            const float *sum1 = in->sum1 + (int64_t)m * w->blocks;
+            vacc p0[QUAD], p1[QUAD], n1[QUAD], c1[QUAD];
+            for (int r = 0; r < QUAD; r++) p0[r] = p1[r] = n1[r] = c1[r] = vzero();
+            for (int t = t0; t < t1; t++)
+                for (int r = 0; r < QUAD; r++) {
+                    const uint16_t s = srow[r][t], bm = brow[r][t];
+                    p0[r] = vmadd(p0[r], s & (uint16_t)~bm, x0 + 16 * t);
+                    n1[r] = vmadd(n1[r], bm, x0 + 16 * t);  /* zone 1's share of the zone-0-scaled sum */
+                    p1[r] = vmadd(p1[r], s & bm, x1 + 16 * t);
+                    c1[r] = vmadd(c1[r], bm, x1 + 16 * t);
+                }
+            vacc u1[QUAD];
+            if (w->means) {
+                for (int r = 0; r < QUAD; r++) u1[r] = vzero();
+                for (int t = t0; t < t1; t++)
+                    for (int r = 0; r < QUAD; r++) u1[r] = vmadd(u1[r], brow[r][t], xm + 16 * t);
+            }
+            for (int r = 0; r < QUAD; r++) {
+                const float a0 = w->scales[sat[r] + bz + z0], a1 = w->scales[sat[r] + bz + z1];
+                /* zone 0: alpha0 (2 P0 - (S0 - n1)); zone 1: alpha1 (2 P1 - c1) */
+                acc[r] = vfma(2.0f * a0, p0[r], acc[r]);
+                acc[r] = vfma(a0, n1[r], acc[r]);
+                acc[r] = vfma(2.0f * a1, p1[r], acc[r]);
+                acc[r] = vfma(-a1, c1[r], acc[r]);
+                y[r] -= a0 * sum0[b];
+                if (w->means) {
+                    const float m0 = w->means[sat[r] + bz + z0], m1 = w->means[sat[r] + bz + z1];
+                    acc[r] = vfma(m1 - m0, u1[r], acc[r]);
+                    y[r] += m0 * sum[b];
+                }
+            }
+            (void)sum1;
+        }
+    }
+}
+
+/* Returns 0, or -1 when out of memory. Rows go four at a time (four independent accumulator chains
+ * share each activation load); per block the one-bit sums are weighted in vector registers and reduced
+ * once per row. */
+int binq_binary_gemm(const binary_weight *w, int M, const float *x, const float *bias, float *out, int threads) {
+    part_inputs in[3];
+    int ok = 0;
+    for (int q = 0; q < w->nparts; q++) {
+        if (part_prepare(&w->parts[q], w->blocks, M, w->cols, x, &in[q]) != 0) break;
+        ok++;
+    }
+    if (ok < w->nparts) {
+        for (int q = 0; q < ok; q++) free(in[q].x);
+        return -1;
+    }
     const int quads = (w->rows + QUAD - 1) / QUAD;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int qd = 0; qd < quads; qd++) {
         const int i0 = qd * QUAD;
-        const int n = w->rows - i0 < QUAD ? w->rows - i0 : QUAD;
         for (int m = 0; m < M; m++) {
-            const float *x0 = w->colscale ? xs + (int64_t)m * width : x + (int64_t)m * width;
-            const float *bs = bsum + (int64_t)m * w->blocks, *bsc = bsumc + (int64_t)m * w->blocks;
             vacc acc[QUAD];
             float y[QUAD];
             for (int r = 0; r < QUAD; r++) {
                 acc[r] = vzero();
                 y[r] = 0.0f;
             }
-            for (int b = 0; b < w->blocks; b++) {
-                const int t0 = b * w->block_chunks;
-                const int t1 = t0 + w->block_chunks < w->chunks ? t0 + w->block_chunks : w->chunks;
-                vacc p[QUAD];
-                for (int r = 0; r < QUAD; r++) p[r] = vzero();
-                for (int t = t0; t < t1; t++)
-                    for (int r = 0; r < n; r++) p[r] = vmadd(p[r], w->signs[(int64_t)(i0 + r) * w->chunks + t], x0 + 16 * t);
-                for (int r = 0; r < n; r++) {
-                    const int64_t at = ((int64_t)(i0 + r) * w->blocks + b) * w->zones;
-                    acc[r] = vfma(2.0f * w->scales[at], p[r], acc[r]);
-                    y[r] -= w->scales[at] * bsc[b];
-                    if (w->means) y[r] += w->means[at] * bs[b];
-                }
-            }
-            for (int r = 0; r < n; r++) {
-                float v = y[r] + vsum(acc[r]);
-                if (bias) v += bias[i0 + r];
-                out[(int64_t)m * w->rows + i0 + r] = v;
-            }
+            for (int q = 0; q < w->nparts; q++) part_rows(w, &w->parts[q], &in[q], m, i0, acc, y);
+            for (int r = 0; r < QUAD && i0 + r < w->rows; r++)
+                out[(int64_t)m * w->rows + i0 + r] = y[r] + vsum(acc[r]) + (bias ? bias[i0 + r] : 0.0f);
         }
     }
-}
-
-/* Returns 0, or -1 when out of memory. Per block, the one-bit sums are weighted in vector registers
- * (alpha (2 P - N) as two FMAs) and reduced once per row: a horizontal sum per block would cost as
- * much as the block's masked adds. */
-int binq_binary_gemm(const binary_weight *w, int M, int cols, const float *x_in, const float *bias, float *out,
-                     int threads) {
-    const int width = w->chunks * 16;
-    float *owned = cols == width ? NULL : padded_copy(x_in, M, cols, width);
-    if (cols != width && !owned) return -1;
-    const float *x = owned ? owned : x_in;
-    const int scaled = w->colscale != NULL;
-    /* per token: column-scaled copies (colscale), and per block the sums of x (and of the scaled x)
-     * over non-salient columns, which are row-independent in the one-zone case */
-    float *xs = scaled ? (float *)malloc(sizeof(float) * (size_t)M * w->nplain * width) : NULL;
-    float *bsum = (float *)malloc(sizeof(float) * (size_t)M * w->blocks * 2);
-    if ((scaled && !xs) || !bsum) {
-        free(owned); free(xs); free(bsum);
-        return -1;
-    }
-    float *bsumc = bsum + (int64_t)M * w->blocks;
-    for (int m = 0; m < M; m++) {
-        const float *xm = x + (int64_t)m * width;
-        if (scaled)
-            for (int z = 0; z < w->nplain; z++)
-                for (int j = 0; j < width; j++)
-                    xs[((int64_t)m * w->nplain + z) * width + j] = xm[j] * w->colscale[(int64_t)z * width + j];
-        for (int b = 0; b < w->blocks; b++) {
-            float s = 0.0f, sc = 0.0f;
-            for (int t = b * w->block_chunks; t < (b + 1) * w->block_chunks && t < w->chunks; t++) {
-                const uint16_t ns = w->nonsalient ? w->nonsalient[t] : 0xFFFF;
-                for (int k = 0; k < 16; k++)
-                    if (ns >> k & 1) {
-                        s += xm[16 * t + k];
-                        if (scaled) sc += xs[(int64_t)m * w->nplain * width + 16 * t + k];
-                    }
-            }
-            bsum[(int64_t)m * w->blocks + b] = s;
-            bsumc[(int64_t)m * w->blocks + b] = scaled ? sc : s;
-        }
-    }
-    const int two = w->bitmap != NULL;
-    if (!two && !w->nsal && !w->nonsalient) {
-        binary_one_zone(w, M, x, xs, bsum, bsumc, bias, out, threads);
-        free(owned); free(xs); free(bsum);
-        return 0;
-    }
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int i = 0; i < w->rows; i++) {
-        const uint16_t *srow = w->signs + (int64_t)i * w->chunks;
-        const uint16_t *brow = two ? w->bitmap + (int64_t)i * w->chunks : NULL;
-        for (int m = 0; m < M; m++) {
-            const float *xm = x + (int64_t)m * width;
-            const float *x0 = scaled ? xs + (int64_t)m * w->nplain * width : xm;
-            const float *x1 = (scaled && two) ? x0 + width : xm;
-            const float *bs = bsum + (int64_t)m * w->blocks, *bsc = bsumc + (int64_t)m * w->blocks;
-            vacc acc = vzero();
-            float y = 0.0f;
-            for (int b = 0; b < w->blocks; b++) {
-                const int t0 = b * w->block_chunks;
-                const int t1 = t0 + w->block_chunks < w->chunks ? t0 + w->block_chunks : w->chunks;
-                const float *sc = w->scales + ((int64_t)i * w->blocks + b) * w->zones;
-                const float *mu = w->means ? w->means + ((int64_t)i * w->blocks + b) * w->zones : NULL;
-                if (!two) {
-                    vacc p = vzero(), q = vzero();
-                    int t = t0;
-                    if (w->nonsalient) {
-                        for (; t + 1 < t1; t += 2) {
-                            p = vmadd(p, srow[t] & w->nonsalient[t], x0 + 16 * t);
-                            q = vmadd(q, srow[t + 1] & w->nonsalient[t + 1], x0 + 16 * (t + 1));
-                        }
-                        if (t < t1) p = vmadd(p, srow[t] & w->nonsalient[t], x0 + 16 * t);
-                    } else {
-                        for (; t + 1 < t1; t += 2) {
-                            p = vmadd(p, srow[t], x0 + 16 * t);
-                            q = vmadd(q, srow[t + 1], x0 + 16 * (t + 1));
-                        }
-                        if (t < t1) p = vmadd(p, srow[t], x0 + 16 * t);
-                    }
-                    acc = vfma(2.0f * sc[0], p, acc);
-                    acc = vfma(2.0f * sc[0], q, acc);
-                    y -= sc[0] * bsc[b];
-                    if (mu) y += mu[0] * bs[b];
-                } else {
-                    vacc p0 = vzero(), n0 = vzero(), p1 = vzero(), n1 = vzero(), m0 = vzero(), m1 = vzero();
-                    for (int t = t0; t < t1; t++) {
-                        const uint16_t ns = w->nonsalient ? w->nonsalient[t] : 0xFFFF;
-                        const uint16_t z1 = brow[t] & ns, z0 = (uint16_t)(~brow[t]) & ns;
-                        const uint16_t s = srow[t];
-                        p0 = vmadd(p0, s & z0, x0 + 16 * t);
-                        n0 = vmadd(n0, z0, x0 + 16 * t);
-                        p1 = vmadd(p1, s & z1, x1 + 16 * t);
-                        n1 = vmadd(n1, z1, x1 + 16 * t);
-                        if (mu) {
-                            m0 = vmadd(m0, z0, xm + 16 * t);
-                            m1 = vmadd(m1, z1, xm + 16 * t);
-                        }
-                    }
-                    acc = vfma(2.0f * sc[0], p0, acc);
-                    acc = vfma(-sc[0], n0, acc);
-                    acc = vfma(2.0f * sc[1], p1, acc);
-                    acc = vfma(-sc[1], n1, acc);
-                    if (mu) {
-                        acc = vfma(mu[0], m0, acc);
-                        acc = vfma(mu[1], m1, acc);
-                    }
-                }
-            }
-            y += vsum(acc);
-            if (w->nsal) y += binary_salient(w, i, xm);
-            if (bias) y += bias[i];
-            out[(int64_t)m * w->rows + i] = y;
-        }
-    }
-    free(owned); free(xs); free(bsum);
+    for (int q = 0; q < w->nparts; q++) free(in[q].x);
     return 0;
 }
 
-/* Rows r0..r1 of the dense weight, (r1 - r0, width) floats: the prefill path multiplies tiles. */
+/* Rows r0..r1 of the dense weight, (r1 - r0, cols) floats: the prefill path multiplies tiles. */
 void binq_binary_dequant(const binary_weight *w, int r0, int r1, float *out, int threads) {
-    const int width = w->chunks * 16;
-    const int nsz = w->zones - w->nplain;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int i = r0; i < r1; i++) {
-        float *o = out + (int64_t)(i - r0) * width;
-        const uint16_t *srow = w->signs + (int64_t)i * w->chunks;
-        const uint16_t *brow = w->bitmap ? w->bitmap + (int64_t)i * w->chunks : NULL;
-        for (int b = 0; b < w->blocks; b++) {
-            const int t0 = b * w->block_chunks;
-            const int t1 = t0 + w->block_chunks < w->chunks ? t0 + w->block_chunks : w->chunks;
-            const float *sc = w->scales + ((int64_t)i * w->blocks + b) * w->zones;
-            const float *mu = w->means ? w->means + ((int64_t)i * w->blocks + b) * w->zones : NULL;
-            const float a0 = sc[0], a1 = w->nplain > 1 ? sc[1] : 0.0f;
-            const float m0 = mu ? mu[0] : 0.0f, m1 = mu && w->nplain > 1 ? mu[1] : 0.0f;
-            for (int t = t0; t < t1; t++) {
-                const uint16_t s = srow[t], bm = brow ? brow[t] : 0;
-                const uint16_t ns = w->nonsalient ? w->nonsalient[t] : 0xFFFF;
-                float *ot = o + 16 * t;
-                for (int k = 0; k < 16; k++) {
-                    const int z = bm >> k & 1;
-                    float c = 1.0f;
-                    if (w->colscale) c = w->colscale[(int64_t)z * width + 16 * t + k];
-                    const float v = (z ? a1 : a0) * c * ((s >> k & 1) ? 1.0f : -1.0f) + (z ? m1 : m0);
-                    ot[k] = (ns >> k & 1) ? v : 0.0f;
+        float *o = out + (int64_t)(i - r0) * w->cols;
+        memset(o, 0, sizeof(float) * w->cols);
+        for (int q = 0; q < w->nparts; q++) {
+            const binary_part *p = &w->parts[q];
+            const int width = p->chunks * 16;
+            const uint16_t *srow = p->signs + (int64_t)i * p->chunks;
+            const uint16_t *brow = p->bitmap ? p->bitmap + (int64_t)i * p->chunks : NULL;
+            for (int b = 0; b < w->blocks; b++) {
+                const int64_t at = ((int64_t)i * w->blocks + b) * w->zones;
+                const float a0 = w->scales[at + p->zone0], a1 = brow ? w->scales[at + p->zone1] : 0.0f;
+                const float m0 = w->means ? w->means[at + p->zone0] : 0.0f;
+                const float m1 = w->means && brow ? w->means[at + p->zone1] : 0.0f;
+                for (int t = p->block_chunk[b]; t < p->block_chunk[b + 1]; t++) {
+                    const uint16_t s = srow[t], bm = brow ? brow[t] : 0;
+                    for (int k = 0; k < 16; k++) {
+                        const int j = p->colmap[16 * t + k];
+                        if (j < 0) continue;
+                        const int z = bm >> k & 1;
+                        const float c = p->colscale ? p->colscale[(int64_t)z * width + 16 * t + k] : 1.0f;
+                        o[j] += (z ? a1 : a0) * c * ((s >> k & 1) ? 1.0f : -1.0f) + (z ? m1 : m0);
+                    }
                 }
             }
-        }
-        const uint16_t *rrow = w->residual ? w->residual + (int64_t)i * w->sal_chunks : NULL;
-        for (int k = 0; k < w->nsal; k++) {
-            const int j = w->sal_cols[k];
-            const int b = j / w->block_size;
-            int z = w->nplain;
-            if (w->salient_groups && bit_at(brow, j)) z += 2;
-            const float *sc = w->scales + ((int64_t)i * w->blocks + b) * w->zones;
-            float c0 = 1.0f, c1 = 1.0f;
-            if (w->sal_colscale) {
-                c0 = w->sal_colscale[(int64_t)k * nsz + (z - w->nplain)];
-                c1 = w->sal_colscale[(int64_t)k * nsz + (z + 1 - w->nplain)];
-            }
-            float v = sc[z] * c0 * (bit_at(srow, j) ? 1.0f : -1.0f) + sc[z + 1] * c1 * (bit_at(rrow, k) ? 1.0f : -1.0f);
-            if (w->means) v += w->means[((int64_t)i * w->blocks + b) * w->zones + z] +
-                               w->means[((int64_t)i * w->blocks + b) * w->zones + z + 1];
-            o[j] = v;
         }
     }
 }
@@ -395,6 +373,14 @@ void binq_uniform_dequant(const uniform_weight *w, int r0, int r1, float *out, i
             }
         }
     }
+}
+
+/* x: (M, cols) floats copied into zero-padded rows of whole chunks. */
+static float *padded_copy(const float *x, int M, int cols, int width) {
+    float *xp = (float *)calloc((size_t)M * width, sizeof(float));
+    if (!xp) return NULL;
+    for (int m = 0; m < M; m++) memcpy(xp + (int64_t)m * width, x + (int64_t)m * cols, sizeof(float) * cols);
+    return xp;
 }
 
 /* ---------------------------------------------------------------- multiscale layout
