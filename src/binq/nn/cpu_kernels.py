@@ -296,7 +296,7 @@ def prepare_binary(module: BinaryLinear) -> Prepared | None:
                 zone0=zone0,
                 zone1=zone1,
                 colscale=_ptr(a.get(f"colscale{index}")),
-            )  # fmt: skip
+            )
         )
     struct = _Binary(
         rows=rows, blocks=blocks, zones=zones, cols=cols, nparts=len(structs), scales=_ptr(scales),
