@@ -377,7 +377,58 @@ def run_demo(args: argparse.Namespace) -> int:
         )
     )
     print(f"reports: {out}/*/report.json; summary: {summary}")
+    _demo_generation(reports, out, args.model)
     return 0
+
+
+DEMO_PROMPT = "The history of England"
+DEMO_NEW_TOKENS = 48
+ONE_BIT_CLASS = 1.5  # compute bits up to which a run counts as a 1-bit method (BiLLM: 1.09)
+
+
+def _mean_ppl(report: dict[str, Any]) -> float:
+    values = [evaluation["ppl"] for evaluation in report["eval"].values()]
+    return sum(values) / len(values) if values else float("inf")
+
+
+def _demo_generation(reports: list[dict[str, Any]], out: Path, model: str) -> None:
+    """The best 1-bit-class run's checkpoint writing beside the original, each in its own process."""
+    from binq.inference.bench import run_worker
+    from binq.report import print_table
+
+    one_bit = [r for r in reports if r["bits"]["linear"]["compute_bits"] <= ONE_BIT_CLASS and r["eval"]]
+    if not one_bit:
+        return
+    best = min(one_bit, key=_mean_ppl)
+    folder = out / best["label"].replace(" ", "_")
+    loaded = load_model(model)
+    prompt = list(loaded.tokenizer(DEMO_PROMPT)["input_ids"])
+    threads = torch.get_num_threads()
+    print(
+        f"\n{best['label']} (the 1-bit-class run of lowest perplexity) beside the original: greedy, "
+        f"{DEMO_NEW_TOKENS} new tokens after {DEMO_PROMPT!r}, {threads} threads, each in its own process"
+    )
+    engines = {
+        "original (torch fp32)": {"model": model, "checkpoint": False},
+        best["label"]: {"model": str(folder), "checkpoint": True},
+    }
+    table = Table(title="decode speed and memory")
+    for column in ("model", "weights in memory MiB", "decode tok/s", "peak RSS MiB"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for name, spec in engines.items():
+        job = {
+            "task": "generate", **spec, "dtype": "float32", "device": "cpu", "threads": threads,
+            "prompt_ids": prompt, "new_tokens": DEMO_NEW_TOKENS,
+        }  # fmt: skip
+        result = run_worker(job, threads)
+        text = loaded.tokenizer.decode(result["generated"], skip_special_tokens=True)
+        print(f"\n[{name}] {DEMO_PROMPT}{text}")
+        table.add_row(
+            name, f"{result['model_bytes'] / 2**20:,.1f}", f"{result['decode_tokens_per_s']:.1f}",
+            f"{result['peak_rss_bytes'] / 2**20:,.0f}",
+        )  # fmt: skip
+    print()
+    print_table(table)
 
 
 def _load_any(spec: str) -> Any:

@@ -60,7 +60,7 @@ def _load(job: dict[str, Any]) -> Any:
     import torch
 
     dtype = _torch_dtype(job["dtype"])
-    if job["task"] == "binq":
+    if job.get("checkpoint", job["task"] == "binq"):
         from binq.checkpoint import load
         from binq.nn.decoder import compact_embeddings
 
@@ -122,6 +122,25 @@ def run_torch(job: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+def run_generate(job: dict[str, Any]) -> dict[str, Any]:
+    """Greedy continuation of ``prompt_ids`` by ``new_tokens`` tokens, with speed and memory (``binq demo``)."""
+    from binq.inference.generate import generate
+
+    set_threads(job["threads"])
+    baseline = peak_rss_bytes()
+    model = _load(job)
+    generate(model, job["prompt_ids"], 4, loop=job.get("loop", "auto"))  # warm-up: kernels built, caches sized
+    result = generate(model, job["prompt_ids"], job["new_tokens"], eos_ids=set(job.get("eos_ids", [])))
+    return {
+        "generated": result.tokens,
+        "decode_tokens_per_s": result.stats.decode_tokens_per_s,
+        "prefill_tokens_per_s": result.stats.prefill_tokens_per_s,
+        "model_bytes": _memory_bytes(model),
+        "baseline_rss_bytes": baseline,
+        "loop": result.loop,
+    }
+
+
 def run_llamacpp(job: dict[str, Any]) -> dict[str, Any]:
     import llama_cpp
 
@@ -159,7 +178,14 @@ def run_gemv(job: dict[str, Any]) -> dict[str, Any]:
     return {"results": records}
 
 
-TASKS = {"binq": run_torch, "torch": run_torch, "llamacpp": run_llamacpp, "quantize": run_quantize, "gemv": run_gemv}
+TASKS = {
+    "binq": run_torch,
+    "torch": run_torch,
+    "generate": run_generate,
+    "llamacpp": run_llamacpp,
+    "quantize": run_quantize,
+    "gemv": run_gemv,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
