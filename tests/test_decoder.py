@@ -9,6 +9,7 @@ from binq.engine.calibrate import quantize_model
 from binq.methods import get_method
 from binq.models import get_architecture
 from binq.nn import BinaryLinear
+from binq.nn.cpu_kernels import fused_call
 from binq.nn.decoder import HalfEmbedding, HalfLinear, LeanDecoder, compact_embeddings, lean_unsupported
 from conftest import build_tiny_model, random_ids
 
@@ -41,6 +42,8 @@ def test_a_quantized_model_decodes_through_the_kernels_as_its_forward() -> None:
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, BinaryLinear.from_weight(weight))
     assert any(isinstance(m, BinaryLinear) for m in model.modules())
+    attn = model.model.layers[0].self_attn
+    assert fused_call([attn.q_proj, attn.k_proj, attn.v_proj]) is not None  # one kernel for q, k and v
     ids = random_ids(1, 9, seed=4)[0]
     with torch.inference_mode():
         want = model(ids.unsqueeze(0)).logits[0, -1:]

@@ -39,9 +39,11 @@ import json
 import logging
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -383,7 +385,11 @@ def _environment() -> dict[str, Any]:
     machine = {"platform": platform.platform(), "processor": platform.machine(), "cpu_count": os.cpu_count()}
     if torch.cuda.is_available():
         machine["cuda_device"] = torch.cuda.get_device_name()
-    return {"machine": machine, "versions": versions}
+    from binq.nn.cpu_kernels import isa
+
+    machine["binq_cpu_kernels"] = isa()
+    command = "binq " + shlex.join(sys.argv[1:]) if Path(sys.argv[0]).name in ("binq", "cli.py") else None
+    return {"machine": machine, "versions": versions, "command": command, "date": time.strftime("%Y-%m-%d")}
 
 
 def _record(engine: Engine, config: BenchConfig) -> dict[str, Any]:

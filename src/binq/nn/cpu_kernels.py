@@ -385,6 +385,51 @@ def prepare_multiscale(module: BinaryLinear) -> Prepared | None:
     return Prepared("multiscale", struct, a, rows, cols, width)
 
 
+# Per layout, the arrays indexed by row (row-concatenated when linears are fused) and the struct fields
+# that point to them; every other array describes the columns and must be equal to fuse.
+_ROW_ARRAYS = {
+    "binary": ("scales", "means", "signs0", "signs1", "signs2", "bitmap0", "bitmap1", "bitmap2"),
+    "uniform": ("planes", "scales", "zeros"),
+}
+
+
+def concat_prepared(prepared: list[Prepared]) -> Prepared | None:
+    """One kernel for several linears of one input (q/k/v, gate/up): their rows stacked, or None.
+
+    Possible when they share the layout and every column-side array (column maps, blocks, groups,
+    column scales); the outputs come out concatenated in the given order.
+    """
+    first = prepared[0]
+    if first.kind not in _ROW_ARRAYS or any(p.kind != first.kind or p.cols != first.cols for p in prepared):
+        return None
+    if any(set(p.arrays) != set(first.arrays) for p in prepared):
+        return None
+    row_keys = [k for k in first.arrays if k in _ROW_ARRAYS[first.kind]]
+    for key in first.arrays:
+        if key not in row_keys and not all(np.array_equal(p.arrays[key], first.arrays[key]) for p in prepared):
+            return None
+    if first.kind == "binary" and any(
+        (a.zone0, a.zone1, a.chunks) != (b.zone0, b.zone1, b.chunks)
+        for p in prepared
+        for a, b in zip(p.struct.parts[: p.struct.nparts], first.struct.parts[: first.struct.nparts], strict=True)
+    ):
+        return None
+    arrays = dict(first.arrays)
+    for key in row_keys:
+        arrays[key] = np.ascontiguousarray(np.concatenate([p.arrays[key] for p in prepared], axis=0))
+    rows = sum(p.rows for p in prepared)
+    struct = type(first.struct).from_buffer_copy(first.struct)
+    struct.rows = rows
+    if first.kind == "binary":
+        struct.scales, struct.means = _ptr(arrays["scales"]), _ptr(arrays.get("means"))
+        for index in range(struct.nparts):
+            struct.parts[index].signs = _ptr(arrays[f"signs{index}"])
+            struct.parts[index].bitmap = _ptr(arrays.get(f"bitmap{index}"))
+    else:
+        struct.planes, struct.scales, struct.zeros = (_ptr(arrays[k]) for k in ("planes", "scales", "zeros"))
+    return Prepared(first.kind, struct, arrays, rows, first.cols, first.width)
+
+
 _PREPARE = {"binary": prepare_binary, "uniform": prepare_uniform, "multiscale": prepare_multiscale}
 _UNSUPPORTED = object()
 
@@ -443,6 +488,43 @@ def _tiled(library: ctypes.CDLL, prepared: Prepared, x2d: torch.Tensor, bias: to
     if bias is not None:
         out += bias
     return out
+
+
+def direct_call(module: BinaryLinear) -> Any | None:
+    """``x2d -> x2d W^T + b`` through this module's CPU kernel without the module machinery, or None.
+
+    For decode loops that call each linear once per token (:class:`~binq.nn.decoder.LeanDecoder`):
+    ``x2d`` must be float32, contiguous, ``(tokens, in_features)``. None when the kernel does not apply
+    (another device, no compiled kernels, an activation quantizer, a layout without a CPU kernel).
+    """
+    prepared = prepared_for(module)
+    if prepared is None:
+        return None
+    bias = None if module.bias is None else module.bias.detach().float().contiguous()
+    return lambda x2d: run_prepared(prepared, x2d, bias)
+
+
+def prepared_for(module: Any) -> Prepared | None:
+    """The module's CPU-kernel state when its plain kernel path applies, else None."""
+    if not isinstance(module, BinaryLinear) or getattr(module, "activation_quantizer", None) is not None:
+        return None
+    kernel = next((k for k in KERNELS if k.layout == module.layout), None)
+    probe = torch.empty(1, module.in_features)
+    if kernel is None or not kernel.supports(module, probe):
+        return None
+    return kernel.prepared(module)
+
+
+def fused_call(modules: list[Any]) -> Any | None:
+    """One kernel call for linears sharing an input: returns ``x2d -> [outputs]``, or None."""
+    prepared = [prepared_for(m) for m in modules]
+    if any(p is None for p in prepared) or any(m.bias is not None for m in modules):
+        return None
+    fused = concat_prepared(prepared)
+    if fused is None:
+        return None
+    sizes = [m.out_features for m in modules]
+    return lambda x2d: run_prepared(fused, x2d, None).split(sizes, dim=-1)
 
 
 class CpuKernel:

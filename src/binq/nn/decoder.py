@@ -117,16 +117,47 @@ def lean_unsupported(model: nn.Module, max_length: int) -> str | None:
     return None
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def _rms_norm(module: nn.Module, dtype: torch.dtype) -> Any:
+    """The model's RMSNorm as three tensor ops when it is the plain fp32 form, else the module itself."""
+    eps = getattr(module, "variance_epsilon", None)
+    weight = getattr(module, "weight", None)
+    plain = type(module).__name__ in ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
+    if not plain or eps is None or weight is None or dtype != torch.float32 or weight.dtype != torch.float32:
+        return module
+    return lambda h: h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+def _linear(module: nn.Module) -> Any:
+    from binq.nn.cpu_kernels import direct_call
+
+    return direct_call(module) or module
+
+
+def _shared_input(modules: list[nn.Module]) -> Any:
+    """Linears that read the same input, as one call returning their outputs (one fused kernel if it can)."""
+    from binq.nn.cpu_kernels import fused_call
+
+    fused = fused_call(modules)
+    if fused is not None:
+        return fused
+    calls = [_linear(m) for m in modules]
+    return lambda x: [call(x) for call in calls]
+
+
+def _swap_halves(x: torch.Tensor) -> torch.Tensor:
+    """``cat(x2, x1)`` of the last axis' halves; times a sine whose first half is negated, it is
+    the usual ``rotate_half(x) * sin``."""
+    *lead, dim = x.shape
+    return x.reshape(*lead, 2, dim // 2).flip(-2).reshape(*lead, dim)
 
 
 class LeanDecoder:
     """Batch-1 decoding of a LLaMA-family model with a preallocated KV cache.
 
     ``forward(ids)`` appends ``ids`` (1-D) to the sequence and returns the logits of its last position
-    (or of every position with ``all_logits``). ``reset()`` empties the cache.
+    (or of every position with ``all_logits``). ``reset()`` empties the cache. Each layer's linears are
+    resolved once: binq's CPU kernels are called directly, and linears that share an input (q/k/v,
+    gate/up) run as one kernel when their layouts allow; the rotary tables are computed once.
     """
 
     def __init__(self, model: nn.Module, max_length: int) -> None:
@@ -144,31 +175,51 @@ class LeanDecoder:
         self.scaling = attn.scaling
         self.qk_norm = hasattr(attn, "q_norm")
         self.max_length = max_length
-        param = next(model.parameters())
         self.dtype = self.inner.norm.weight.dtype
-        self.device = param.device
+        self.device = next(model.parameters()).device
         shape = (len(self.layers), self.kv_heads, max_length, self.head_dim)
         self.keys = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.values = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.length = 0
+        with torch.inference_mode():
+            probe = torch.zeros(1, 1, self.head_dim, dtype=self.dtype, device=self.device)
+            positions = torch.arange(max_length, device=self.device).unsqueeze(0)
+            cos, sin = self.inner.rotary_emb(probe, positions)
+            half = self.head_dim // 2
+            self.cos = cos[0].to(self.dtype).unsqueeze(1)  # (positions, 1, head_dim)
+            self.sin = torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1).to(self.dtype).unsqueeze(1)
+        self.steps = [self._resolve(layer) for layer in self.layers]
+        self.final_norm = _rms_norm(self.inner.norm, self.dtype)
+
+    def _resolve(self, layer: Any) -> dict[str, Any]:
+        attn, mlp = layer.self_attn, layer.mlp
+        return {
+            "norm1": _rms_norm(layer.input_layernorm, self.dtype),
+            "qkv": _shared_input([attn.q_proj, attn.k_proj, attn.v_proj]),
+            "o": _linear(attn.o_proj),
+            "norm2": _rms_norm(layer.post_attention_layernorm, self.dtype),
+            "gate_up": _shared_input([mlp.gate_proj, mlp.up_proj]),
+            "down": _linear(mlp.down_proj),
+            "act": mlp.act_fn,
+        }
 
     def reset(self) -> None:
         self.length = 0
 
-    def _attention(self, index: int, layer: Any, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        attn = layer.self_attn
-        tokens = h.shape[0]
-        q = attn.q_proj(h).view(tokens, self.heads, self.head_dim)
-        k = attn.k_proj(h).view(tokens, self.kv_heads, self.head_dim)
-        v = attn.v_proj(h).view(tokens, self.kv_heads, self.head_dim)
+    def _attention(self, index: int, layer: Any, step: dict[str, Any], x: torch.Tensor) -> torch.Tensor:
+        tokens = x.shape[0]
+        q, k, v = step["qkv"](x)
+        q = q.reshape(tokens, self.heads, self.head_dim)
+        k = k.reshape(tokens, self.kv_heads, self.head_dim)
+        v = v.reshape(tokens, self.kv_heads, self.head_dim)
         if self.qk_norm:
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # (heads, tokens, head_dim)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+            q, k = layer.self_attn.q_norm(q), layer.self_attn.k_norm(k)
         start, end = self.length, self.length + tokens
-        self.keys[index, :, start:end] = k
-        self.values[index, :, start:end] = v
+        cos, sin = self.cos[start:end], self.sin[start:end]
+        q = q * cos + _swap_halves(q) * sin
+        k = k * cos + _swap_halves(k) * sin
+        self.keys[index, :, start:end] = k.transpose(0, 1)
+        self.values[index, :, start:end] = v.transpose(0, 1)
         keys, values = self.keys[index, :, :end], self.values[index, :, :end]
         group = self.heads // self.kv_heads
         if tokens == 1:  # decode: one query row per head, grouped under its key/value head
@@ -176,13 +227,13 @@ class LeanDecoder:
             probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
             out = (probs @ values).reshape(1, self.heads * self.head_dim)
         else:
-            causal = torch.ones(tokens, end, dtype=torch.bool, device=h.device).tril(diagonal=start)
+            causal = torch.ones(tokens, end, dtype=torch.bool, device=x.device).tril(diagonal=start)
             out = F.scaled_dot_product_attention(
-                q.unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0), attn_mask=causal, scale=self.scaling,
-                enable_gqa=group > 1,
+                q.transpose(0, 1).unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0), attn_mask=causal,
+                scale=self.scaling, enable_gqa=group > 1,
             )  # fmt: skip
             out = out[0].transpose(0, 1).reshape(tokens, self.heads * self.head_dim)
-        return attn.o_proj(out)
+        return step["o"](out)
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
@@ -191,14 +242,12 @@ class LeanDecoder:
         if self.length + tokens > self.max_length:
             raise ValueError(f"sequence of {self.length + tokens} tokens exceeds the cache of {self.max_length}")
         h = self.inner.embed_tokens(ids).to(self.dtype)
-        positions = torch.arange(self.length, self.length + tokens, device=self.device).unsqueeze(0)
-        cos, sin = self.inner.rotary_emb(h.unsqueeze(0), positions)
-        cos, sin = cos[0].to(self.dtype), sin[0].to(self.dtype)
-        for index, layer in enumerate(self.layers):
-            h = h + self._attention(index, layer, layer.input_layernorm(h), cos, sin)
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        for index, (layer, step) in enumerate(zip(self.layers, self.steps, strict=True)):
+            h = h + self._attention(index, layer, step, step["norm1"](h))
+            gate, up = step["gate_up"](step["norm2"](h))
+            h = h + step["down"](step["act"](gate) * up)
         self.length += tokens
-        h = self.inner.norm(h if all_logits else h[-1:])
+        h = self.final_norm(h if all_logits else h[-1:])
         logits = self.model.lm_head(h)
         scale = getattr(self.model.config, "logit_scale", None)  # none of the lean types uses one today
         return logits * scale if scale is not None and not math.isclose(scale, 1.0) else logits
