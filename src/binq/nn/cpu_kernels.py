@@ -68,8 +68,8 @@ class _Binary(ctypes.Structure):
 
 class _Uniform(ctypes.Structure):
     _fields_ = [
-        *[(n, _c_int) for n in ("rows", "chunks", "bits", "groups", "cols")],
-        *[(n, _c_ptr) for n in ("planes", "group_chunk", "colmap", "scales", "zeros")],
+        *[(n, _c_int) for n in ("rows", "chunks", "bits", "groups", "cols", "mode")],
+        *[(n, _c_ptr) for n in ("planes", "group_chunk", "colmap", "scales", "zeros", "nibbles")],
     ]
 
 
@@ -331,21 +331,28 @@ def prepare_uniform(module: BinaryLinear) -> Prepared | None:
     placed = np.zeros((rows, width), dtype=np.uint8)
     valid = colmap >= 0
     placed[:, valid] = codes[:, colmap[valid]]
-    planes = np.stack([chunk_plane((placed >> k & 1).astype(bool), width) for k in range(bits)], axis=-1)
+    if bits == 4:  # per chunk, byte q = column q (low nibble) | column q + 8 (high nibble)
+        chunked = placed.reshape(rows, width // 16, 2, 8)
+        codes_array = np.ascontiguousarray(chunked[:, :, 0] | (chunked[:, :, 1] << 4))
+        key, mode = "nibbles", 4
+    else:
+        codes_array = np.stack([chunk_plane((placed >> k & 1).astype(bool), width) for k in range(bits)], axis=-1)
+        key, mode = "planes", 0
     if "zeros" in t:
         zeros = unpack_uint(t["zeros"], groups, bits).numpy().astype(np.float32)
     else:
         zeros = np.full((rows, groups), 2.0 ** (bits - 1), dtype=np.float32)
     a = {
-        "planes": np.ascontiguousarray(planes),
+        key: np.ascontiguousarray(codes_array),
         "group_chunk": group_chunk,
         "colmap": colmap,
         "scales": scales,
         "zeros": np.ascontiguousarray(zeros),
     }
     struct = _Uniform(
-        rows=rows, chunks=width // 16, bits=bits, groups=groups, cols=cols, planes=_ptr(a["planes"]),
+        rows=rows, chunks=width // 16, bits=bits, groups=groups, cols=cols, mode=mode, planes=_ptr(a.get("planes")),
         group_chunk=_ptr(group_chunk), colmap=_ptr(colmap), scales=_ptr(scales), zeros=_ptr(a["zeros"]),
+        nibbles=_ptr(a.get("nibbles")),
     )  # fmt: skip
     return Prepared("uniform", struct, a, rows, cols, cols)
 
@@ -389,7 +396,7 @@ def prepare_multiscale(module: BinaryLinear) -> Prepared | None:
 # that point to them; every other array describes the columns and must be equal to fuse.
 _ROW_ARRAYS = {
     "binary": ("scales", "means", "signs0", "signs1", "signs2", "bitmap0", "bitmap1", "bitmap2"),
-    "uniform": ("planes", "scales", "zeros"),
+    "uniform": ("planes", "nibbles", "scales", "zeros"),
 }
 
 
@@ -426,7 +433,8 @@ def concat_prepared(prepared: list[Prepared]) -> Prepared | None:
             struct.parts[index].signs = _ptr(arrays[f"signs{index}"])
             struct.parts[index].bitmap = _ptr(arrays.get(f"bitmap{index}"))
     else:
-        struct.planes, struct.scales, struct.zeros = (_ptr(arrays[k]) for k in ("planes", "scales", "zeros"))
+        struct.planes, struct.nibbles = _ptr(arrays.get("planes")), _ptr(arrays.get("nibbles"))
+        struct.scales, struct.zeros = _ptr(arrays["scales"]), _ptr(arrays["zeros"])
     return Prepared(first.kind, struct, arrays, rows, first.cols, first.width)
 
 

@@ -298,18 +298,59 @@ void binq_binary_dequant(const binary_weight *w, int r0, int r1, float *out, int
     }
 }
 
-/* ---------------------------------------------------------------- uniform layout (bit-serial)
+/* ---------------------------------------------------------------- uniform layout
  * W[i, j] = scale[i, g] (code[i, j] - zero[i, g]). Columns are re-ordered so that every group is a
  * run of whole chunks (act-order groups gathered, each group padded to 16 columns): colmap gives,
- * for each padded position, the source column or -1. planes: uint16 (rows, chunks, bits).
- * group_chunk: (groups + 1) chunk offsets. scales, zeros: float (rows, groups).
+ * for each padded position, the source column or -1. group_chunk: (groups + 1) chunk offsets.
+ * scales, zeros: float (rows, groups). Codes, per chunk, in one of two forms:
+ * - mode 0, bit planes: uint16 (rows, chunks, bits), sum_j c_j x_j = sum_k 2^k (masked sum of plane k);
+ * - mode 4, nibbles: uint8 (rows, chunks, 8), byte q holding column q (low) and q + 8 (high), for
+ *   4-bit codes: 16 codes widen to floats and meet x in one FMA, cheaper than four masked adds.
  */
 typedef struct {
-    int rows, chunks, bits, groups, cols;
+    int rows, chunks, bits, groups, cols, mode;
     const uint16_t *planes;
     const int32_t *group_chunk, *colmap;
     const float *scales, *zeros;
+    const uint8_t *nibbles;
 } uniform_weight;
+
+#if BINQ_AVX512
+static inline __m512 nibble_codes(const uint8_t *bytes) {
+    const __m128i packed = _mm_loadl_epi64((const __m128i *)bytes);
+    const __m128i low = _mm_and_si128(packed, _mm_set1_epi8(0x0F));
+    const __m128i high = _mm_and_si128(_mm_srli_epi16(packed, 4), _mm_set1_epi8(0x0F));
+    return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi64(low, high)));
+}
+#endif
+
+static inline int nibble_code(const uint8_t *bytes, int k) { return k < 8 ? bytes[k] & 0x0F : bytes[k - 8] >> 4; }
+
+/* Bit-serial sums of one group for four rows: one activation load feeds bits x 4 masked adds. */
+static inline __attribute__((always_inline)) void serial_rows(const uniform_weight *w, const int bits, const int row[QUAD],
+                                                              int g, int m, const float *xm, const float *gsum,
+                                                              vacc total[QUAD], float y[QUAD]) {
+    vacc acc[QUAD][8];
+    for (int r = 0; r < QUAD; r++)
+        for (int k = 0; k < bits; k++) acc[r][k] = vzero();
+    for (int t = w->group_chunk[g]; t < w->group_chunk[g + 1]; t++) {
+#if BINQ_AVX512
+        const vacc xv = _mm512_loadu_ps(xm + 16 * t);
+        for (int r = 0; r < QUAD; r++)
+            for (int k = 0; k < bits; k++)
+                acc[r][k] = vmaskadd(acc[r][k], w->planes[((int64_t)row[r] * w->chunks + t) * bits + k], xv);
+#else
+        for (int r = 0; r < QUAD; r++)
+            for (int k = 0; k < bits; k++)
+                acc[r][k] = vmadd(acc[r][k], w->planes[((int64_t)row[r] * w->chunks + t) * bits + k], xm + 16 * t);
+#endif
+    }
+    for (int r = 0; r < QUAD; r++) {
+        const int64_t ig = (int64_t)row[r] * w->groups + g;
+        for (int k = 0; k < bits; k++) total[r] = vfma(w->scales[ig] * (float)(1 << k), acc[r][k], total[r]);
+        y[r] -= w->scales[ig] * w->zeros[ig] * gsum[(int64_t)m * w->groups + g];
+    }
+}
 
 int binq_uniform_gemm(const uniform_weight *w, int M, const float *x, const float *bias, float *out, int threads) {
     const int width = w->chunks * 16;
@@ -326,25 +367,64 @@ int binq_uniform_gemm(const uniform_weight *w, int M, const float *x, const floa
         }
     }
     const int bits = w->bits;
+    const int quads = (w->rows + QUAD - 1) / QUAD;
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int i = 0; i < w->rows; i++) {
-        const uint16_t *prow = w->planes + (int64_t)i * w->chunks * bits;
+    for (int qd = 0; qd < quads; qd++) {
+        const int i0 = qd * QUAD;
+        int row[QUAD];
+        for (int r = 0; r < QUAD; r++) row[r] = i0 + r < w->rows ? i0 + r : w->rows - 1;
         for (int m = 0; m < M; m++) {
             const float *xm = xp + (int64_t)m * width;
-            vacc total = vzero();
-            float y = 0.0f;
-            for (int g = 0; g < w->groups; g++) {
-                vacc acc[8];
-                for (int k = 0; k < bits; k++) acc[k] = vzero();
-                for (int t = w->group_chunk[g]; t < w->group_chunk[g + 1]; t++)
-                    for (int k = 0; k < bits; k++) acc[k] = vmadd(acc[k], prow[(int64_t)t * bits + k], xm + 16 * t);
-                const int64_t ig = (int64_t)i * w->groups + g;
-                for (int k = 0; k < bits; k++) total = vfma(w->scales[ig] * (float)(1 << k), acc[k], total);
-                y -= w->scales[ig] * w->zeros[ig] * gsum[(int64_t)m * w->groups + g];
+            vacc total[QUAD];
+            float y[QUAD];
+            for (int r = 0; r < QUAD; r++) {
+                total[r] = vzero();
+                y[r] = 0.0f;
             }
-            y += vsum(total);
-            if (bias) y += bias[i];
-            out[(int64_t)m * w->rows + i] = y;
+            for (int g = 0; g < w->groups; g++) {
+                const int t0 = w->group_chunk[g], t1 = w->group_chunk[g + 1];
+#if BINQ_AVX512
+                if (w->mode == 4) {
+                    __m512 acc[QUAD];
+                    for (int r = 0; r < QUAD; r++) acc[r] = _mm512_setzero_ps();
+                    for (int t = t0; t < t1; t++) {
+                        const __m512 xv = _mm512_loadu_ps(xm + 16 * t);
+                        for (int r = 0; r < QUAD; r++)
+                            acc[r] = _mm512_fmadd_ps(nibble_codes(w->nibbles + ((int64_t)row[r] * w->chunks + t) * 8), xv,
+                                                     acc[r]);
+                    }
+                    for (int r = 0; r < QUAD; r++) {
+                        const int64_t ig = (int64_t)row[r] * w->groups + g;
+                        total[r] = vfma(w->scales[ig], acc[r], total[r]);
+                        y[r] -= w->scales[ig] * w->zeros[ig] * gsum[(int64_t)m * w->groups + g];
+                    }
+                    continue;
+                }
+#endif
+                if (w->mode == 4) {
+                    for (int r = 0; r < QUAD; r++) {
+                        float dot = 0.0f;
+                        for (int t = t0; t < t1; t++)
+                            for (int k = 0; k < 16; k++)
+                                dot += (float)nibble_code(w->nibbles + ((int64_t)row[r] * w->chunks + t) * 8, k) *
+                                       xm[16 * t + k];
+                        const int64_t ig = (int64_t)row[r] * w->groups + g;
+                        y[r] += w->scales[ig] * (dot - w->zeros[ig] * gsum[(int64_t)m * w->groups + g]);
+                    }
+                    continue;
+                }
+                switch (bits) { /* a constant bit count per case: the accumulators stay in registers */
+                case 1: serial_rows(w, 1, row, g, m, xm, gsum, total, y); break;
+                case 2: serial_rows(w, 2, row, g, m, xm, gsum, total, y); break;
+                case 3: serial_rows(w, 3, row, g, m, xm, gsum, total, y); break;
+                case 5: serial_rows(w, 5, row, g, m, xm, gsum, total, y); break;
+                case 6: serial_rows(w, 6, row, g, m, xm, gsum, total, y); break;
+                case 7: serial_rows(w, 7, row, g, m, xm, gsum, total, y); break;
+                default: serial_rows(w, 8, row, g, m, xm, gsum, total, y); break;
+                }
+            }
+            for (int r = 0; r < QUAD && i0 + r < w->rows; r++)
+                out[(int64_t)m * w->rows + i0 + r] = y[r] + vsum(total[r]) + (bias ? bias[i0 + r] : 0.0f);
         }
     }
     free(xp);
@@ -362,9 +442,13 @@ void binq_uniform_dequant(const uniform_weight *w, int r0, int r1, float *out, i
             const float scale = w->scales[ig], zero = w->zeros[ig];
             for (int t = w->group_chunk[g]; t < w->group_chunk[g + 1]; t++) {
                 int codes[16] = {0};
-                for (int q = 0; q < w->bits; q++) {
-                    const uint16_t plane = prow[(int64_t)t * w->bits + q];
-                    for (int k = 0; k < 16; k++) codes[k] |= (plane >> k & 1) << q;
+                if (w->mode == 4) {
+                    for (int k = 0; k < 16; k++) codes[k] = nibble_code(w->nibbles + ((int64_t)i * w->chunks + t) * 8, k);
+                } else {
+                    for (int q = 0; q < w->bits; q++) {
+                        const uint16_t plane = prow[(int64_t)t * w->bits + q];
+                        for (int k = 0; k < 16; k++) codes[k] |= (plane >> k & 1) << q;
+                    }
                 }
                 for (int k = 0; k < 16; k++) {
                     const int j = w->colmap[16 * t + k];
