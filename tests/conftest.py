@@ -10,6 +10,14 @@ Tests marked ``@pytest.mark.slow`` run by default (CI runs everything); deselect
 
 from __future__ import annotations
 
+import os
+
+# Triton's kernels run on the CPU under its interpreter (test_triton_kernels.py). The variable is read
+# when Triton is first imported, which transformers or torch may do in any test: set it before them all,
+# unless a GPU is there to run the kernels for real.
+if os.environ.get("BINQ_TEST_TRITON_ON_GPU") != "1":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import random
 from collections.abc import Callable, Iterator
 from pathlib import Path

@@ -1,9 +1,8 @@
 """Tests for the Triton kernels (binq.nn.triton_kernels), run on the CPU by Triton's interpreter.
 
 ``TRITON_INTERPRET=1`` is read when Triton defines a function, including its own ``triton.language``
-helpers at import: it must be set before anything in the process imports Triton (nothing does while
-pytest collects; transformers imports it later, when a test builds a model). It stays set for the
-session. Every layout variant is checked against the reference path (dequantize, then ``F.linear`` in
+helpers at import: it must be set before anything in the process imports Triton, so conftest.py sets it
+for the whole session (``BINQ_TEST_TRITON_ON_GPU=1`` leaves it unset, for a GPU run of these tests). Every layout variant is checked against the reference path (dequantize, then ``F.linear`` in
 float64) on ragged shapes, for one row of ``x`` (the GEMV form) and five (the ``tl.dot`` form). A last
 test compiles the kernels for sm_90 in a clean process (no GPU needed), which the interpreter does not.
 """
@@ -38,7 +37,7 @@ def _interpreter() -> None:
     import triton.language.standard
 
     if type(triton.language.standard.cdiv).__name__ != "InterpretedFunction":
-        pytest.fail("Triton was imported before TRITON_INTERPRET=1 was set: run this file on its own")
+        pytest.fail("Triton was imported before TRITON_INTERPRET=1 was set (conftest.py sets it first)")
     assert tk._build().interpreted
 
 
