@@ -2,7 +2,8 @@
 
 ``TRITON_INTERPRET=1`` is read when Triton defines a function, including its own ``triton.language``
 helpers at import: it must be set before anything in the process imports Triton, so conftest.py sets it
-for the whole session (``BINQ_TEST_TRITON_ON_GPU=1`` leaves it unset, for a GPU run of these tests). Every layout variant is checked against the reference path (dequantize, then ``F.linear`` in
+for the whole session (``BINQ_TEST_TRITON_ON_GPU=1`` leaves it unset, for a GPU run of these tests).
+Every layout variant is checked against the reference path (dequantize, then ``F.linear`` in
 float64) on ragged shapes, for one row of ``x`` (the GEMV form) and five (the ``tl.dot`` form). A last
 test compiles the kernels for sm_90 in a clean process (no GPU needed), which the interpreter does not.
 """
