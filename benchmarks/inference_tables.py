@@ -59,7 +59,7 @@ def _provenance(loaded: list[tuple[Path, list[dict[str, Any]]]]) -> str:
 
 def decode_table(loaded: list[tuple[Path, list[dict[str, Any]]]]) -> str:
     header = ["checkpoint", "engine", "weights", "weights in memory MiB", "prefill tok/s", "decode tok/s"]
-    header += ["decode vs fp32", "peak RSS MiB", "note"]
+    header += ["decode vs fp32", "peak RSS MiB", "RSS added by the model MiB", "note"]
     rows = []
     for _, records in loaded:
         engines = _engines(records)
@@ -70,10 +70,16 @@ def decode_table(loaded: list[tuple[Path, list[dict[str, Any]]]]) -> str:
                     _checkpoint_name(records), name, r["format"], _fmt(_mib(r.get("model_bytes")), ",.1f"),
                     _fmt(r.get("prefill_tokens_per_s"), ".0f"), _fmt(r.get("decode_tokens_per_s"), ".1f"),
                     _ratio(r.get("decode_tokens_per_s"), anchor), _fmt(_mib(r.get("peak_rss_bytes")), ",.0f"),
-                    (r.get("note") or "").replace("|", "/")[:90],
+                    _fmt(_mib(_added_rss(r)), ",.0f"), (r.get("note") or "").replace("|", "/")[:90],
                 ]
             )  # fmt: skip
     return markdown_grid(header, rows)
+
+
+def _added_rss(record: dict[str, Any]) -> float | None:
+    """Peak resident set minus the process's after its imports, before the model: what the model costs."""
+    peak, baseline = record.get("peak_rss_bytes"), record.get("baseline_rss_bytes")
+    return None if peak is None or baseline is None else peak - baseline
 
 
 def _mib(value: float | None) -> float | None:
@@ -118,7 +124,7 @@ def microbenchmark_table(loaded: list[tuple[Path, list[dict[str, Any]]]]) -> str
 def readme_table(loaded: list[tuple[Path, list[dict[str, Any]]]]) -> str:
     """One row per checkpoint: binq's decode beside torch fp32 and llama.cpp's fastest, same threads."""
     header = ["checkpoint", "decode tok/s", "vs torch fp32", "vs fastest llama.cpp", "weights in memory MiB"]
-    header += ["checkpoint file MiB"]
+    header += ["RSS added by the model MiB", "checkpoint file MiB"]
     rows = []
     for _, records in loaded:
         engines = _engines(records)
@@ -135,7 +141,8 @@ def readme_table(loaded: list[tuple[Path, list[dict[str, Any]]]]) -> str:
             [
                 _checkpoint_name(records), f"{binq['decode_tokens_per_s']:.1f}",
                 _ratio(binq["decode_tokens_per_s"], engines.get("original", {}).get("decode_tokens_per_s")),
-                versus_llama, _fmt(_mib(binq.get("model_bytes")), ",.1f"), _fmt(_mib(binq.get("file_bytes")), ",.1f"),
+                versus_llama, _fmt(_mib(binq.get("model_bytes")), ",.1f"), _fmt(_mib(_added_rss(binq)), ",.0f"),
+                _fmt(_mib(binq.get("file_bytes")), ",.1f"),
             ]
         )  # fmt: skip
     return markdown_grid(header, rows)

@@ -9,7 +9,7 @@ from binq.engine.calibrate import quantize_model
 from binq.methods import get_method
 from binq.models import get_architecture
 from binq.nn import BinaryLinear
-from binq.nn.cpu_kernels import fused_call
+from binq.nn.cpu_kernels import fused_call, kernel_state_bytes
 from binq.nn.decoder import HalfEmbedding, HalfLinear, LeanDecoder, compact_embeddings, lean_unsupported
 from conftest import build_tiny_model, random_ids
 
@@ -25,11 +25,15 @@ def test_prefill_then_steps_give_the_forward_logits(arch: str) -> None:
     with torch.inference_mode():
         want = model(ids.unsqueeze(0)).logits[0]
     decoder = LeanDecoder(model, max_length=16)
-    prefill = decoder.forward(ids[:7], all_logits=True)
-    steps = [decoder.forward(ids[i : i + 1]) for i in range(7, 12)]
-    got = torch.cat([prefill, *steps])
-    assert got.shape == want.shape
-    assert _relative(got, want) < 1e-5
+    assert decoder.native is not None  # the compiled decode-step glue
+    for native in (decoder.native, None):  # and the same steps in torch ops
+        decoder.native = native
+        decoder.reset()
+        prefill = decoder.forward(ids[:7], all_logits=True)
+        steps = [decoder.forward(ids[i : i + 1]) for i in range(7, 12)]
+        got = torch.cat([prefill, *steps])
+        assert got.shape == want.shape
+        assert _relative(got, want) < 1e-5
     decoder.reset()
     assert _relative(decoder.forward(ids), want[-1:]) < 1e-5
 
@@ -43,7 +47,9 @@ def test_a_quantized_model_decodes_through_the_kernels_as_its_forward() -> None:
         setattr(model.get_submodule(parent), child, BinaryLinear.from_weight(weight))
     assert any(isinstance(m, BinaryLinear) for m in model.modules())
     attn = model.model.layers[0].self_attn
-    assert fused_call([attn.q_proj, attn.k_proj, attn.v_proj]) is not None  # one kernel for q, k and v
+    fused = fused_call([attn.q_proj, attn.k_proj, attn.v_proj])  # one kernel for q, k and v
+    assert fused is not None and fused.sizes == [64, 32, 32]
+    assert not attn.q_proj._kernel_state  # the re-packed bits exist once, in the fused kernel
     ids = random_ids(1, 9, seed=4)[0]
     with torch.inference_mode():
         want = model(ids.unsqueeze(0)).logits[0, -1:]
@@ -52,6 +58,9 @@ def test_a_quantized_model_decodes_through_the_kernels_as_its_forward() -> None:
     for i in range(5, 8):
         decoder.forward(ids[i : i + 1])
     assert _relative(decoder.forward(ids[8:9]), want) < 1e-5
+    model._binq_lean_decoder = decoder
+    packed = sum(t.numel() for m in model.modules() if isinstance(m, BinaryLinear) for t in m.packed_tensors().values())
+    assert 0 < kernel_state_bytes(model) < 2 * packed  # a re-packing of the same bits, plus fp32 scales
 
 
 def test_cache_overflow_and_unsupported_models_are_refused() -> None:

@@ -116,6 +116,9 @@ def run_torch(job: dict[str, Any]) -> dict[str, Any]:
     if job["task"] == "binq":
         result["file_bytes"] = (Path(job["model"]) / "model.safetensors").stat().st_size
         result["dense_cache_bytes"] = _dense_cache_bytes(model)
+        from binq.nn.cpu_kernels import kernel_state_bytes
+
+        result["kernel_bytes"] = kernel_state_bytes(model)
         result["kernels"] = sorted({record["kernel"] for record in gemv if record["layout"] != "dense"})
     if device.type == "cuda":
         result["peak_cuda_bytes"] = int(torch.cuda.max_memory_allocated(device))

@@ -149,6 +149,13 @@ def load_library() -> ctypes.CDLL | None:
         getattr(library, name).argtypes = [ptr, i32, i32, ptr, i32]
         getattr(library, name).restype = None
     library.binq_half_gemm.restype = None
+    f32 = ctypes.c_float
+    library.binq_add_rms_norm.argtypes = [i32, i32, ptr, ptr, ptr, f32, ptr]
+    library.binq_add_rms_norm.restype = None
+    library.binq_silu_mul.argtypes = [i32, ptr, ptr, ptr]
+    library.binq_silu_mul.restype = None
+    library.binq_attention_step.argtypes = [i32, i32, i32, i32, i32, ptr, ptr, ptr, ptr, ptr, ptr, ptr, f32, ptr, i32]
+    library.binq_attention_step.restype = i32
     _library = library
     return library
 
@@ -523,16 +530,47 @@ def prepared_for(module: Any) -> Prepared | None:
     return kernel.prepared(module)
 
 
-def fused_call(modules: list[Any]) -> Any | None:
-    """One kernel call for linears sharing an input: returns ``x2d -> [outputs]``, or None."""
+class FusedCall:
+    """One kernel call for linears sharing an input; returns their outputs in order."""
+
+    def __init__(self, prepared: Prepared, sizes: list[int]) -> None:
+        self.prepared = prepared
+        self.sizes = sizes
+
+    def __call__(self, x2d: torch.Tensor) -> list[torch.Tensor]:
+        return list(run_prepared(self.prepared, x2d, None).split(self.sizes, dim=-1))
+
+
+def fused_call(modules: list[Any]) -> FusedCall | None:
+    """One kernel for linears sharing an input (``x2d -> [outputs]``), or None when they cannot fuse.
+
+    The modules' own kernel states are dropped once fused (rebuilt if a module is called directly), so the
+    re-packed bits exist once.
+    """
     prepared = [prepared_for(m) for m in modules]
     if any(p is None for p in prepared) or any(m.bias is not None for m in modules):
         return None
     fused = concat_prepared(prepared)
     if fused is None:
         return None
-    sizes = [m.out_features for m in modules]
-    return lambda x2d: run_prepared(fused, x2d, None).split(sizes, dim=-1)
+    for module in modules:
+        module._kernel_state.clear()
+    return FusedCall(fused, [m.out_features for m in modules])
+
+
+def kernel_state_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the CPU kernels' re-packed weights held by ``model``'s modules and its lean decoder."""
+    total = sum(
+        state.nbytes
+        for module in model.modules()
+        if isinstance(module, BinaryLinear)
+        for state in module._kernel_state.values()
+        if isinstance(state, Prepared)
+    )
+    decoder = getattr(model, "_binq_lean_decoder", None)
+    for step in getattr(decoder, "steps", []):
+        total += sum(call.prepared.nbytes for call in step.values() if isinstance(call, FusedCall))
+    return total
 
 
 class CpuKernel:

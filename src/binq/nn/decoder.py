@@ -190,6 +190,30 @@ class LeanDecoder:
             self.sin = torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1).to(self.dtype).unsqueeze(1)
         self.steps = [self._resolve(layer) for layer in self.layers]
         self.final_norm = _rms_norm(self.inner.norm, self.dtype)
+        self.native = self._native_glue()
+
+    def _native_glue(self) -> Any:
+        """The compiled decode-step helpers when this model's glue is the plain LLaMA form, else None."""
+        from binq.nn.cpu_kernels import load_library
+
+        norms = [self.inner.norm] + [
+            n for layer in self.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)
+        ]
+        plain = all(_rms_norm(n, self.dtype) is not n for n in norms)
+        silu = getattr(self.model.config, "hidden_act", None) == "silu"
+        if not (plain and silu and self.device.type == "cpu" and self.dtype == torch.float32 and self.head_dim <= 512):
+            return None
+        library = load_library()
+        if library is None:
+            return None
+        self.norm_weights = [
+            (layer.input_layernorm.weight.detach().contiguous(), float(layer.input_layernorm.variance_epsilon),
+             layer.post_attention_layernorm.weight.detach().contiguous(),
+             float(layer.post_attention_layernorm.variance_epsilon))
+            for layer in self.layers
+        ]  # fmt: skip
+        self.final_weight = (self.inner.norm.weight.detach().contiguous(), float(self.inner.norm.variance_epsilon))
+        return library
 
     def _resolve(self, layer: Any) -> dict[str, Any]:
         attn, mlp = layer.self_attn, layer.mlp
@@ -235,19 +259,59 @@ class LeanDecoder:
             out = out[0].transpose(0, 1).reshape(tokens, self.heads * self.head_dim)
         return step["o"](out)
 
+    def _native_step(self, h: torch.Tensor) -> torch.Tensor:
+        """One token through every layer with the compiled glue; returns the final-normed hidden state."""
+        lib, hidden = self.native, h.shape[-1]
+        threads = torch.get_num_threads()
+        position = self.length
+        x = torch.empty_like(h)
+        attended = torch.empty(1, self.heads * self.head_dim)
+        add = None
+        for index, (layer, step) in enumerate(zip(self.layers, self.steps, strict=True)):
+            w1, eps1, w2, eps2 = self.norm_weights[index]
+            lib.binq_add_rms_norm(1, hidden, h.data_ptr(), add, w1.data_ptr(), eps1, x.data_ptr())
+            q, k, v = (t.contiguous() for t in step["qkv"](x))
+            if self.qk_norm:
+                q = layer.self_attn.q_norm(q.view(self.heads, self.head_dim)).contiguous()
+                k = layer.self_attn.k_norm(k.view(self.kv_heads, self.head_dim)).contiguous()
+            status = lib.binq_attention_step(
+                self.heads, self.kv_heads, self.head_dim, self.max_length, position, q.data_ptr(), k.data_ptr(),
+                v.data_ptr(), self.cos[position, 0].data_ptr(), self.sin[position, 0].data_ptr(),
+                self.keys[index].data_ptr(), self.values[index].data_ptr(), self.scaling, attended.data_ptr(), threads,
+            )  # fmt: skip
+            if status != 0:
+                raise MemoryError("binq attention step: out of memory")
+            out = step["o"](attended)
+            lib.binq_add_rms_norm(1, hidden, h.data_ptr(), out.data_ptr(), w2.data_ptr(), eps2, x.data_ptr())
+            gate, up = (t.contiguous() for t in step["gate_up"](x))
+            activated = torch.empty_like(gate)
+            lib.binq_silu_mul(gate.numel(), gate.data_ptr(), up.data_ptr(), activated.data_ptr())
+            down = step["down"](activated)  # alive until the next add below has read it
+            add = down.data_ptr()
+        weight, eps = self.final_weight
+        lib.binq_add_rms_norm(1, hidden, h.data_ptr(), add, weight.data_ptr(), eps, x.data_ptr())
+        return x
+
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
         ids = ids.reshape(-1).to(self.device)
         tokens = ids.shape[0]
         if self.length + tokens > self.max_length:
             raise ValueError(f"sequence of {self.length + tokens} tokens exceeds the cache of {self.max_length}")
+        if tokens == 1 and self.native is not None:
+            h = self.inner.embed_tokens(ids).to(self.dtype).contiguous().clone()
+            x = self._native_step(h)
+            self.length += 1
+            return self._logits(x)
         h = self.inner.embed_tokens(ids).to(self.dtype)
         for index, (layer, step) in enumerate(zip(self.layers, self.steps, strict=True)):
             h = h + self._attention(index, layer, step, step["norm1"](h))
             gate, up = step["gate_up"](step["norm2"](h))
             h = h + step["down"](step["act"](gate) * up)
         self.length += tokens
-        h = self.final_norm(h if all_logits else h[-1:])
+        return self._logits(self.final_norm(h if all_logits else h[-1:]))
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
         logits = self.model.lm_head(h)
         scale = getattr(self.model.config, "logit_scale", None)  # none of the lean types uses one today
         return logits * scale if scale is not None and not math.isclose(scale, 1.0) else logits

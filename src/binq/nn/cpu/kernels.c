@@ -612,3 +612,85 @@ void binq_half_gemm(int M, int rows, int cols, const float *x, const uint16_t *w
         }
     }
 }
+
+/* ---------------------------------------------------------------- decode-step helpers (LeanDecoder)
+ * The per-token glue around the linears, one call each instead of a dozen small torch ops. */
+
+/* h += add (when add is not NULL), then out = h * rsqrt(mean(h^2) + eps) * weight: the residual add and
+ * the next RMSNorm, for `rows` vectors of n. */
+void binq_add_rms_norm(int rows, int n, float *h, const float *add, const float *weight, float eps, float *out) {
+    for (int r = 0; r < rows; r++) {
+        float *hr = h + (int64_t)r * n;
+        float *o = out + (int64_t)r * n;
+        if (add)
+            for (int j = 0; j < n; j++) hr[j] += add[(int64_t)r * n + j];
+        float squares = 0.0f;
+        for (int j = 0; j < n; j++) squares += hr[j] * hr[j];
+        const float inv = 1.0f / sqrtf(squares / (float)n + eps);
+        for (int j = 0; j < n; j++) o[j] = hr[j] * inv * weight[j];
+    }
+}
+
+/* out = silu(gate) * up, n values. */
+void binq_silu_mul(int n, const float *gate, const float *up, float *out) {
+    for (int j = 0; j < n; j++) out[j] = gate[j] / (1.0f + expf(-gate[j])) * up[j];
+}
+
+static void rotate(float *x, const float *cos, const float *sin_signed, int dim) {
+    const int half = dim / 2;
+    float swapped[512];
+    for (int j = 0; j < half; j++) {
+        swapped[j] = x[j + half];
+        swapped[j + half] = x[j];
+    }
+    for (int j = 0; j < dim; j++) x[j] = x[j] * cos[j] + swapped[j] * sin_signed[j];
+}
+
+/* One decode step of attention for one layer: rotate q (heads) and k (kv_heads) in place with this
+ * position's cos and sign-folded sin, write k and v at `position` of the layer's caches (kv_heads,
+ * max_length, dim), then softmax(q k^T * scaling) v over positions 0..position for every head (grouped
+ * query attention: head h reads kv head h / (heads / kv_heads)). Returns -1 for a head_dim above 512. */
+int binq_attention_step(int heads, int kv_heads, int dim, int max_length, int position, float *q, float *k,
+                        const float *v, const float *cos, const float *sin_signed, float *keys, float *values,
+                        float scaling, float *out, int threads) {
+    if (dim > 512) return -1;
+    for (int h = 0; h < heads; h++) rotate(q + (int64_t)h * dim, cos, sin_signed, dim);
+    for (int h = 0; h < kv_heads; h++) {
+        rotate(k + (int64_t)h * dim, cos, sin_signed, dim);
+        memcpy(keys + ((int64_t)h * max_length + position) * dim, k + (int64_t)h * dim, sizeof(float) * dim);
+        memcpy(values + ((int64_t)h * max_length + position) * dim, v + (int64_t)h * dim, sizeof(float) * dim);
+    }
+    const int length = position + 1, group = heads / kv_heads;
+    int failed = 0;
+#pragma omp parallel for num_threads(threads) schedule(static) if ((int64_t)heads * length * dim > 65536)
+    for (int h = 0; h < heads; h++) {
+        const float *qh = q + (int64_t)h * dim;
+        const float *kh = keys + (int64_t)(h / group) * max_length * dim;
+        const float *vh = values + (int64_t)(h / group) * max_length * dim;
+        float *scores = (float *)malloc(sizeof(float) * length);
+        if (!scores) {
+            failed = 1;
+            continue;
+        }
+        float top = -INFINITY;
+        for (int t = 0; t < length; t++) {
+            float s = 0.0f;
+            for (int j = 0; j < dim; j++) s += qh[j] * kh[(int64_t)t * dim + j];
+            scores[t] = s * scaling;
+            if (scores[t] > top) top = scores[t];
+        }
+        float total = 0.0f;
+        for (int t = 0; t < length; t++) {
+            scores[t] = expf(scores[t] - top);
+            total += scores[t];
+        }
+        float *oh = out + (int64_t)h * dim;
+        for (int j = 0; j < dim; j++) oh[j] = 0.0f;
+        for (int t = 0; t < length; t++) {
+            const float p = scores[t] / total;
+            for (int j = 0; j < dim; j++) oh[j] += p * vh[(int64_t)t * dim + j];
+        }
+        free(scores);
+    }
+    return failed ? -1 : 0;
+}
