@@ -21,7 +21,13 @@ MIB = 2**20
 
 
 def _load(files: list[Path]) -> list[tuple[Path, list[dict[str, Any]]]]:
-    return [(path, json.loads(path.read_text(encoding="utf-8"))) for path in files]
+    loaded = []
+    for path in files:
+        records = json.loads(path.read_text(encoding="utf-8"))
+        for record in records:
+            record["_file"] = path.stem  # the checkpoint's name in the tables
+        loaded.append((path, records))
+    return loaded
 
 
 def _engines(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -37,8 +43,7 @@ def _ratio(value: float | None, anchor: float | None) -> str:
 
 
 def _checkpoint_name(records: list[dict[str, Any]]) -> str:
-    binq = _engines(records).get("binq")
-    return binq["format"].removeprefix("binq ") if binq else Path(records[0].get("model") or "?").name
+    return records[0]["_file"]
 
 
 def _commands(loaded: list[tuple[Path, list[dict[str, Any]]]]) -> str:
@@ -58,8 +63,8 @@ def _provenance(loaded: list[tuple[Path, list[dict[str, Any]]]]) -> str:
 
 
 def decode_table(loaded: list[tuple[Path, list[dict[str, Any]]]]) -> str:
-    header = ["checkpoint", "engine", "weights", "weights in memory MiB", "prefill tok/s", "decode tok/s"]
-    header += ["decode vs fp32", "peak RSS MiB", "RSS added by the model MiB", "note"]
+    header = ["checkpoint", "engine", "weights", "weights in memory MiB", "kernel re-packing MiB", "prefill tok/s"]
+    header += ["decode tok/s", "decode vs fp32", "peak RSS MiB", "RSS added by the model MiB", "note"]
     rows = []
     for _, records in loaded:
         engines = _engines(records)
@@ -68,7 +73,8 @@ def decode_table(loaded: list[tuple[Path, list[dict[str, Any]]]]) -> str:
             rows.append(
                 [
                     _checkpoint_name(records), name, r["format"], _fmt(_mib(r.get("model_bytes")), ",.1f"),
-                    _fmt(r.get("prefill_tokens_per_s"), ".0f"), _fmt(r.get("decode_tokens_per_s"), ".1f"),
+                    _fmt(_mib(r.get("kernel_bytes")), ",.1f"), _fmt(r.get("prefill_tokens_per_s"), ".0f"),
+                    _fmt(r.get("decode_tokens_per_s"), ".1f"),
                     _ratio(r.get("decode_tokens_per_s"), anchor), _fmt(_mib(r.get("peak_rss_bytes")), ",.0f"),
                     _fmt(_mib(_added_rss(r)), ",.0f"), (r.get("note") or "").replace("|", "/")[:90],
                 ]

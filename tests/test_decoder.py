@@ -54,6 +54,7 @@ def test_a_quantized_model_decodes_through_the_kernels_as_its_forward() -> None:
     with torch.inference_mode():
         want = model(ids.unsqueeze(0)).logits[0, -1:]
     decoder = LeanDecoder(model, max_length=9)
+    assert decoder.buffers is not None  # every linear has a kernel plan: the step runs as compiled calls only
     decoder.forward(ids[:5])
     for i in range(5, 8):
         decoder.forward(ids[i : i + 1])

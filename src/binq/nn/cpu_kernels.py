@@ -558,19 +558,52 @@ def fused_call(modules: list[Any]) -> FusedCall | None:
     return FusedCall(fused, [m.out_features for m in modules])
 
 
+class GemvInto:
+    """One token through a prepared kernel into a caller's buffer: ``(x_ptr, out_ptr, threads) -> status``."""
+
+    def __init__(self, prepared: Prepared, bias: torch.Tensor | None) -> None:
+        library = load_library()
+        assert library is not None
+        self.prepared, self.bias = prepared, bias  # kept alive: the call passes their addresses
+        self.rows = prepared.rows
+        self.function = getattr(library, f"binq_{prepared.kind}_gemm")
+        self.head = (prepared.address, 1) if prepared.kind != "multiscale" else (prepared.address, 1, prepared.cols)
+        self.bias_ptr = None if bias is None else bias.data_ptr()
+
+    def __call__(self, x_ptr: int, out_ptr: int, threads: int) -> int:
+        return self.function(*self.head, x_ptr, self.bias_ptr, out_ptr, threads)
+
+
+def gemv_plan(modules: list[Any]) -> list[GemvInto] | None:
+    """Kernel calls computing ``modules`` (sharing one input) into consecutive slices of one output buffer:
+    one fused call when they can fuse, else one per module; None when one of them has no CPU kernel."""
+    fused = fused_call(modules)
+    if fused is not None:
+        return [GemvInto(fused.prepared, None)]
+    calls = []
+    for module in modules:
+        prepared = prepared_for(module)
+        if prepared is None:
+            return None
+        bias = None if module.bias is None else module.bias.detach().float().contiguous()
+        calls.append(GemvInto(prepared, bias))
+    return calls
+
+
 def kernel_state_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the CPU kernels' re-packed weights held by ``model``'s modules and its lean decoder."""
-    total = sum(
-        state.nbytes
-        for module in model.modules()
-        if isinstance(module, BinaryLinear)
-        for state in module._kernel_state.values()
-        if isinstance(state, Prepared)
-    )
+    """Bytes of the CPU kernels' re-packed weights held by ``model``'s modules and its lean decoder (each once)."""
+    found: dict[int, Prepared] = {}
+    for module in model.modules():
+        if isinstance(module, BinaryLinear):
+            found.update({id(s): s for s in module._kernel_state.values() if isinstance(s, Prepared)})
     decoder = getattr(model, "_binq_lean_decoder", None)
     for step in getattr(decoder, "steps", []):
-        total += sum(call.prepared.nbytes for call in step.values() if isinstance(call, FusedCall))
-    return total
+        for call in step.values():
+            for item in call if isinstance(call, list) else [call]:
+                prepared = getattr(item, "prepared", None)
+                if isinstance(prepared, Prepared):
+                    found[id(prepared)] = prepared
+    return sum(p.nbytes for p in found.values())
 
 
 class CpuKernel:

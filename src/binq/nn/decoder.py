@@ -144,6 +144,18 @@ def _shared_input(modules: list[nn.Module]) -> Any:
     return lambda x: [call(x) for call in calls]
 
 
+def _plan_call(plan: list[Any], sizes: list[int]) -> Any:
+    """A kernel plan (:func:`~binq.nn.cpu_kernels.gemv_plan`) as a call on any number of tokens."""
+    from binq.nn.cpu_kernels import run_prepared
+
+    def call(x2d: torch.Tensor) -> Any:
+        outputs = [run_prepared(g.prepared, x2d, g.bias) for g in plan]
+        out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
+        return out if len(sizes) == 1 else list(out.split(sizes, dim=-1))
+
+    return call
+
+
 def _swap_halves(x: torch.Tensor) -> torch.Tensor:
     """``cat(x2, x1)`` of the last axis' halves; times a sine whose first half is negated, it is
     the usual ``rotate_half(x) * sin``."""
@@ -190,6 +202,7 @@ class LeanDecoder:
             self.sin = torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1).to(self.dtype).unsqueeze(1)
         self.steps = [self._resolve(layer) for layer in self.layers]
         self.final_norm = _rms_norm(self.inner.norm, self.dtype)
+        self.buffers: dict[str, torch.Tensor] | None = None  # set by _native_glue when _kernel_step applies
         self.native = self._native_glue()
 
     def _native_glue(self) -> Any:
@@ -213,19 +226,42 @@ class LeanDecoder:
             for layer in self.layers
         ]  # fmt: skip
         self.final_weight = (self.inner.norm.weight.detach().contiguous(), float(self.inner.norm.variance_epsilon))
+        planned = all(f"{name}_c" in step for step in self.steps for name in ("qkv", "o", "gate_up", "down"))
+        if planned and not self.qk_norm:
+            hidden = self.inner.norm.weight.shape[0]
+            ffn = sum(call.rows for call in self.steps[0]["gate_up_c"]) // 2
+            sizes = {
+                "x": hidden, "qkv": (self.heads + 2 * self.kv_heads) * self.head_dim,
+                "att": self.heads * self.head_dim, "o": hidden, "gu": 2 * ffn, "act": ffn, "down": hidden,
+            }  # fmt: skip
+            self.buffers = {name: torch.empty(1, size) for name, size in sizes.items()}
         return library
 
     def _resolve(self, layer: Any) -> dict[str, Any]:
+        """The layer's calls; with binq's CPU kernels for every linear, also their plans (``*_c``) for the
+        decode step that runs without tensor ops (``_kernel_step``)."""
+        from binq.nn.cpu_kernels import gemv_plan
+
         attn, mlp = layer.self_attn, layer.mlp
-        return {
+        step: dict[str, Any] = {
             "norm1": _rms_norm(layer.input_layernorm, self.dtype),
-            "qkv": _shared_input([attn.q_proj, attn.k_proj, attn.v_proj]),
-            "o": _linear(attn.o_proj),
             "norm2": _rms_norm(layer.post_attention_layernorm, self.dtype),
-            "gate_up": _shared_input([mlp.gate_proj, mlp.up_proj]),
-            "down": _linear(mlp.down_proj),
             "act": mlp.act_fn,
         }
+        groups = {
+            "qkv": [attn.q_proj, attn.k_proj, attn.v_proj],
+            "o": [attn.o_proj],
+            "gate_up": [mlp.gate_proj, mlp.up_proj],
+            "down": [mlp.down_proj],
+        }
+        for name, modules in groups.items():
+            plan = gemv_plan(modules) if self.device.type == "cpu" else None
+            if plan is not None:
+                step[name + "_c"] = plan
+                step[name] = _plan_call(plan, [m.out_features for m in modules])
+            else:
+                step[name] = _shared_input(modules) if len(modules) > 1 else _linear(modules[0])
+        return step
 
     def reset(self) -> None:
         self.length = 0
@@ -258,6 +294,49 @@ class LeanDecoder:
             )  # fmt: skip
             out = out[0].transpose(0, 1).reshape(tokens, self.heads * self.head_dim)
         return step["o"](out)
+
+    def _kernel_step(self, h: torch.Tensor) -> torch.Tensor:
+        """One token through every layer as compiled calls on preallocated buffers, no tensor ops.
+
+        Used when every linear has a CPU-kernel plan and the glue is native (``_native_glue``).
+        """
+        lib, buffers = self.native, self.buffers
+        hidden, heads_dim, kv_dim = h.shape[-1], self.heads * self.head_dim, self.kv_heads * self.head_dim
+        threads = torch.get_num_threads()
+        position = self.length
+        x, qkv, attended, o, gate_up, act, down = (
+            buffers[k].data_ptr() for k in ("x", "qkv", "att", "o", "gu", "act", "down")
+        )
+        ffn = buffers["act"].shape[-1]
+        h_ptr, add, status = h.data_ptr(), None, 0
+        cos, sin = self.cos[position, 0].data_ptr(), self.sin[position, 0].data_ptr()
+        for index, step in enumerate(self.steps):
+            w1, eps1, w2, eps2 = self.norm_weights[index]
+            lib.binq_add_rms_norm(1, hidden, h_ptr, add, w1.data_ptr(), eps1, x)
+            offset = qkv
+            for call in step["qkv_c"]:
+                status |= call(x, offset, threads)
+                offset += 4 * call.rows
+            status |= lib.binq_attention_step(
+                self.heads, self.kv_heads, self.head_dim, self.max_length, position, qkv, qkv + 4 * heads_dim,
+                qkv + 4 * (heads_dim + kv_dim), cos, sin, self.keys[index].data_ptr(), self.values[index].data_ptr(),
+                self.scaling, attended, threads,
+            )  # fmt: skip
+            status |= step["o_c"][0](attended, o, threads)
+            lib.binq_add_rms_norm(1, hidden, h_ptr, o, w2.data_ptr(), eps2, x)
+            offset = gate_up
+            for call in step["gate_up_c"]:
+                status |= call(x, offset, threads)
+                offset += 4 * call.rows
+            lib.binq_silu_mul(ffn, gate_up, gate_up + 4 * ffn, act)
+            status |= step["down_c"][0](act, down, threads)
+            add = down
+        if status != 0:
+            raise MemoryError("binq CPU kernels: out of memory for their scratch buffers")
+        weight, eps = self.final_weight
+        out = torch.empty_like(h)
+        lib.binq_add_rms_norm(1, hidden, h_ptr, add, weight.data_ptr(), eps, out.data_ptr())
+        return out
 
     def _native_step(self, h: torch.Tensor) -> torch.Tensor:
         """One token through every layer with the compiled glue; returns the final-normed hidden state."""
@@ -300,7 +379,7 @@ class LeanDecoder:
             raise ValueError(f"sequence of {self.length + tokens} tokens exceeds the cache of {self.max_length}")
         if tokens == 1 and self.native is not None:
             h = self.inner.embed_tokens(ids).to(self.dtype).contiguous().clone()
-            x = self._native_step(h)
+            x = self._kernel_step(h) if self.buffers is not None else self._native_step(h)
             self.length += 1
             return self._logits(x)
         h = self.inner.embed_tokens(ids).to(self.dtype)
