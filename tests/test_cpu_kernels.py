@@ -192,3 +192,29 @@ def test_the_portable_build_matches_the_reference_too(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().endswith("ok")
+
+
+def test_without_a_compiler_the_reference_path_runs_after_one_warning(tmp_path: Path) -> None:
+    script = (
+        "import logging, torch, test_cpu_kernels as t\n"
+        "from binq.nn import BinaryLinear, cpu_kernels\n"
+        "from binq.nn.kernels import select_kernel\n"
+        "records = []\n"
+        "handler = logging.Handler(); handler.emit = records.append\n"
+        "logging.getLogger('binq.nn.cpu_kernels').addHandler(handler)\n"
+        "w = t.all_forms(9, 40)['sign+scale (arb-group)']\n"
+        "m = BinaryLinear.from_weight(w)\n"
+        "x = torch.randn(2, 40)\n"
+        "for _ in range(3):\n"
+        "    assert select_kernel(m, x) is None\n"
+        "    assert t.relative_error(m(x), t.reference(w, x, None)) < 1e-6\n"
+        "assert cpu_kernels.isa() == 'none'\n"
+        "assert len(records) == 1 and 'reference path' in records[0].getMessage(), records\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "CC": str(tmp_path / "no-such-compiler"), "BINQ_CACHE": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, cwd=Path(__file__).parent
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().endswith("ok")
