@@ -67,6 +67,10 @@ def median_call_s(
 
 def kernel_name(module: nn.Module, x: torch.Tensor) -> str:
     """Which path a call of ``module`` on ``x`` takes: a registered kernel's name, ``reference`` or ``torch``."""
+    if isinstance(module, HalfLinear) and x.device.type == "cpu":
+        from binq.nn.cpu_kernels import load_library
+
+        return "cpu-half" if load_library() is not None else "torch"
     if not isinstance(module, BinaryLinear):
         return "torch"
     kernel = select_kernel(module, x)
