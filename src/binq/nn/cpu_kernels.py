@@ -218,13 +218,14 @@ class Prepared:
         return sum(a.nbytes for a in self.arrays.values())
 
 
-def block_runs(columns: np.ndarray, block_size: int, blocks: int) -> tuple[np.ndarray, np.ndarray]:
-    """Gather ``columns`` (sorted) per column block, each block's run padded to whole chunks.
+def block_runs(columns: np.ndarray, block_of: np.ndarray, blocks: int) -> tuple[np.ndarray, np.ndarray]:
+    """Gather ``columns`` per block (``block_of`` each column's block, non-decreasing), each block's run
+    padded to whole chunks.
 
     Returns ``colmap`` (the source column at each position, -1 for padding) and ``block_chunk``
-    (``blocks + 1`` chunk offsets).
+    (``blocks + 1`` chunk offsets). Column blocks of the binary layout and groups of the uniform one
+    (act-order groups included) are laid out this way.
     """
-    block_of = columns // block_size
     counts = np.bincount(block_of, minlength=blocks)
     block_chunk = np.zeros(blocks + 1, dtype=np.int32)
     block_chunk[1:] = np.cumsum((counts + 15) // 16)
@@ -281,7 +282,7 @@ def prepare_binary(module: BinaryLinear) -> Prepared | None:
             parts.append((salient_cols, residual, None, nplain + 1, nplain + 1, second))
     structs = []
     for index, (columns, plane, zone_plane, zone0, zone1, column_scales) in enumerate(parts):
-        colmap, block_chunk = block_runs(columns, block_size, blocks)
+        colmap, block_chunk = block_runs(columns, columns // block_size, blocks)
         a[f"colmap{index}"], a[f"block_chunk{index}"] = colmap, block_chunk
         a[f"signs{index}"] = _gather_plane(plane, colmap)
         if zone_plane is not None:
@@ -324,17 +325,9 @@ def prepare_uniform(module: BinaryLinear) -> Prepared | None:
         column_group = t["group_index"].long().numpy()
     else:
         column_group = np.arange(cols) // group_size
-    order = np.argsort(column_group, kind="stable")
-    counts = np.bincount(column_group, minlength=groups)
-    group_chunk = np.zeros(groups + 1, dtype=np.int32)
-    group_chunk[1:] = np.cumsum((counts + 15) // 16)
-    width = int(group_chunk[-1]) * 16
-    colmap = np.full(width, -1, dtype=np.int32)
-    start = 0
-    for g in range(groups):  # each group's columns, in act order, from the group's first chunk
-        members = order[start : start + counts[g]]
-        colmap[group_chunk[g] * 16 : group_chunk[g] * 16 + counts[g]] = members
-        start += counts[g]
+    order = np.argsort(column_group, kind="stable")  # each group's columns, in their order
+    colmap, group_chunk = block_runs(order, column_group[order], groups)
+    width = colmap.size
     placed = np.zeros((rows, width), dtype=np.uint8)
     valid = colmap >= 0
     placed[:, valid] = codes[:, colmap[valid]]
