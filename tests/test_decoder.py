@@ -105,3 +105,21 @@ def test_compact_embeddings_leaves_weights_fp16_cannot_hold() -> None:
     compact_embeddings(model)
     assert isinstance(model.get_input_embeddings(), HalfEmbedding)
     assert isinstance(model.get_output_embeddings(), torch.nn.Linear)
+
+
+@pytest.mark.parametrize("stored", [torch.float16, torch.float32])
+def test_a_checkpoint_loads_with_fp16_embeddings_computing_the_same_numbers(tmp_path, stored: torch.dtype) -> None:
+    from binq.checkpoint import load
+    from test_checkpoint import save_tiny
+
+    save_tiny(tmp_path, "rtn", {"group_size": 32}, dtype=stored, tie_word_embeddings=False)
+    ids = random_ids(1, 10)[0].unsqueeze(0)
+    plain = load(tmp_path)
+    compact_embeddings(plain)
+    direct = load(tmp_path, fp16_embeddings=True)
+    embed = direct.get_input_embeddings()
+    if stored == torch.float16:  # read in fp16, widened but for the embeddings
+        assert isinstance(embed, HalfEmbedding) and isinstance(direct.get_output_embeddings(), HalfLinear)
+        assert direct.model.norm.weight.dtype == torch.float32
+    with torch.inference_mode():
+        assert torch.equal(direct(ids).logits, plain(ids).logits)

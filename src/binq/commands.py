@@ -247,14 +247,18 @@ def _default_label(method: str, config: Any) -> str:
     return label
 
 
-def _load_checkpoint(folder: Path, dtype: torch.dtype) -> Any:
-    """A binq checkpoint as a LoadedModel (its linears are BinaryLinear, so load_model's checks do not apply)."""
+def _load_checkpoint(folder: Path, dtype: torch.dtype, fp16_embeddings: bool = False) -> Any:
+    """A binq checkpoint as a LoadedModel (its linears are BinaryLinear, so load_model's checks do not apply).
+
+    Evaluation keeps dense weights for layouts no kernel runs (``cache_weight``); generation
+    (``fp16_embeddings``) runs the kernels and keeps the embeddings in fp16 instead.
+    """
     from transformers import AutoTokenizer
 
     from binq.checkpoint import load
     from binq.models import LoadedModel
 
-    model = load(folder, dtype=dtype, cache_weight=True)
+    model = load(folder, dtype=dtype, cache_weight=not fp16_embeddings, fp16_embeddings=fp16_embeddings)
     model.config.use_cache = False
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     return LoadedModel(model=model, tokenizer=tokenizer, name=folder.resolve().name, path=str(folder.resolve()))
@@ -435,12 +439,8 @@ def _load_any(spec: str) -> Any:
     """A binq checkpoint or anything ``load_model`` accepts, in fp32 on the CPU."""
     from binq.checkpoint import is_checkpoint
 
-    if is_checkpoint(spec):
-        from binq.nn.decoder import compact_embeddings
-
-        loaded = _load_checkpoint(Path(spec), torch.float32)
-        compact_embeddings(loaded.model)  # the checkpoint's fp16 embeddings stay fp16 in memory (exact)
-        return loaded
+    if is_checkpoint(spec):  # the checkpoint's fp16 embeddings stay fp16 in memory (exact)
+        return _load_checkpoint(Path(spec), torch.float32, fp16_embeddings=True)
     return load_model(spec, dtype=torch.float32)
 
 

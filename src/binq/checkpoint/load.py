@@ -44,22 +44,51 @@ def is_checkpoint(folder: Path | str) -> bool:
 
 
 def load(
-    folder: Path | str, dtype: torch.dtype = torch.float32, device: str = "cpu", cache_weight: bool = False
+    folder: Path | str,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    cache_weight: bool = False,
+    fp16_embeddings: bool = False,
 ) -> Any:
     """Load a binq checkpoint: a transformers causal LM whose quantized linears are ``BinaryLinear``.
 
     The same path as ``AutoModelForCausalLM.from_pretrained(folder)`` after ``import binq``, with the
     checkpoint's config checked first. ``dtype`` is the compute dtype of everything that is not packed
     (float32 by default, as binq evaluates on CPUs); ``cache_weight`` keeps each dequantized weight.
+
+    ``fp16_embeddings`` (fp32 on the CPU only): keep the token embedding and the head in fp16, as
+    :func:`~binq.nn.decoder.compact_embeddings` does, without ever holding them in fp32. When every
+    unquantized tensor is stored in fp16 the model is read in fp16 and all but those two are widened to
+    fp32 (exactly); otherwise it is read in fp32 and compacted where that is exact. Same numbers either way.
     """
     from transformers import AutoModelForCausalLM
 
     from binq.integration.transformers import register
     from binq.nn import set_weight_cache
+    from binq.nn.decoder import compact_embeddings, widen_except_embeddings
 
     read_quantization_config(folder)
     register()
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
+    direct = fp16_embeddings and dtype == torch.float32 and device == "cpu" and _unquantized_all_fp16(Path(folder))
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float16 if direct else dtype)
     model = model.to(device).eval()
+    if direct:
+        widen_except_embeddings(model, torch.float32)
+    elif fp16_embeddings and dtype == torch.float32 and device == "cpu":
+        compact_embeddings(model)
     set_weight_cache(model, cache_weight)
     return model
+
+
+def _unquantized_all_fp16(folder: Path) -> bool:
+    """Whether every floating-point tensor outside the quantized modules is stored in fp16."""
+    from binq.checkpoint.format import WEIGHTS_FILE
+    from binq.checkpoint.header import read_header
+
+    modules = set(read_quantization_config(folder)["modules"])
+    file = folder / WEIGHTS_FILE
+    if not file.is_file():
+        return False
+    entries = read_header(file)
+    plain = [e for name, e in entries.items() if name.rpartition(".")[0] not in modules and e.dtype.is_floating_point]
+    return bool(plain) and all(e.dtype == torch.float16 for e in plain)

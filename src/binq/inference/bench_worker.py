@@ -55,6 +55,26 @@ def _dense_cache_bytes(model: Any) -> int:
     return total
 
 
+def _import_runtime(job: dict[str, Any]) -> None:
+    """Import transformers and the model's modelling code before the memory baseline is taken.
+
+    Those modules (about 190 MiB of resident Python and libraries for a LLaMA model) are the runtime,
+    the same for every torch engine, not the model: the "RSS added by the model" starts after them.
+    """
+    import contextlib
+    import importlib
+
+    import transformers
+
+    model_type = "llama"
+    config_file = Path(job["model"]) / "config.json"
+    if config_file.is_file():
+        model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type", model_type)
+    with contextlib.suppress(ImportError):  # an architecture transformers names otherwise loads it later
+        importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+    transformers.AutoModelForCausalLM  # noqa: B018 (the lazy auto classes resolve on first access)
+
+
 def _load(job: dict[str, Any]) -> Any:
     """The job's model on its device, in eval mode."""
     import torch
@@ -62,12 +82,10 @@ def _load(job: dict[str, Any]) -> Any:
     dtype = _torch_dtype(job["dtype"])
     if job.get("checkpoint", job["task"] == "binq"):
         from binq.checkpoint import load
-        from binq.nn.decoder import compact_embeddings
 
         # No dense cache: a layout without a kernel unpacks its bits at every call, and the numbers say so.
-        model = load(Path(job["model"]), dtype=dtype, device=job["device"])
-        compact_embeddings(model)  # the checkpoint's fp16 embeddings stay fp16 (exact), as binq generate runs
-        return model
+        # The checkpoint's fp16 embeddings stay fp16 (exact), as binq generate runs them.
+        return load(Path(job["model"]), dtype=dtype, device=job["device"], fp16_embeddings=True)
     from binq.models import load_model
 
     model = load_model(job["model"], dtype=dtype).model
@@ -82,6 +100,7 @@ def run_torch(job: dict[str, Any]) -> dict[str, Any]:
 
     set_threads(job["threads"])
     device = torch.device(job["device"])
+    _import_runtime(job)
     baseline = peak_rss_bytes()
     started = time.perf_counter()
     model = _load(job)
@@ -130,6 +149,7 @@ def run_generate(job: dict[str, Any]) -> dict[str, Any]:
     from binq.inference.generate import generate
 
     set_threads(job["threads"])
+    _import_runtime(job)
     baseline = peak_rss_bytes()
     model = _load(job)
     generate(model, job["prompt_ids"], 4, loop=job.get("loop", "auto"))  # warm-up: kernels built, caches sized

@@ -64,9 +64,15 @@ class HalfLinear(nn.Module):
         return half_linear(x, self.weight, self.bias).to(x.dtype)
 
 
-def _exactly_half(weight: torch.Tensor) -> torch.Tensor | None:
+def _exactly_half(weight: torch.Tensor, rows_per_check: int = 4096) -> torch.Tensor | None:
+    """``weight`` in fp16 when fp16 holds every value exactly, else None (checked in slices of rows, so
+    that no second full-precision copy exists)."""
     half = weight.detach().to(torch.float16)
-    return half if torch.equal(half.to(weight.dtype), weight.detach()) else None
+    for start in range(0, weight.shape[0], rows_per_check):
+        rows = slice(start, start + rows_per_check)
+        if not torch.equal(half[rows].to(weight.dtype), weight.detach()[rows]):
+            return None
+    return half
 
 
 def compact_embeddings(model: nn.Module) -> int:
@@ -96,6 +102,32 @@ def compact_embeddings(model: nn.Module) -> int:
             model.set_output_embeddings(HalfLinear(half, head.bias))
             saved += head.weight.numel() * 2
     return saved
+
+
+def widen_except_embeddings(model: nn.Module, dtype: torch.dtype) -> None:
+    """A model read in fp16: the embedding and head become :class:`HalfEmbedding` / :class:`HalfLinear`
+    (their fp16 weights kept, a tied head sharing the embedding's), everything else is widened to ``dtype``
+    (fp16 to fp32 is exact), except the packed tensors of quantized linears, which never change dtype."""
+    from binq.nn.binary_linear import BinaryLinear
+
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = head is not None and getattr(head, "weight", None) is embed.weight
+    new_embed = HalfEmbedding(embed.weight, embed.padding_idx, dtype)
+    model.set_input_embeddings(new_embed)
+    if head is not None:
+        bias = None if head.bias is None else nn.Parameter(head.bias.detach().to(dtype), requires_grad=False)
+        model.set_output_embeddings(HalfLinear(new_embed.weight if tied else head.weight, bias))
+    kept = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}
+    for module in model.modules():
+        packed = set(module.packed_names) if isinstance(module, BinaryLinear) else set()
+        for name, param in module._parameters.items():
+            if param is not None and id(param) not in kept and param.dtype == torch.float16:
+                module._parameters[name] = nn.Parameter(param.detach().to(dtype), requires_grad=False)
+        for name, buffer in module._buffers.items():
+            if buffer is not None and name not in packed and buffer.dtype == torch.float16:
+                module._buffers[name] = buffer.to(dtype)
+    if hasattr(model.config, "dtype"):
+        model.config.dtype = dtype
 
 
 def lean_unsupported(model: nn.Module, max_length: int) -> str | None:
