@@ -218,3 +218,25 @@ def test_without_a_compiler_the_reference_path_runs_after_one_warning(tmp_path: 
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().endswith("ok")
+
+
+def test_a_compiler_without_openmp_still_builds_the_kernels(tmp_path: Path) -> None:
+    compiler = tmp_path / "cc-without-openmp"
+    compiler.write_text('#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && exit 1; done\nexec cc "$@"\n')
+    compiler.chmod(0o755)
+    script = (
+        "import torch, test_cpu_kernels as t\n"
+        "from binq.nn import BinaryLinear, cpu_kernels\n"
+        "assert cpu_kernels.isa() != 'none'\n"
+        "w = t.all_forms(9, 40)['billm']\n"
+        "x = torch.randn(3, 40)\n"
+        "assert t.relative_error(BinaryLinear.from_weight(w)(x), t.reference(w, x, None)) < 1e-5\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "CC": str(compiler), "BINQ_CACHE": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, cwd=Path(__file__).parent
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().endswith("ok")
+    assert "without OpenMP" in done.stderr

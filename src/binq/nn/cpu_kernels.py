@@ -103,21 +103,29 @@ def _torch_openmp() -> Path | None:
 
 
 def _compile(target: Path, variant: str) -> None:
+    """Build the kernels into ``target``; with OpenMP (torch's runtime) where the compiler has it, else
+    single-threaded (Apple's clang, for one, has no ``-fopenmp``)."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise RuntimeError("no C compiler (cc) found")
-    flags = ["-O3", "-fPIC", "-shared", "-std=c11", "-fopenmp"]
+    flags = ["-O3", "-fPIC", "-shared", "-std=c11"]
     flags += ["-march=native"] if variant == "native" else ["-mno-avx512f"]
     gomp = _torch_openmp()
-    libs = [str(gomp), f"-Wl,-rpath,{gomp.parent}"] if gomp is not None else []
+    openmp = ["-fopenmp", *([str(gomp), f"-Wl,-rpath,{gomp.parent}"] if gomp is not None else [])]
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         out = Path(scratch) / target.name
-        command = [compiler, *flags, "-o", str(out), str(SOURCE), *libs, "-lm"]
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"{' '.join(command)} failed: {done.stderr.strip()[-400:]}")
-        os.replace(out, target)  # atomic: a concurrent process sees the old file or the whole new one
+        failures = []
+        for extra in (openmp, []):
+            command = [compiler, *flags, "-o", str(out), str(SOURCE), *extra, "-lm"]
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode == 0:
+                if not extra:
+                    log.warning("binq CPU kernels built without OpenMP: they run on one thread (%s)", failures[0])
+                os.replace(out, target)  # atomic: a concurrent process sees the old file or the whole new one
+                return
+            failures.append(f"{' '.join(command)} failed: {done.stderr.strip()[-300:]}")
+        raise RuntimeError(failures[-1])
 
 
 def load_library() -> ctypes.CDLL | None:
