@@ -3,8 +3,8 @@
 Engines, each measured in its own process (:mod:`binq.inference.bench_worker`) so each peak resident
 set is its own, all on the same number of threads and the same token ids:
 
-- ``binq``: the checkpoint as ``binq.load`` gives it, with whatever kernels are registered (the dense
-  reference path where none applies, its dense copies counted in ``dense_cache_bytes``);
+- ``binq``: the checkpoint as ``binq.load`` gives it, with whatever kernels are registered (the
+  reference path, unpacking at every call, where none applies);
 - ``original``: the source model in torch fp32 (fp16 on CUDA: cuBLAS); ``bf16``: the same in bf16;
 - ``llamacpp-<variant>``: llama.cpp on GGUF files (:mod:`binq.inference.llamacpp`): the source GGUF,
   llama.cpp's own F16 / Q4_0 / Q1_0 / TQ2_0 / TQ1_0 quantizations of it, and the checkpoint exported by
@@ -27,7 +27,7 @@ it otherwise.
 resident set), ``baseline_rss_bytes`` (the same after its imports, before the model), ``model_bytes``
 (tensors in memory; the file for GGUF), ``gemv`` (per distinct linear: ``shape`` [out, in],
 ``layout``, ``count``, ``kernel``, ``median_us``), ``note`` (why there are no numbers, or what to
-know about them), plus per runtime ``file_bytes``, ``dense_cache_bytes``, ``kernels``,
+know about them), plus per runtime ``file_bytes``, ``kernel_bytes``, ``kernels``,
 ``peak_cuda_bytes``, ``llama_cpp_version``, ``gguf``. With ``--gemv``, one more record
 (``kind: "gemv-microbenchmark"``) whose ``results`` are :func:`binq.inference.gemv.layout_microbenchmark`'s.
 Every record carries ``machine`` and ``versions``.

@@ -43,18 +43,6 @@ def _memory_bytes(model: Any) -> int:
     return sum(seen.values())
 
 
-def _dense_cache_bytes(model: Any) -> int:
-    """Bytes of the dense weights ``BinaryLinear`` cached for its reference path (0 when kernels ran)."""
-    from binq.nn import BinaryLinear
-
-    total = 0
-    for module in model.modules():
-        cached = getattr(module, "_dense_cache", None) if isinstance(module, BinaryLinear) else None
-        if cached is not None:
-            total += cached.numel() * cached.element_size()
-    return total
-
-
 def _import_runtime(job: dict[str, Any]) -> None:
     """Import transformers and the model's modelling code before the memory baseline is taken.
 
@@ -134,7 +122,6 @@ def run_torch(job: dict[str, Any]) -> dict[str, Any]:
     }
     if job["task"] == "binq":
         result["file_bytes"] = (Path(job["model"]) / "model.safetensors").stat().st_size
-        result["dense_cache_bytes"] = _dense_cache_bytes(model)
         from binq.nn.cpu_kernels import kernel_state_bytes
 
         result["kernel_bytes"] = kernel_state_bytes(model)

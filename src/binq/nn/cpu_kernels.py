@@ -453,6 +453,12 @@ _UNSUPPORTED = object()
 # --------------------------------------------------------------------------- running
 
 
+def _gemm(library: ctypes.CDLL, prepared: Prepared, tokens: int) -> tuple[Any, tuple[int, ...]]:
+    """The layout's C entry point and its leading arguments (then ``x, bias, out, threads``)."""
+    head = (prepared.address, tokens) if prepared.kind != "multiscale" else (prepared.address, tokens, prepared.cols)
+    return getattr(library, f"binq_{prepared.kind}_gemm"), head
+
+
 def run_prepared(prepared: Prepared, x2d: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``x2d (M, cols)`` float32 contiguous -> ``(M, rows)`` float32 through the C kernels."""
     library = load_library()
@@ -461,16 +467,9 @@ def run_prepared(prepared: Prepared, x2d: torch.Tensor, bias: torch.Tensor | Non
     if m > DECODE_TOKENS:
         return _tiled(library, prepared, x2d, bias)
     out = torch.empty(m, prepared.rows)
+    function, head = _gemm(library, prepared, m)
     bias_ptr = None if bias is None else bias.data_ptr()
-    threads = torch.get_num_threads()
-    if prepared.kind == "binary":
-        status = library.binq_binary_gemm(prepared.address, m, x2d.data_ptr(), bias_ptr, out.data_ptr(), threads)
-    elif prepared.kind == "uniform":
-        status = library.binq_uniform_gemm(prepared.address, m, x2d.data_ptr(), bias_ptr, out.data_ptr(), threads)
-    else:
-        status = library.binq_multiscale_gemm(
-            prepared.address, m, prepared.cols, x2d.data_ptr(), bias_ptr, out.data_ptr(), threads
-        )
+    status = function(*head, x2d.data_ptr(), bias_ptr, out.data_ptr(), torch.get_num_threads())
     if status != 0:
         raise MemoryError("binq CPU kernel: out of memory for its scratch buffers")
     return out
@@ -506,20 +505,6 @@ def _tiled(library: ctypes.CDLL, prepared: Prepared, x2d: torch.Tensor, bias: to
     return out
 
 
-def direct_call(module: BinaryLinear) -> Any | None:
-    """``x2d -> x2d W^T + b`` through this module's CPU kernel without the module machinery, or None.
-
-    For decode loops that call each linear once per token (:class:`~binq.nn.decoder.LeanDecoder`):
-    ``x2d`` must be float32, contiguous, ``(tokens, in_features)``. None when the kernel does not apply
-    (another device, no compiled kernels, an activation quantizer, a layout without a CPU kernel).
-    """
-    prepared = prepared_for(module)
-    if prepared is None:
-        return None
-    bias = None if module.bias is None else module.bias.detach().float().contiguous()
-    return lambda x2d: run_prepared(prepared, x2d, bias)
-
-
 def prepared_for(module: Any) -> Prepared | None:
     """The module's CPU-kernel state when its plain kernel path applies, else None."""
     if not isinstance(module, BinaryLinear) or getattr(module, "activation_quantizer", None) is not None:
@@ -531,19 +516,16 @@ def prepared_for(module: Any) -> Prepared | None:
     return kernel.prepared(module)
 
 
+@dataclass
 class FusedCall:
-    """One kernel call for linears sharing an input; returns their outputs in order."""
+    """One kernel for linears sharing an input: their rows stacked, outputs of ``sizes`` in order."""
 
-    def __init__(self, prepared: Prepared, sizes: list[int]) -> None:
-        self.prepared = prepared
-        self.sizes = sizes
-
-    def __call__(self, x2d: torch.Tensor) -> list[torch.Tensor]:
-        return list(run_prepared(self.prepared, x2d, None).split(self.sizes, dim=-1))
+    prepared: Prepared
+    sizes: list[int]
 
 
 def fused_call(modules: list[Any]) -> FusedCall | None:
-    """One kernel for linears sharing an input (``x2d -> [outputs]``), or None when they cannot fuse.
+    """One kernel for linears sharing an input, or None when they cannot fuse.
 
     The modules' own kernel states are dropped once fused (rebuilt if a module is called directly), so the
     re-packed bits exist once.
@@ -567,8 +549,7 @@ class GemvInto:
         assert library is not None
         self.prepared, self.bias = prepared, bias  # kept alive: the call passes their addresses
         self.rows = prepared.rows
-        self.function = getattr(library, f"binq_{prepared.kind}_gemm")
-        self.head = (prepared.address, 1) if prepared.kind != "multiscale" else (prepared.address, 1, prepared.cols)
+        self.function, self.head = _gemm(library, prepared, 1)
         self.bias_ptr = None if bias is None else bias.data_ptr()
 
     def __call__(self, x_ptr: int, out_ptr: int, threads: int) -> int:

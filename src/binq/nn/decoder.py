@@ -159,21 +159,11 @@ def _rms_norm(module: nn.Module, dtype: torch.dtype) -> Any:
     return lambda h: h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * weight
 
 
-def _linear(module: nn.Module) -> Any:
-    from binq.nn.cpu_kernels import direct_call
-
-    return direct_call(module) or module
-
-
-def _shared_input(modules: list[nn.Module]) -> Any:
-    """Linears that read the same input, as one call returning their outputs (one fused kernel if it can)."""
-    from binq.nn.cpu_kernels import fused_call
-
-    fused = fused_call(modules)
-    if fused is not None:
-        return fused
-    calls = [_linear(m) for m in modules]
-    return lambda x: [call(x) for call in calls]
+def _module_call(modules: list[nn.Module]) -> Any:
+    """Linears without a kernel plan (plain ``nn.Linear``, a GPU, an activation quantizer), called as modules."""
+    if len(modules) == 1:
+        return modules[0]
+    return lambda x: [module(x) for module in modules]
 
 
 def _plan_call(plan: list[Any], sizes: list[int]) -> Any:
@@ -292,7 +282,7 @@ class LeanDecoder:
                 step[name + "_c"] = plan
                 step[name] = _plan_call(plan, [m.out_features for m in modules])
             else:
-                step[name] = _shared_input(modules) if len(modules) > 1 else _linear(modules[0])
+                step[name] = _module_call(modules)
         return step
 
     def reset(self) -> None:
