@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM
 import binq
 from binq.checkpoint import FORMAT_VERSION, WEIGHTS_FILE, read_header, save_checkpoint
 from binq.cli import main
-from binq.engine.calibrate import QuantizationResult, quantize_model
+from binq.engine.calibrate import EngineResult, quantize_model
 from binq.errors import BinqError
 from binq.methods import get_method
 from binq.models import get_architecture
@@ -43,7 +43,7 @@ METHODS = {
 
 def quantize_tiny(
     method: str, options: dict, arch: str = "llama", **overrides: object
-) -> tuple[nn.Module, QuantizationResult]:
+) -> tuple[nn.Module, EngineResult]:
     model = build_tiny_model(arch, **overrides)
     spec = get_method(method)
     result = quantize_model(

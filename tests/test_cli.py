@@ -118,8 +118,22 @@ def test_unknown_model_path(capsys: pytest.CaptureFixture[str], tmp_path: Path, 
 
 def test_missing_calibration_file(capsys: pytest.CaptureFixture[str], tiny_llama_folder: Path, tmp_path: Path) -> None:
     missing = tmp_path / "missing.txt"
-    code, _, err = run_cli(capsys, *quantize_args(tiny_llama_folder, missing, "--method", "rtn"))
+    code, _, err = run_cli(capsys, *quantize_args(tiny_llama_folder, missing, "--method", "gptq"))
     assert_one_line_error(code, err, rf"binq: error: unknown text '{missing}'.*not an existing file")
+
+
+def test_calibration_free_method_reads_no_calibration(
+    capsys: pytest.CaptureFixture[str], tiny_llama_folder: Path, tmp_path: Path
+) -> None:
+    # RTN needs no calibration: no text is read (a missing file is never opened), no engine pass runs.
+    missing = tmp_path / "missing.txt"
+    out = tmp_path / "rtn"
+    args = quantize_args(tiny_llama_folder, missing, "--method", "rtn", "--workers", "1", "--out", str(out))
+    code, _, err = run_cli(capsys, *args)
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    assert report["calibration"]["tokens"] == 0
+    assert report["engine"] == {"path": "independent", "workers": 1}
 
 
 def test_missing_evaluation_file(
@@ -135,7 +149,7 @@ def test_too_little_calibration_text(
     capsys: pytest.CaptureFixture[str], tiny_llama_folder: Path, text_file: Callable[[int, int], Path]
 ) -> None:
     small = text_file(10, 3)
-    args = quantize_args(tiny_llama_folder, small, "--method", "rtn")
+    args = quantize_args(tiny_llama_folder, small, "--method", "gptq")
     args[args.index("--seqlen") + 1] = "60"
     code, _, err = run_cli(capsys, *args)
     assert_one_line_error(code, err, r"binq: error: calibration source .* has 10 tokens; windows of 60 tokens")

@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch import nn
 
-from binq.engine.calibrate import EngineConfig, LayerRecord, QuantizationResult, quantize_model
+from binq.engine.calibrate import EngineConfig, LayerRecord, EngineResult, quantize_model
 from binq.engine.capture import _Recorder, capture_block_inputs
 from binq.engine.hessian import HessianAccumulator
 from binq.errors import BinqError
@@ -74,7 +74,7 @@ def recorded_index(arch: Architecture, block: int, name: str) -> int:
 def reference_hessians(
     original: nn.Module,
     arch: Architecture,
-    result: QuantizationResult,
+    result: EngineResult,
     calibration: torch.Tensor,
     true_sequential: bool,
     quantize_earlier_blocks: bool = True,
@@ -120,7 +120,7 @@ def run_engine(
     method_name: str,
     options: dict[str, Any],
     engine: EngineConfig | None = None,
-) -> tuple[QuantizationResult, Recording, list[LayerRecord]]:
+) -> tuple[EngineResult, Recording, list[LayerRecord]]:
     inner = get_method(method_name)
     recording = Recording(inner)
     seen: list[LayerRecord] = []

@@ -9,11 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from binq.data import calibration_windows, evaluation_tokens
-from binq.engine.calibrate import quantize_model
-from binq.evaluation import Protocol, WeightSwap, evaluate_perplexity
-from binq.methods import get_method
-from binq.models import block_linears, get_architecture, get_blocks, load_model
+import binq
+from binq.pipeline import CalibrationConfig, EvaluationConfig
 
 pytestmark = pytest.mark.slow
 
@@ -31,25 +28,23 @@ def results() -> dict[str, dict[str, float]]:
     torch.manual_seed(0)
     out = {}
     for label, (method_name, options) in RUNS.items():
-        loaded = load_model("smollm2-135m")
-        model, arch = loaded.model, get_architecture(loaded.model)
-        calibration = calibration_windows(loaded.tokenizer, "austen", 8, SEQLEN, seed=0)
-        tokens = evaluation_tokens(loaded.tokenizer, "brit1911", SEQLEN)
-        originals = {
-            linear: linear.weight.data
-            for block in get_blocks(model, arch)
-            for linear in block_linears(block, arch).values()
-        }
-        method = get_method(method_name)
-        quantize_model(model, arch, calibration, method, method.make_config(**options), progress=False)
-        protocol = Protocol("brit1911", "", "smollm2", SEQLEN, 0, 0, 0)
-        result = evaluate_perplexity(model, tokens, SEQLEN, protocol, 6, WeightSwap(originals), progress=False)
-        out[label] = {"ppl": result.ppl, "original": result.ppl_original, "kl": result.kl}
+        result = binq.quantize(
+            "smollm2-135m",
+            method_name,
+            options,
+            calibration=CalibrationConfig(nsamples=8, seqlen=SEQLEN),
+            evaluation=EvaluationConfig(sets=("brit1911",), seqlen=SEQLEN, windows=6),
+            workers=1,
+            progress=False,
+        )
+        evaluation = result.evaluations["brit1911"]
+        out[label] = {"ppl": evaluation["ppl"], "original": evaluation["ppl_original"], "kl": evaluation["kl"]}
     return out
 
 
 def test_original_perplexity_is_that_of_a_working_model(results):
-    # SmolLM2-135M-Instruct reads encyclopedic prose at a PPL in the twenties (research notes).
+    # SmolLM2-135M-Instruct reads encyclopedic prose at a PPL in the twenties (binq measures 29.2 on
+    # brit1911 in 512-token windows, docs/BENCHMARKS.md); the bounds leave room for 256-token windows.
     assert 10 < results["billm"]["original"] < 40
 
 

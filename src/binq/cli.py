@@ -116,6 +116,8 @@ def _base_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("eval", help="evaluate a model's perplexity")
     # Calibration options too: activation quantization searches its clipping and smoothing on them.
     _add_protocol_options(evaluate, calibration=True)
+    evaluate.add_argument("--out", default=None, help="output folder: report.json (docs/REPORT.md)")
+    evaluate.add_argument("--label", default=None, help="name of this run in tables (default: the model's name)")
     _add_activation_options(evaluate)
 
     sub.add_parser("methods", help="list the methods and their options")
@@ -251,7 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         if args.command == "quantize":
             return commands.run_quantize(args, _eval_sets(args.eval), _method_options(args), argv)
-        return commands.run_eval(args, _eval_sets(args.eval))
+        return commands.run_eval(args, _eval_sets(args.eval), argv)
     except BinqError as err:
         print(f"binq: error: {err}", file=sys.stderr)
         return 2

@@ -9,7 +9,6 @@ import logging
 import shlex
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -18,30 +17,14 @@ from rich.console import Console
 from rich.table import Table
 from tqdm.auto import tqdm
 
-from binq.activations import ActivationConfig, ActivationSwap, calibrate_activations, quantized_activations
-from binq.bits import summarize_bits, unquantized_bits
-from binq.data import calibration_windows, describe_eval, evaluation_tokens
-from binq.engine.calibrate import EngineConfig, quantize_model
-from binq.engine.independent import default_workers, quantize_independent
+from binq.activations import ActivationConfig
+from binq.engine.calibrate import EngineConfig
 from binq.errors import BinqError
-from binq.evaluation import Protocol, WeightSwap, evaluate_perplexity
+from binq.evaluation import Protocol
 from binq.methods import available_methods, get_method
-from binq.models import block_linears, get_architecture, get_blocks, load_model, parameter_inventory
-from binq.report import (
-    LAYER_HEADER,
-    REPORT_SCHEMA,
-    comparison_table,
-    extra_bit_line,
-    extra_bit_summary,
-    layer_row,
-    library_versions,
-    machine,
-    now_utc,
-    peak_memory,
-    print_table,
-    read_report,
-    write_report,
-)
+from binq.models import load_model
+from binq.pipeline import CalibrationConfig, EvaluationConfig, evaluate, load_checkpoint, quantize
+from binq.report import LAYER_HEADER, comparison_table, extra_bit_line, layer_row, print_table, read_report
 
 log = logging.getLogger(__name__)
 
@@ -60,63 +43,10 @@ def list_methods() -> int:
     return 0
 
 
-def _model_dtype(device: str) -> torch.dtype:
-    # fp16 matmuls are slow or missing on CPUs; evaluation there runs in fp32.
-    return torch.float16 if device.startswith("cuda") else torch.float32
-
-
-def _stored_dtype(loaded: Any) -> torch.dtype:
-    """The dtype the source checkpoint stores its parameters in (float16 when it does not say)."""
-    config_file = Path(loaded.path) / "config.json"
-    dtype = None
-    if config_file.is_file():
-        config = json.loads(config_file.read_text())
-        dtype = config.get("torch_dtype") or config.get("dtype")
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(dtype, torch.float16)
-
-
-def _stored_precision_bits(loaded: Any) -> int:
-    """Bits per unquantized parameter as the source checkpoint stores them.
-
-    The in-memory dtype says nothing (binq computes in fp32 on CPUs), so read the checkpoint's own
-    config.json; GGUF sources and configs without a dtype count as 16-bit.
-    """
-    config_file = Path(loaded.path) / "config.json"
-    dtype = None
-    if config_file.is_file():
-        config = json.loads(config_file.read_text())
-        dtype = config.get("torch_dtype") or config.get("dtype")
-    return 32 if dtype == "float32" else 16
-
-
-def _check_seqlen(model: torch.nn.Module, seqlen: int) -> None:
-    """A window longer than the model's positions fails deep in the forward (OPT) or is meaningless."""
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if isinstance(limit, int) and seqlen > limit:
-        raise BinqError(f"--seqlen {seqlen} is longer than the model's context ({limit} positions)")
-
-
-def _tokenizer_name(loaded: Any) -> str:
-    return f"{type(loaded.tokenizer).__name__}({loaded.name})"
-
-
-def _evaluate_sets(
-    model: torch.nn.Module,
-    loaded: Any,
-    tokens: dict[str, torch.Tensor],
-    args: argparse.Namespace,
-    swap: WeightSwap | None,
-) -> dict[str, dict]:
-    results = {}
-    model.to(args.device)
-    for name, ids in tokens.items():
-        protocol = Protocol(name, describe_eval(name), _tokenizer_name(loaded), args.seqlen, 0, 0, 0)
-        result = evaluate_perplexity(
-            model, ids, args.seqlen, protocol, args.eval_windows, swap, args.device, not args.no_progress
-        )
-        results[name] = result.to_dict()
-    model.to("cpu")
-    return results
+def _protocol(args: argparse.Namespace, eval_sets: list[str]) -> tuple[CalibrationConfig, EvaluationConfig]:
+    """The calibration and evaluation configs of the command line (one ``--seqlen`` for both)."""
+    calibration = CalibrationConfig(source=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
+    return calibration, EvaluationConfig(sets=tuple(eval_sets), seqlen=args.seqlen, windows=args.eval_windows)
 
 
 def _activation_config(args: argparse.Namespace) -> ActivationConfig:
@@ -130,168 +60,46 @@ def _activation_config(args: argparse.Namespace) -> ActivationConfig:
     )
 
 
+def _print_protocols(evaluations: dict[str, dict[str, Any]]) -> None:
+    for name, evaluation in evaluations.items():
+        protocol = evaluation["protocol"]
+        print(f"protocol {name}: {Protocol(**protocol).summary()}; {protocol['description']}")
+
+
 def run_quantize(
     args: argparse.Namespace, eval_sets: list[str], method_options: dict[str, Any], argv: list[str]
 ) -> int:
-    started = time.perf_counter()
     method = get_method(args.method)
-    config = method.make_config(**method_options)
-    engine = EngineConfig(device=args.device, hessian_dtype=args.hessian_dtype, true_sequential=args.true_sequential)
-    label = args.label or _default_label(method.name, config)
-    act_config = _activation_config(args)
-    if act_config.enabled and not args.label:
-        label += f" A{act_config.bits}"
-
-    loaded = load_model(args.model, dtype=_model_dtype(args.device))
-    model = loaded.model
-    arch = get_architecture(model)
-    inventory = parameter_inventory(model, arch)
-    stored_bits = _stored_precision_bits(loaded)
-    _check_seqlen(model, args.seqlen)
-    calibration = None
-    if not method.calibration_free or act_config.needs_calibration:
-        calibration = calibration_windows(loaded.tokenizer, args.calib, args.nsamples, args.seqlen, args.seed)
-    # Read every evaluation set before the long part, so a bad name fails in seconds.
-    eval_tokens = {name: evaluation_tokens(loaded.tokenizer, name, args.seqlen) for name in eval_sets}
-    # Smoothing is folded into the fp model first: the weights are quantized, and kept for KL, smoothed.
-    act_plan = calibrate_activations(model, arch, calibration, act_config, args.seed, not args.no_progress)
-    originals = {
-        linear: linear.weight.data
-        for block in get_blocks(model, arch)
-        for linear in block_linears(block, arch).values()
-    }
-
+    calibration, evaluation = _protocol(args, eval_sets)
     on_layer = None
     if not args.no_layer_table:
         tqdm.write(LAYER_HEADER)
         on_layer = lambda record: tqdm.write(layer_row(record))  # noqa: E731
-    if method.calibration_free:
-        # No engine pass: every linear is independent, in parallel worker processes.
-        result = quantize_independent(model, arch, method, config, args.workers, on_layer, not args.no_progress)
-    else:
-        result = quantize_model(model, arch, calibration, method, config, engine, on_layer, not args.no_progress)
-
-    eval_started = time.perf_counter()
-    with quantized_activations(model, arch, act_plan) as act_hooks:
-        evaluations = _evaluate_sets(model, loaded, eval_tokens, args, ActivationSwap(WeightSwap(originals), act_hooks))
-    eval_s = time.perf_counter() - eval_started
-    memory, memory_kind = peak_memory()
-    report = {
-        "schema": REPORT_SCHEMA,
-        "label": label,
-        "created": now_utc(),
-        "command": ["binq", *argv],
-        "model": {
-            "spec": args.model,
-            "name": loaded.name,
-            "path": loaded.path,
-            "architecture": arch.name,
-            "dtype": str(_model_dtype(args.device)).removeprefix("torch."),
-        },
-        "method": {"name": method.name, "config": dataclasses.asdict(config)},
-        "engine": dataclasses.asdict(engine),
-        "calibration": {
-            "source": args.calib,
-            "nsamples": args.nsamples,
-            "seqlen": args.seqlen,
-            "seed": args.seed,
-            "tokens": 0 if calibration is None else int(calibration.numel()),
-        },
-        "seed": args.seed,
-        "bits": summarize_bits(inventory, result.weights, stored_bits).to_dict(),
-        "bits_original": unquantized_bits(inventory, stored_bits).to_dict(),
-        "eval": evaluations,
-        "time_s": {"quantize": result.time_s, "eval": eval_s, "total": time.perf_counter() - started},
-        "peak_memory_bytes": memory,
-        "peak_memory_kind": memory_kind,
-        "versions": library_versions(),
-        "machine": machine(),
-        "layers": [dataclasses.asdict(r) for r in result.records],
-    }
-    report["compute_bits"] = report["bits"]["linear"]["compute_bits"]
-    report["storage_bits"] = {k: report["bits"][k]["storage_bits"] for k in ("linear", "model")}
-    report["ppl"] = {k: {"quantized": v["ppl"], "original": v["ppl_original"]} for k, v in evaluations.items()}
-    report["kl"] = {k: v["kl"] for k, v in evaluations.items()}
-    if act_config.enabled:
-        report["activations"] = act_plan.summary(model.config.hidden_size)
-    if method.calibration_free:
-        report["engine"] = {"path": "independent", "workers": args.workers or default_workers()}
-    extra_bits = extra_bit_summary(result.weights)
-    if extra_bits:
-        report["extra_bits"] = extra_bits
-    if args.out:
-        path = write_report(report, Path(args.out))
-        log.info("wrote %s", path)
-        from binq.checkpoint import save_checkpoint
-
-        # Unquantized tensors go back at the source's precision: the same bits the report counts. The
-        # activation plan (--act-bits) goes along, so the loaded model quantizes inputs as evaluated here.
-        save_checkpoint(
-            model, result.weights, Path(args.out), tokenizer=loaded.tokenizer, method=method.name,
-            method_config=dataclasses.asdict(config), dtype=_stored_dtype(loaded), activations=act_plan,
-        )  # fmt: skip
-    print_table(comparison_table([report], f"{label} on {loaded.name}"))
-    for name, evaluation in evaluations.items():
-        protocol = evaluation["protocol"]
-        print(f"protocol {name}: {Protocol(**protocol).summary()}; {protocol['description']}")
-    if extra_bits:
-        print(extra_bit_line(extra_bits))
+    result = quantize(
+        args.model, method, method.make_config(**method_options), calibration=calibration, evaluation=evaluation,
+        engine=EngineConfig(device=args.device, hessian_dtype=args.hessian_dtype, true_sequential=args.true_sequential),
+        activations=_activation_config(args), workers=args.workers, out=args.out, label=args.label,
+        progress=not args.no_progress, on_layer=on_layer, command=["binq", *argv],
+    )  # fmt: skip
+    report = result.report
+    print_table(comparison_table([report], f"{report['label']} on {result.model.name}"))
+    _print_protocols(result.evaluations)
+    if "extra_bits" in report:
+        print(extra_bit_line(report["extra_bits"]))
     return 0
 
 
-def _default_label(method: str, config: Any) -> str:
-    bits = getattr(config, "bits", None)
-    label = method if bits is None else f"{method} {bits}-bit"
-    if getattr(config, "group_size", None):
-        label += f" g{config.group_size}"
-    return label
-
-
-def _load_checkpoint(folder: Path, dtype: torch.dtype, fp16_embeddings: bool = False) -> Any:
-    """A binq checkpoint as a LoadedModel (its linears are BinaryLinear, so load_model's checks do not apply).
-
-    Evaluation keeps dense weights for layouts no kernel runs (``cache_weight``); generation
-    (``fp16_embeddings``) runs the kernels and keeps the embeddings in fp16 instead.
-    """
-    from transformers import AutoTokenizer
-
-    from binq.checkpoint import load
-    from binq.models import LoadedModel
-
-    model = load(folder, dtype=dtype, cache_weight=not fp16_embeddings, fp16_embeddings=fp16_embeddings)
-    model.config.use_cache = False
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    return LoadedModel(model=model, tokenizer=tokenizer, name=folder.resolve().name, path=str(folder.resolve()))
-
-
-def run_eval(args: argparse.Namespace, eval_sets: list[str]) -> int:
-    from binq.checkpoint import is_checkpoint
-
-    if is_checkpoint(args.model):
-        loaded = _load_checkpoint(Path(args.model), _model_dtype(args.device))
-    else:
-        loaded = load_model(args.model, dtype=_model_dtype(args.device))
-    if not eval_sets:
-        raise BinqError("binq eval needs at least one --eval set")
-    _check_seqlen(loaded.model, args.seqlen)
-    tokens = {name: evaluation_tokens(loaded.tokenizer, name, args.seqlen) for name in eval_sets}
-    act_config = _activation_config(args)
-    if not act_config.enabled:
-        evaluations = _evaluate_sets(loaded.model, loaded, tokens, args, None)
-    else:
-        if is_checkpoint(args.model):
-            raise BinqError("activation quantization of a binq checkpoint is not supported: quantize with --act-bits")
-        arch = get_architecture(loaded.model)
-        calibration = None
-        if act_config.needs_calibration:
-            calibration = calibration_windows(loaded.tokenizer, args.calib, args.nsamples, args.seqlen, args.seed)
-        plan = calibrate_activations(loaded.model, arch, calibration, act_config, args.seed, not args.no_progress)
-        # The "original" of the swap is the same model with full-precision activations: KL to it.
-        with quantized_activations(loaded.model, arch, plan) as hooks:
-            evaluations = _evaluate_sets(loaded.model, loaded, tokens, args, ActivationSwap(None, hooks))
-    for name, evaluation in evaluations.items():
+def run_eval(args: argparse.Namespace, eval_sets: list[str], argv: list[str]) -> int:
+    calibration, evaluation = _protocol(args, eval_sets)
+    result = evaluate(
+        args.model, evaluation, device=args.device, activations=_activation_config(args), calibration=calibration,
+        out=args.out, label=args.label, progress=not args.no_progress, command=["binq", *argv],
+    )  # fmt: skip
+    for name, evaluation in result.evaluations.items():
         kl = "" if evaluation["kl"] is None else f", KL {evaluation['kl']:.4f} to full-precision activations"
         print(f"{name}: PPL {evaluation['ppl']:.3f}{kl}  ({Protocol(**evaluation['protocol']).summary()})")
+    if args.out:
+        print(f"wrote {Path(args.out) / 'report.json'}")
     return 0
 
 
@@ -440,7 +248,7 @@ def _load_any(spec: str) -> Any:
     from binq.checkpoint import is_checkpoint
 
     if is_checkpoint(spec):  # the checkpoint's fp16 embeddings stay fp16 in memory (exact)
-        return _load_checkpoint(Path(spec), torch.float32, fp16_embeddings=True)
+        return load_checkpoint(Path(spec), torch.float32, fp16_embeddings=True)
     return load_model(spec, dtype=torch.float32)
 
 

@@ -1,7 +1,7 @@
 """Activation quantization settings and their calibration pass (smoothing folded in, clipping searched).
 
 :func:`calibrate_activations` runs the full-precision model block by block on the calibration samples
-(the engine's capture), takes a random subset of each linear group's input tokens, and per group:
+(the engine's block walker), takes a random subset of each linear group's input tokens, and per group:
 
 1. with ``smooth="channel"``, searches the smoothing strength and folds the factors into the group's
    producer (the architecture's ``smoothing_sources``), so the full-precision model is unchanged;
@@ -18,7 +18,6 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from binq.activations.int4 import ActivationQuantizer, activation_storage_bits
 from binq.activations.smoothing import (
@@ -28,10 +27,10 @@ from binq.activations.smoothing import (
     search_smoothing,
     two_group_proxy,
 )
-from binq.engine.capture import block_output, capture_block_inputs
+from binq.engine.walker import walk_blocks
 from binq.errors import BinqError
 from binq.methods.registry import check_choice, check_range
-from binq.models.architectures import Architecture, block_linears, get_blocks, get_module
+from binq.models.architectures import Architecture, get_module, named_linears
 
 log = logging.getLogger(__name__)
 
@@ -106,11 +105,8 @@ class ActivationPlan:
         """The input quantizer of every block linear, by full module name (what the hooks install, and save)."""
         if not self.config.enabled:
             return {}
-        return {
-            key: self.config.quantizer(self.clip_ratio(key))
-            for index, block in enumerate(get_blocks(model, arch))
-            for key in (f"{arch.blocks}.{index}.{name}" for name in arch.linear_names)
-        }
+        names = [item.full_name for item in named_linears(model, arch)]
+        return {name: self.config.quantizer(self.clip_ratio(name)) for name in names}
 
     def summary(self, features: int) -> dict:
         """For report.json: the settings, the storage of one activation of ``features`` inputs, the choices."""
@@ -155,44 +151,31 @@ def calibrate_activations(
     if config.smooth == "channel" and not arch.smoothing_sources:
         raise BinqError(f"--smooth channel is not supported for {arch.name} (no foldable norm declared)")
     generator = torch.Generator().manual_seed(seed)
-    blocks = get_blocks(model, arch)
-    inputs = capture_block_inputs(model, blocks, calibration)
-    hidden = inputs.hidden_states
     proxy = two_group_proxy if config.smooth_proxy == "w11" else None
-    for index in tqdm(range(len(blocks)), desc="activations", unit="block", disable=not progress):
-        block = blocks[index]
-        linears = block_linears(block, arch)
-        captured: dict[str, list[torch.Tensor]] = {group[0]: [] for group in arch.linear_groups}
-        handles = [
-            linears[name].register_forward_pre_hook(lambda _m, args, sink=sink: sink.append(args[0].detach()))
-            for name, sink in captured.items()
-        ]
-        try:
-            outputs = [block_output(block(x, *inputs.args[index], **inputs.kwargs[index])) for x in hidden]
-        finally:
-            for handle in handles:
-                handle.remove()
+    firsts = [group[0] for group in arch.linear_groups]
+    for step in walk_blocks(model, arch, calibration, progress=progress, desc="activations"):
+        # The block runs once, before any folding: its outputs are the next block's inputs.
+        captured, step.outputs = step.capture_inputs(firsts)
         for g, group in enumerate(arch.linear_groups):
             x = _sample_tokens(captured[group[0]], config.calib_tokens, generator)
-            weights = [linears[name].weight.float() for name in group]
-            key = f"{arch.blocks}.{index}.{group[0]}"
+            weights = [step.linears[name].weight.float() for name in group]
+            key = step.full_name(group[0])
             source = arch.smoothing_sources[g] if g < len(arch.smoothing_sources) else None
             if config.smooth == "channel" and source is not None:
                 choice = search_smoothing(x, weights, config.quantizer(1.0), proxy)
                 plan.smoothing_alphas[key] = choice.alpha
                 plan.smoothing_error_ratio.append(choice.error / max(choice.error_unsmoothed, 1e-30))
                 if choice.factors is not None:
-                    fold_smoothing(get_module(block, source), [linears[n] for n in group], choice.factors)
-                    plan.smoothed_producers.append(f"{arch.blocks}.{index}.{source}")
+                    fold_smoothing(get_module(step.block, source), [step.linears[n] for n in group], choice.factors)
+                    plan.smoothed_producers.append(step.full_name(source))
                     x = x / choice.factors
-                    weights = [linears[name].weight.float() for name in group]
+                    weights = [step.linears[name].weight.float() for name in group]
             if config.clip == "search":
                 ratio = search_clip_ratio(x, weights, lambda t, r: config.quantizer(r)(t))
             else:
                 ratio = float(config.clip)
             for name in group:
-                plan.clip_ratios[f"{arch.blocks}.{index}.{name}"] = ratio
-        hidden = outputs
+                plan.clip_ratios[step.full_name(name)] = ratio
     summary = plan.summary(1)
     log.info(
         "activation calibration: mean clip ratio %s, %d groups smoothed (mean alpha %s)",

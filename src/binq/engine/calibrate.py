@@ -1,6 +1,7 @@
-"""The block-sequential calibration engine (research notes section 1, "layer-sequential pipeline").
+"""The block-sequential calibration engine (GPTQ's layer-sequential pipeline, which BiLLM and ARB share).
 
-1. Capture block 0's inputs for every calibration sample (and every block's extra arguments).
+1. The block walker (:mod:`binq.engine.walker`) captures block 0's inputs for every calibration sample
+   (and every block's extra arguments).
 2. For each block, moved alone to the compute device:
    - hook the first linear of each group of linears that share an input, and run the samples through
      the block to accumulate one Hessian per group (groups share it: q/k/v need one, not three);
@@ -27,13 +28,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from tqdm.auto import tqdm
 
-from binq.engine.capture import BlockInputs, block_output, capture_block_inputs, to_device
-from binq.engine.hessian import HessianAccumulator
+from binq.engine.walker import walk_blocks
 from binq.errors import BinqError
 from binq.methods.registry import Method
-from binq.models.architectures import Architecture, block_linears, get_blocks
+from binq.models.architectures import Architecture
 from binq.quant.hessian import relative_output_error
 from binq.quant.structured import QuantizedWeight
 
@@ -105,7 +104,10 @@ class LayerRecord:
 
 
 @dataclass
-class QuantizationResult:
+class EngineResult:
+    """What the engine (or the calibration-free path) made: a record per linear, the structured weights by
+    full module name, and the seconds it took."""
+
     records: list[LayerRecord] = field(default_factory=list)
     weights: dict[str, QuantizedWeight] = field(default_factory=dict)
     time_s: float = 0.0
@@ -131,52 +133,6 @@ def _share_weight(linear: nn.Linear, owner: int) -> None:
         # A fresh tensor: callers may hold the original (for KL), which must not be overwritten.
         linear.weight.data = linear.weight.data.clone()
     dist.broadcast(linear.weight.data, src=owner)
-
-
-def _activations_fit(inputs: BlockInputs, device: torch.device) -> bool:
-    if device.type != "cuda":
-        return device.type == "cpu"
-    needed = 2 * sum(t.numel() * t.element_size() for t in inputs.hidden_states)
-    free, _ = torch.cuda.mem_get_info(device)
-    return needed < 0.5 * free
-
-
-@torch.no_grad()
-def _run_block(
-    block: nn.Module, hidden: list[torch.Tensor], args: tuple, kwargs: dict, device: torch.device
-) -> list[torch.Tensor]:
-    outputs = []
-    for x in hidden:
-        out = block_output(block(x.to(device), *args, **kwargs))
-        outputs.append(out if x.device == device else out.to(x.device))
-    return outputs
-
-
-def _accumulate_hessians(
-    block: nn.Module,
-    linears: dict[str, nn.Linear],
-    groups: list[tuple[str, ...]],
-    hidden: list[torch.Tensor],
-    args: tuple,
-    kwargs: dict,
-    device: torch.device,
-    dtype: torch.dtype,
-) -> dict[tuple[str, ...], HessianAccumulator]:
-    accumulators: dict[tuple[str, ...], HessianAccumulator] = {}
-    handles = []
-    for group in groups:
-        first = linears[group[0]]
-        acc = HessianAccumulator(first.in_features, dtype, device)
-        accumulators[group] = acc
-        handles.append(first.register_forward_hook(lambda _m, inp, _out, acc=acc: acc.add(inp[0])))
-    try:
-        _run_block(block, hidden, args, kwargs, device)
-    finally:
-        for handle in handles:
-            handle.remove()
-    for acc in accumulators.values():
-        acc.reduce_()
-    return accumulators
 
 
 def _quantize_linear(
@@ -205,7 +161,7 @@ def quantize_model(
     engine: EngineConfig | None = None,
     on_layer: Callable[[LayerRecord], None] | None = None,
     progress: bool = True,
-) -> QuantizationResult:
+) -> EngineResult:
     """Quantize every declared linear of every block of ``model`` (on the CPU) in place.
 
     ``calibration`` is ``[N, L]`` token ids. Returns the structured weights by full module name and a
@@ -216,47 +172,41 @@ def quantize_model(
     hessian_dtype = HESSIAN_DTYPES[engine.hessian_dtype]
     torch.backends.cuda.matmul.allow_tf32 = False  # reproducible Hessian factors (GPTQ's setting)
     torch.backends.cudnn.allow_tf32 = False
-    blocks = get_blocks(model, arch)
-    result = QuantizationResult()
+    result = EngineResult()
     started = time.perf_counter()
 
-    inputs = capture_block_inputs(model, blocks, calibration)
-    on_device = engine.activations_on_device
-    if on_device is None:
-        on_device = _activations_fit(inputs, device)
-    hidden = [x.to(device) if on_device else x for x in inputs.hidden_states]
     groups = list(arch.linear_groups)
     position = 0  # linears spread over ranks in model order, round-robin
     stages = [[g] for g in groups] if engine.true_sequential else [groups]
-
+    rank = _rank_and_world()[0]
+    index = 0
+    walk = walk_blocks(
+        model, arch, calibration, device, engine.activations_on_device, progress=progress, desc=method.name
+    )
     try:
-        for index in tqdm(range(len(blocks)), desc=f"{method.name}", unit="block", disable=not progress):
-            block = blocks[index].to(device)
-            args = to_device(inputs.args[index], device)
-            kwargs = to_device(inputs.kwargs[index], device)
-            linears = block_linears(block, arch)
+        for step in walk:
+            index = step.index
             for stage in stages:
-                accumulators = _accumulate_hessians(block, linears, stage, hidden, args, kwargs, device, hessian_dtype)
+                accumulators = step.hessians(stage, hessian_dtype)
                 for group in stage:
                     hessian = accumulators[group].hessian()
                     for name in group:
                         owner = owner_rank(position)
                         position += 1
-                        if owner != _rank_and_world()[0]:
-                            _share_weight(linears[name], owner)
+                        linear = step.linears[name]
+                        if owner != rank:
+                            _share_weight(linear, owner)
                             continue
-                        full_name = f"{arch.blocks}.{index}.{name}"
+                        full_name = step.full_name(name)
                         t0 = time.perf_counter()
-                        quantized, error = _quantize_linear(full_name, linears[name], hessian, method, method_config)
+                        quantized, error = _quantize_linear(full_name, linear, hessian, method, method_config)
                         record = LayerRecord.of(index, name, quantized, error, time.perf_counter() - t0)
-                        _share_weight(linears[name], owner)
+                        _share_weight(linear, owner)
                         result.weights[full_name] = quantized
                         result.records.append(record)
                         if on_layer is not None:
                             on_layer(record)
                     del hessian
-            hidden = _run_block(block, hidden, args, kwargs, device)
-            blocks[index] = block.to("cpu")
     except torch.cuda.OutOfMemoryError as err:
         raise BinqError(
             f"out of memory on {device} in block {index}: use fewer or shorter calibration samples, "

@@ -6,7 +6,7 @@ embarrassingly parallel. Workers are processes (the solvers are Python and numpy
 serialize), each limited to one torch thread (forked like torch's DataLoader workers, spawned once CUDA is
 initialised); ``workers=1`` runs in this process.
 
-The outputs are the engine's (:class:`~binq.engine.calibrate.QuantizationResult` with one
+The outputs are the engine's (:class:`~binq.engine.calibrate.EngineResult` with one
 :class:`~binq.engine.calibrate.LayerRecord` per linear, in model order), so reports and tables work
 unchanged. With no calibration inputs, ``relative_error`` is the weight-space error
 ``||W - Q||^2 / ||W||^2``.
@@ -18,7 +18,7 @@ import logging
 import multiprocessing
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from typing import Any
 
@@ -26,10 +26,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from binq.engine.calibrate import LayerRecord, QuantizationResult
+from binq.engine.calibrate import EngineResult, LayerRecord
 from binq.errors import BinqError
 from binq.methods.registry import Method, get_method
-from binq.models.architectures import Architecture, block_linears, get_blocks
+from binq.models.architectures import Architecture, NamedLinear, named_linears
 from binq.quant.structured import QuantizedWeight
 
 log = logging.getLogger(__name__)
@@ -72,12 +72,6 @@ def _start_method() -> str:
     return "spawn"
 
 
-def _linears(model: nn.Module, arch: Architecture) -> Iterator[tuple[int, str, nn.Linear]]:
-    for index, block in enumerate(get_blocks(model, arch)):
-        for name, linear in block_linears(block, arch).items():
-            yield index, name, linear
-
-
 def quantize_independent(
     model: nn.Module,
     arch: Architecture,
@@ -86,7 +80,7 @@ def quantize_independent(
     workers: int | None = None,
     on_layer: Callable[[LayerRecord], None] | None = None,
     progress: bool = True,
-) -> QuantizationResult:
+) -> EngineResult:
     """Quantize every declared linear of every block of ``model`` in place, each independently.
 
     ``workers`` processes (default: all cores) take one matrix at a time; at most two matrices per
@@ -99,32 +93,32 @@ def quantize_independent(
     if workers < 1:
         raise BinqError(f"--workers must be at least 1, got {workers}")
     started = time.perf_counter()
-    jobs = list(_linears(model, arch))
-    for index, name, linear in jobs:
-        if not torch.isfinite(linear.weight).all():
-            raise BinqError(f"{arch.blocks}.{index}.{name}: the weight has NaN or Inf entries")
+    jobs = named_linears(model, arch)
+    for job in jobs:
+        if not torch.isfinite(job.linear.weight).all():
+            raise BinqError(f"{job.full_name}: the weight has NaN or Inf entries")
     records: dict[int, LayerRecord] = {}
-    result = QuantizationResult()
+    result = EngineResult()
     bar = tqdm(total=len(jobs), desc=f"{method.name} x{workers}", unit="linear", disable=not progress)
 
     def finish(position: int, outcome: tuple[QuantizedWeight, float, float]) -> None:
-        index, name, linear = jobs[position]
+        job = jobs[position]
         quantized, error, seconds = outcome
-        linear.weight.data = quantized.dequantize().to(linear.weight.dtype)  # new tensor: originals stay valid
-        result.weights[f"{arch.blocks}.{index}.{name}"] = quantized
-        record = LayerRecord.of(index, name, quantized, error, seconds)
+        job.linear.weight.data = quantized.dequantize().to(job.linear.weight.dtype)  # new tensor: originals stay valid
+        result.weights[job.full_name] = quantized
+        record = LayerRecord.of(job.block, job.name, quantized, error, seconds)
         records[position] = record
         if on_layer is not None:
             on_layer(record)
         bar.update()
 
     def weight_of(position: int) -> torch.Tensor:
-        return jobs[position][2].weight.detach().to(torch.float32).cpu()
+        return jobs[position].linear.weight.detach().to(torch.float32).cpu()
 
     try:
         if workers == 1:
             for position in range(len(jobs)):
-                finish(position, _run_here(method, method_config, weight_of(position), jobs[position], arch))
+                finish(position, _run_here(method, method_config, weight_of(position), jobs[position]))
         else:
             context = multiprocessing.get_context(_start_method())
             with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker) as pool:
@@ -136,10 +130,10 @@ def quantize_independent(
                         done, _ = wait(pending, return_when=FIRST_COMPLETED)
                         for future in done:
                             position = pending.pop(future)
-                            finish(position, _outcome(future, jobs[position], arch))
+                            finish(position, _outcome(future, jobs[position]))
                 for future in list(pending):
                     position = pending.pop(future)
-                    finish(position, _outcome(future, jobs[position], arch))
+                    finish(position, _outcome(future, jobs[position]))
     finally:
         bar.close()
     result.records = [records[p] for p in sorted(records)]
@@ -148,18 +142,16 @@ def quantize_independent(
 
 
 def _run_here(
-    method: Method, config: Any, weight: torch.Tensor, job: tuple[int, str, nn.Linear], arch: Architecture
+    method: Method, config: Any, weight: torch.Tensor, job: NamedLinear
 ) -> tuple[QuantizedWeight, float, float]:
     try:
         return quantize_weight(method.name, config, weight)
     except BinqError as err:
-        raise BinqError(f"{arch.blocks}.{job[0]}.{job[1]}: {err}") from err
+        raise BinqError(f"{job.full_name}: {err}") from err
 
 
-def _outcome(
-    future: Future, job: tuple[int, str, nn.Linear], arch: Architecture
-) -> tuple[QuantizedWeight, float, float]:
+def _outcome(future: Future, job: NamedLinear) -> tuple[QuantizedWeight, float, float]:
     try:
         return future.result()
     except BinqError as err:
-        raise BinqError(f"{arch.blocks}.{job[0]}.{job[1]}: {err}") from err
+        raise BinqError(f"{job.full_name}: {err}") from err

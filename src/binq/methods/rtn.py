@@ -95,7 +95,10 @@ def uniform_round(weight: torch.Tensor, bits: int, group_size: int, symmetric: b
     )
 
 
-@register("rtn", RTNConfig, "round-to-nearest: XNOR sign binarization at 1 bit, min-max b-bit otherwise")
+RTN_SUMMARY = "round-to-nearest: XNOR sign binarization at 1 bit, min-max b-bit otherwise (no calibration)"
+
+
+@register("rtn", RTNConfig, RTN_SUMMARY, calibration_free=True)
 def quantize_rtn(weight: torch.Tensor, hessian: torch.Tensor | None, config: RTNConfig) -> QuantizedWeight:
     del hessian  # no calibration
     group_size = config.group_size or weight.shape[1]

@@ -9,6 +9,8 @@ from binq.models.architectures import (
     get_architecture,
     get_blocks,
     get_module,
+    module_name,
+    named_linears,
 )
 from binq.models.embedded import EMBEDDED_MODELS, EmbeddedGGUF, ensure_embedded, ensure_smollm2
 from binq.models.loading import LoadedModel, check_finite, load_model
@@ -30,6 +32,8 @@ __all__ = [
     "get_blocks",
     "get_module",
     "load_model",
+    "module_name",
+    "named_linears",
     "numel_by_role",
     "parameter_inventory",
 ]

@@ -13,7 +13,7 @@ from typing import Literal
 
 from torch import nn
 
-from binq.models.architectures import Architecture, block_linears, get_blocks, get_module
+from binq.models.architectures import Architecture, get_module, named_linears
 
 ParameterRole = Literal["block_linear_weight", "block_linear_bias", "embedding", "lm_head", "other"]
 _ROLE_ORDER: tuple[ParameterRole, ...] = (
@@ -49,12 +49,10 @@ class ParameterRecord:
 def _roles_by_name(model: nn.Module, arch: Architecture) -> dict[str, ParameterRole]:
     """Map exact parameter names to roles; built from the declared layout, not guessed from names."""
     roles: dict[str, ParameterRole] = {}
-    for index, block in enumerate(get_blocks(model, arch)):
-        for name, linear in block_linears(block, arch).items():
-            prefix = f"{arch.blocks}.{index}.{name}"
-            roles[f"{prefix}.weight"] = "block_linear_weight"
-            if linear.bias is not None:
-                roles[f"{prefix}.bias"] = "block_linear_bias"
+    for item in named_linears(model, arch):
+        roles[f"{item.full_name}.weight"] = "block_linear_weight"
+        if item.linear.bias is not None:
+            roles[f"{item.full_name}.bias"] = "block_linear_bias"
     for path in arch.embeddings:
         for pname, _ in get_module(model, path).named_parameters():
             roles[f"{path}.{pname}"] = "embedding"

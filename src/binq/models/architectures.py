@@ -149,3 +149,28 @@ def block_linears(block: nn.Module, arch: Architecture) -> dict[str, nn.Linear]:
             raise BinqError(f"'{name}' in a {arch.name} block is a {type(module).__name__}, not nn.Linear")
         linears[name] = module
     return linears
+
+
+def module_name(arch: Architecture, index: int, name: str) -> str:
+    """The full module name of block ``index``'s module ``name`` (``model.layers.3.self_attn.q_proj``):
+    the one key of quantized weights, records, checkpoints and activation plans."""
+    return f"{arch.blocks}.{index}.{name}"
+
+
+@dataclass(frozen=True)
+class NamedLinear:
+    """One declared block linear: its block, its name in the block, its full module name."""
+
+    block: int
+    name: str
+    full_name: str
+    linear: nn.Linear
+
+
+def named_linears(model: nn.Module, arch: Architecture) -> list[NamedLinear]:
+    """Every declared block linear of ``model``, in model order (block by block, execution order)."""
+    return [
+        NamedLinear(index, name, module_name(arch, index, name), linear)
+        for index, block in enumerate(get_blocks(model, arch))
+        for name, linear in block_linears(block, arch).items()
+    ]

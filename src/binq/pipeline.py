@@ -1,0 +1,490 @@
+"""binq as a library: :func:`quantize` and :func:`evaluate`, the whole pipeline of one run.
+
+One run, in this order (``binq quantize`` is these calls plus printing):
+
+1. load the model (an embedded name, folder, .gguf file, Hub id, or an already loaded model);
+2. read the calibration windows (skipped for calibration-free methods unless activation calibration
+   needs them) and every evaluation set (so a bad name fails in seconds, not after the long part);
+3. activation calibration (``--act-bits``): smoothing folded into the full-precision model, clipping
+   searched (:func:`binq.activations.calibrate_activations`);
+4. quantize every declared linear: the block-sequential engine (:func:`binq.engine.calibrate.quantize_model`)
+   or, for a calibration-free method, every linear on its own in worker processes
+   (:func:`binq.engine.independent.quantize_independent`);
+5. evaluate perplexity and KL to the original on each set, the original's weights swapped in per window;
+6. the report (docs/REPORT.md) and, with ``out``, ``report.json`` and the packed checkpoint.
+
+Everything a run decides is in its typed configs: the method's config class, :class:`CalibrationConfig`,
+:class:`EvaluationConfig`, :class:`~binq.engine.calibrate.EngineConfig` and
+:class:`~binq.activations.ActivationConfig`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shlex
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from binq.activations import (
+    ActivationConfig,
+    ActivationPlan,
+    ActivationSwap,
+    calibrate_activations,
+    quantized_activations,
+)
+from binq.bits import summarize_bits, unquantized_bits
+from binq.data import calibration_windows, describe_eval, evaluation_tokens
+from binq.engine.calibrate import EngineConfig, LayerRecord, quantize_model
+from binq.engine.independent import default_workers, quantize_independent
+from binq.errors import BinqError
+from binq.evaluation import Protocol, WeightSwap, evaluate_perplexity
+from binq.methods import Method, get_method
+from binq.models import LoadedModel, get_architecture, load_model, named_linears, parameter_inventory
+from binq.quant.structured import QuantizedWeight
+from binq.report import (
+    REPORT_SCHEMA,
+    extra_bit_summary,
+    library_versions,
+    machine,
+    now_utc,
+    peak_memory,
+    write_report,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_EVAL_SETS = ("brit1911", "persuasion")
+
+
+@dataclass
+class CalibrationConfig:
+    """The calibration windows: ``nsamples`` random windows of ``seqlen`` tokens of ``source`` (``austen``,
+    a built-in text, wikitext2, c4, ptb or a file), drawn with ``seed`` (GPTQ's protocol is 128 x 2048)."""
+
+    source: str = "austen"
+    nsamples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.nsamples < 1:
+            raise BinqError(f"--nsamples must be at least 1, got {self.nsamples}")
+        if self.seqlen < 2:
+            raise BinqError("--seqlen must be at least 2")
+
+
+@dataclass
+class EvaluationConfig:
+    """Perplexity and KL on each of ``sets``, in windows of ``seqlen`` tokens (the first ``windows`` only,
+    or all); ``sets`` empty: no evaluation."""
+
+    sets: tuple[str, ...] = DEFAULT_EVAL_SETS
+    seqlen: int = 2048
+    windows: int | None = None
+
+    def __post_init__(self) -> None:
+        self.sets = tuple(self.sets)
+        if self.seqlen < 2:
+            raise BinqError("--seqlen must be at least 2")
+        if self.windows is not None and self.windows < 1:
+            raise BinqError("--eval-windows must be at least 1")
+
+
+# The quick protocol (the standard for tables on a 2-core CPU) and GPTQ's full one.
+QUICK_CALIBRATION = CalibrationConfig(nsamples=32, seqlen=512)
+QUICK_EVALUATION = EvaluationConfig(seqlen=512, windows=16)
+FULL_CALIBRATION = CalibrationConfig()
+FULL_EVALUATION = EvaluationConfig()
+
+
+@dataclass
+class QuantizationResult:
+    """What :func:`quantize` made: the model with every declared linear quantized (dequantized weights
+    in place, on the CPU), the structured weights by full module name, a record per linear, the
+    evaluations by set name, the activation plan, and ``report`` (the dict ``report.json`` holds)."""
+
+    model: LoadedModel
+    method: Method
+    config: Any
+    weights: dict[str, QuantizedWeight]
+    records: list[LayerRecord]
+    evaluations: dict[str, dict[str, Any]]
+    activation_plan: ActivationPlan
+    report: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, out: str | Path) -> Path:
+        """``report.json`` and the packed checkpoint (docs/FORMAT.md) in ``out``; returns the report's path."""
+        from binq.checkpoint import save_checkpoint
+
+        out = Path(out)
+        path = write_report(self.report, out)
+        # Unquantized tensors go back at the source's precision: the same bits the report counts. The
+        # activation plan goes along, so the loaded model quantizes inputs as evaluated here.
+        save_checkpoint(
+            self.model.model, self.weights, out, tokenizer=self.model.tokenizer, method=self.method.name,
+            method_config=dataclasses.asdict(self.config), dtype=source_dtype(self.model),
+            activations=self.activation_plan,
+        )  # fmt: skip
+        return path
+
+
+@dataclass
+class EvaluationResult:
+    """What :func:`evaluate` measured: the evaluations by set name and ``report`` (``report.json``'s dict)."""
+
+    model: LoadedModel
+    evaluations: dict[str, dict[str, Any]]
+    report: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, out: str | Path) -> Path:
+        return write_report(self.report, Path(out))
+
+
+def compute_dtype(device: str) -> torch.dtype:
+    """fp16 on CUDA; fp32 on CPUs, where fp16 matmuls are slow or missing."""
+    return torch.float16 if device.startswith("cuda") else torch.float32
+
+
+def source_dtype(loaded: LoadedModel) -> torch.dtype:
+    """The dtype the source checkpoint stores its parameters in (its config.json; float16 when it does
+    not say, as for GGUF sources). The in-memory dtype says nothing: binq computes in fp32 on CPUs."""
+    config_file = Path(loaded.path) / "config.json"
+    dtype = None
+    if config_file.is_file():
+        config = json.loads(config_file.read_text())
+        dtype = config.get("torch_dtype") or config.get("dtype")
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(dtype, torch.float16)
+
+
+def default_label(method: Method, config: Any, activations: ActivationConfig | None = None) -> str:
+    """``gptq 4-bit g128``, ``billm``, ``w11 A4``: the method, its bits and group, the activation bits."""
+    bits = getattr(config, "bits", None)
+    label = method.name if bits is None else f"{method.name} {bits}-bit"
+    if getattr(config, "group_size", None):
+        label += f" g{config.group_size}"
+    if activations is not None and activations.enabled:
+        label += f" A{activations.bits}"
+    return label
+
+
+def check_seqlen(model: torch.nn.Module, seqlen: int) -> None:
+    """A window longer than the model's positions fails deep in the forward (OPT) or is meaningless."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(limit, int) and seqlen > limit:
+        raise BinqError(f"--seqlen {seqlen} is longer than the model's context ({limit} positions)")
+
+
+def _load(model: str | LoadedModel, device: str) -> LoadedModel:
+    return model if isinstance(model, LoadedModel) else load_model(model, dtype=compute_dtype(device))
+
+
+def _method_and_config(method: str | Method, config: Any) -> tuple[Method, Any]:
+    method = get_method(method) if isinstance(method, str) else method
+    if config is None:
+        return method, method.make_config()
+    if isinstance(config, dict):
+        return method, method.make_config(**config)
+    if not isinstance(config, method.config_class):
+        raise BinqError(f"method '{method.name}' takes a {method.config_class.__name__}, not a {type(config).__name__}")
+    return method, config
+
+
+def _evaluation_tokens(loaded: LoadedModel, evaluation: EvaluationConfig) -> dict[str, torch.Tensor]:
+    return {name: evaluation_tokens(loaded.tokenizer, name, evaluation.seqlen) for name in evaluation.sets}
+
+
+def _run_evaluations(
+    loaded: LoadedModel,
+    tokens: dict[str, torch.Tensor],
+    evaluation: EvaluationConfig,
+    device: str,
+    swap: Any,
+    progress: bool,
+) -> dict[str, dict[str, Any]]:
+    results = {}
+    model = loaded.model
+    model.to(device)
+    tokenizer = f"{type(loaded.tokenizer).__name__}({loaded.name})"
+    for name, ids in tokens.items():
+        protocol = Protocol(name, describe_eval(name), tokenizer, evaluation.seqlen, 0, 0, 0)
+        result = evaluate_perplexity(
+            model, ids, evaluation.seqlen, protocol, evaluation.windows, swap, device, progress
+        )
+        results[name] = result.to_dict()
+    model.to("cpu")
+    return results
+
+
+def _model_section(loaded: LoadedModel, spec: Any, architecture: str, device: str) -> dict[str, Any]:
+    return {
+        "spec": spec if isinstance(spec, str) else loaded.path,
+        "name": loaded.name,
+        "path": loaded.path,
+        "architecture": architecture,
+        "dtype": str(compute_dtype(device)).removeprefix("torch."),
+    }
+
+
+def _evaluation_shortcuts(report: dict[str, Any], evaluations: dict[str, dict[str, Any]]) -> None:
+    report["ppl"] = {k: {"quantized": v["ppl"], "original": v["ppl_original"]} for k, v in evaluations.items()}
+    report["kl"] = {k: v["kl"] for k, v in evaluations.items()}
+
+
+def equivalent_command(
+    model: Any,
+    method: Method,
+    config: Any,
+    calibration: CalibrationConfig,
+    evaluation: EvaluationConfig,
+    engine: EngineConfig,
+    activations: ActivationConfig,
+    label: str,
+) -> list[str]:
+    """The ``binq quantize`` command line of a run made through the API (for its report)."""
+    spec = model if isinstance(model, str) else model.path
+    command = ["binq", "quantize", "--model", spec, "--method", method.name]
+    defaults = method.config_class()
+    for item in dataclasses.fields(config):
+        value = getattr(config, item.name)
+        if value != getattr(defaults, item.name):
+            option = "--" + item.name.replace("_", "-")
+            if isinstance(value, bool):
+                command.append(option if value else "--no-" + option[2:])
+            else:
+                command += [option, str(value)]
+    command += ["--calib", calibration.source, "--nsamples", str(calibration.nsamples)]
+    command += ["--seqlen", str(evaluation.seqlen if evaluation.sets else calibration.seqlen)]
+    command += ["--seed", str(calibration.seed), "--eval", ",".join(evaluation.sets) or "none"]
+    if evaluation.windows is not None:
+        command += ["--eval-windows", str(evaluation.windows)]
+    command += ["--device", engine.device, "--label", label]
+    if engine.hessian_dtype != "float32":
+        command += ["--hessian-dtype", engine.hessian_dtype]
+    if engine.true_sequential:
+        command.append("--true-sequential")
+    if activations.enabled:
+        command += ["--act-bits", str(activations.bits), "--act-clip", activations.clip, "--smooth", activations.smooth]
+        command += ["--smooth-proxy", activations.smooth_proxy, "--act-calib-tokens", str(activations.calib_tokens)]
+        if activations.sym:
+            command.append("--act-sym")
+    return command
+
+
+def quantize(
+    model: str | LoadedModel,
+    method: str | Method,
+    config: Any = None,
+    *,
+    calibration: CalibrationConfig | None = None,
+    evaluation: EvaluationConfig | None = None,
+    engine: EngineConfig | None = None,
+    activations: ActivationConfig | None = None,
+    workers: int | None = None,
+    out: str | Path | None = None,
+    label: str | None = None,
+    progress: bool = True,
+    on_layer: Callable[[LayerRecord], None] | None = None,
+    command: list[str] | None = None,
+) -> QuantizationResult:
+    """Quantize ``model`` with ``method`` and evaluate it; with ``out``, write ``report.json`` and the checkpoint.
+
+    ``config`` is the method's config (an instance of its config class, a dict of its options, or
+    ``None`` for its defaults). ``calibration`` and ``evaluation`` default to GPTQ's full protocol
+    (:data:`QUICK_CALIBRATION` / :data:`QUICK_EVALUATION` are the quick one); ``EvaluationConfig(sets=())``
+    skips evaluation. ``workers``: processes of a calibration-free method (default all cores).
+    ``on_layer`` sees each linear's record as it is made; ``command`` is what the report records as
+    the command (the CLI passes its own; by default the equivalent ``binq quantize`` line).
+
+    >>> result = binq.quantize("smollm2-135m", "gptq", {"bits": 4}, calibration=QUICK_CALIBRATION,
+    ...                        evaluation=QUICK_EVALUATION, out="runs/gptq4")   # doctest: +SKIP
+    >>> result.report["ppl"]                                                     # doctest: +SKIP
+    """
+    started = time.perf_counter()
+    calibration = calibration or FULL_CALIBRATION
+    evaluation = evaluation or FULL_EVALUATION
+    engine = engine or EngineConfig()
+    activations = activations or ActivationConfig()
+    method, config = _method_and_config(method, config)
+    label = label or default_label(method, config, activations)
+    if workers is not None and workers < 1:
+        raise BinqError(f"--workers must be at least 1, got {workers}")
+
+    loaded = _load(model, engine.device)
+    arch = get_architecture(loaded.model)
+    inventory = parameter_inventory(loaded.model, arch)
+    stored_bits = torch.finfo(source_dtype(loaded)).bits
+    check_seqlen(loaded.model, max(calibration.seqlen, evaluation.seqlen if evaluation.sets else 0))
+    windows = None
+    if not method.calibration_free or activations.needs_calibration:
+        windows = calibration_windows(
+            loaded.tokenizer, calibration.source, calibration.nsamples, calibration.seqlen, calibration.seed
+        )
+    eval_tokens = _evaluation_tokens(loaded, evaluation)
+    # Smoothing is folded into the fp model first: the weights are quantized, and kept for KL, smoothed.
+    plan = calibrate_activations(loaded.model, arch, windows, activations, calibration.seed, progress)
+    originals = {item.linear: item.linear.weight.data for item in named_linears(loaded.model, arch)}
+
+    if method.calibration_free:
+        engine_result = quantize_independent(loaded.model, arch, method, config, workers, on_layer, progress)
+    else:
+        engine_result = quantize_model(loaded.model, arch, windows, method, config, engine, on_layer, progress)
+
+    eval_started = time.perf_counter()
+    with quantized_activations(loaded.model, arch, plan) as hooks:
+        swap = ActivationSwap(WeightSwap(originals), hooks)
+        evaluations = _run_evaluations(loaded, eval_tokens, evaluation, engine.device, swap, progress)
+    eval_s = time.perf_counter() - eval_started
+    memory, memory_kind = peak_memory()
+    if command is None:
+        command = equivalent_command(model, method, config, calibration, evaluation, engine, activations, label)
+    report: dict[str, Any] = {
+        "schema": REPORT_SCHEMA,
+        "label": label,
+        "created": now_utc(),
+        "command": command,
+        "model": _model_section(loaded, model, arch.name, engine.device),
+        "method": {"name": method.name, "config": dataclasses.asdict(config)},
+        "engine": dataclasses.asdict(engine),
+        "calibration": {
+            **dataclasses.asdict(calibration),
+            "tokens": 0 if windows is None else int(windows.numel()),
+        },
+        "seed": calibration.seed,
+        "bits": summarize_bits(inventory, engine_result.weights, stored_bits).to_dict(),
+        "bits_original": unquantized_bits(inventory, stored_bits).to_dict(),
+        "eval": evaluations,
+        "time_s": {"quantize": engine_result.time_s, "eval": eval_s, "total": time.perf_counter() - started},
+        "peak_memory_bytes": memory,
+        "peak_memory_kind": memory_kind,
+        "versions": library_versions(),
+        "machine": machine(),
+        "layers": [dataclasses.asdict(r) for r in engine_result.records],
+    }
+    report["compute_bits"] = report["bits"]["linear"]["compute_bits"]
+    report["storage_bits"] = {k: report["bits"][k]["storage_bits"] for k in ("linear", "model")}
+    _evaluation_shortcuts(report, evaluations)
+    if activations.enabled:
+        report["activations"] = plan.summary(loaded.model.config.hidden_size)
+    if method.calibration_free:
+        report["engine"] = {"path": "independent", "workers": workers or default_workers()}
+    extra_bits = extra_bit_summary(engine_result.weights)
+    if extra_bits:
+        report["extra_bits"] = extra_bits
+    result = QuantizationResult(
+        loaded, method, config, engine_result.weights, engine_result.records, evaluations, plan, report
+    )
+    if out is not None:
+        log.info("wrote %s", result.save(out))
+    return result
+
+
+def evaluate(
+    model: str | LoadedModel,
+    evaluation: EvaluationConfig | None = None,
+    *,
+    device: str = "cpu",
+    activations: ActivationConfig | None = None,
+    calibration: CalibrationConfig | None = None,
+    out: str | Path | None = None,
+    label: str | None = None,
+    progress: bool = True,
+    command: list[str] | None = None,
+) -> EvaluationResult:
+    """Perplexity of ``model`` (any model binq loads, or a binq checkpoint folder) on each evaluation set.
+
+    With ``activations`` enabled (a full-precision model only), its inputs are quantized as
+    :func:`quantize` would, calibrated on ``calibration``, and KL is to the same model with
+    full-precision activations; otherwise there is no reference and KL is ``None``. With ``out``,
+    writes ``report.json`` (the same schema as :func:`quantize`'s, without bits and layers).
+    """
+    from binq.checkpoint import is_checkpoint
+
+    started = time.perf_counter()
+    evaluation = evaluation or FULL_EVALUATION
+    calibration = calibration or FULL_CALIBRATION
+    activations = activations or ActivationConfig()
+    if not evaluation.sets:
+        raise BinqError("binq eval needs at least one --eval set")
+    checkpoint = isinstance(model, str | Path) and is_checkpoint(model)
+    if checkpoint:
+        loaded = load_checkpoint(Path(model), compute_dtype(device))
+    else:
+        loaded = _load(model if not isinstance(model, Path) else str(model), device)
+    check_seqlen(loaded.model, evaluation.seqlen)
+    tokens = _evaluation_tokens(loaded, evaluation)
+    plan = None
+    if not activations.enabled:
+        evaluations = _run_evaluations(loaded, tokens, evaluation, device, None, progress)
+    else:
+        if checkpoint:
+            raise BinqError("activation quantization of a binq checkpoint is not supported: quantize with --act-bits")
+        arch = get_architecture(loaded.model)
+        windows = None
+        if activations.needs_calibration:
+            windows = calibration_windows(
+                loaded.tokenizer, calibration.source, calibration.nsamples, calibration.seqlen, calibration.seed
+            )
+        plan = calibrate_activations(loaded.model, arch, windows, activations, calibration.seed, progress)
+        # The "original" of the swap is the same model with full-precision activations: KL to it.
+        with quantized_activations(loaded.model, arch, plan) as hooks:
+            swap = ActivationSwap(None, hooks)
+            evaluations = _run_evaluations(loaded, tokens, evaluation, device, swap, progress)
+    memory, memory_kind = peak_memory()
+    spec = str(model) if isinstance(model, str | Path) else loaded.path
+    arch_name = get_architecture(loaded.model).name
+    if command is None:
+        command = ["binq", "eval", "--model", spec, "--eval", ",".join(evaluation.sets), "--seqlen"]
+        command += [str(evaluation.seqlen), "--device", device]
+        if evaluation.windows is not None:
+            command += ["--eval-windows", str(evaluation.windows)]
+    report: dict[str, Any] = {
+        "schema": REPORT_SCHEMA,
+        "kind": "eval",
+        "label": label or loaded.name + (f" A{activations.bits}" if activations.enabled else ""),
+        "created": now_utc(),
+        "command": command,
+        "model": {**_model_section(loaded, spec, arch_name, device), "checkpoint": checkpoint},
+        "eval": evaluations,
+        "time_s": {"eval": time.perf_counter() - started, "total": time.perf_counter() - started},
+        "peak_memory_bytes": memory,
+        "peak_memory_kind": memory_kind,
+        "versions": library_versions(),
+        "machine": machine(),
+    }
+    if plan is not None:
+        report["calibration"] = dataclasses.asdict(calibration)
+        report["activations"] = plan.summary(loaded.model.config.hidden_size)
+    _evaluation_shortcuts(report, evaluations)
+    result = EvaluationResult(loaded, evaluations, report)
+    if out is not None:
+        log.info("wrote %s", result.save(out))
+    return result
+
+
+def load_checkpoint(folder: Path, dtype: torch.dtype, fp16_embeddings: bool = False) -> LoadedModel:
+    """A binq checkpoint as a :class:`LoadedModel` (its linears are BinaryLinear, so ``load_model``'s
+    checks do not apply).
+
+    Evaluation keeps dense weights for layouts no kernel runs (``cache_weight``); generation
+    (``fp16_embeddings``) runs the kernels and keeps the embeddings in fp16 instead.
+    """
+    from transformers import AutoTokenizer
+
+    from binq.checkpoint import load
+
+    model = load(folder, dtype=dtype, cache_weight=not fp16_embeddings, fp16_embeddings=fp16_embeddings)
+    model.config.use_cache = False
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    return LoadedModel(model=model, tokenizer=tokenizer, name=folder.resolve().name, path=str(folder.resolve()))
+
+
+def command_line(command: list[str]) -> str:
+    """A report's command as one shell line."""
+    return shlex.join(command)
