@@ -92,7 +92,8 @@ def test_greedy_never_beats_dp(window: int, criterion: str, normalized: bool) ->
 @pytest.mark.parametrize("normalized", [False, True])
 @pytest.mark.parametrize("window", [1, 8])
 def test_local_optimisation_sits_between_windowed_and_dp(window: int, normalized: bool) -> None:
-    # Our reading of WGM-LO (research notes B.5): DG <= WGM-LO <= WGM, the group count kept.
+    # Our reading of MSB's WGM-LO, whose definition could not be read: WGM followed by a local pass that
+    # moves each boundary to its best place between its neighbours. So DG <= WGM-LO <= WGM, the group count kept.
     improved = 0
     for seed in range(4):
         a = _magnitudes(60, seed)

@@ -1,4 +1,9 @@
-"""Per-token integer activations and their exact bit planes (A(1x4); spec A2 of the research notes).
+"""Per-token integer activations and their exact bit planes: the A(1x4) of Song et al. (ACL Findings 2025).
+
+Only the paper's abstract could be read, so the format below is a reconstruction: per-token
+asymmetric INT4 by default (the common practice of QuaRot and Atom), the clipping ratio searched per
+linear group on calibration data (:func:`binq.activations.smoothing.search_clip_ratio`), and the
+codes split into four exact binary planes, which is what "1x4" names.
 
 Format of one token ``x`` (a row of ``d`` inputs), ``b`` bits (4 for A(1x4)):
 

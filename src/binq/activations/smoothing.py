@@ -1,4 +1,4 @@
-"""Quantization-error-driven smoothing and clipping of activations (spec A3 of the research notes).
+"""Quantization-error-driven smoothing and clipping of activations (Song et al., ACL Findings 2025).
 
 The paper says the activations' scaling factors are "smoothed based on quantization errors"; its
 formula could not be read. Primary reading (implemented here): SmoothQuant-style per-input-channel

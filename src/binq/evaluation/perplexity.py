@@ -1,9 +1,11 @@
 """Perplexity by the GPTQ protocol, and KL divergence from the original model on the same windows.
 
-Protocol (research notes ecosystem.md section 7.1): one joined text tokenized once, cut into
+Protocol: GPTQ's (Frantar et al., ICLR 2023: WikiText-2's test split joined with blank lines, windows
+of 2048 tokens), which BiLLM evaluates with too. One joined text tokenized once, cut into
 non-overlapping windows of ``seqlen`` tokens (the tail dropped), shifted cross-entropy per window,
-``PPL = exp(mean over windows of the window's mean NLL)`` (every window has ``seqlen - 1`` targets,
-so this is the token average). ``max_windows`` keeps the first windows only (the quick protocol).
+``PPL = exp(mean over windows of the window's mean NLL)`` (every window has ``seqlen - 1`` targets, so
+this is the token average, the same number as GPTQ's ``exp(sum of loss * seqlen / (windows * seqlen))``).
+``max_windows`` keeps the first windows only (the quick protocol).
 
 KL is ``KL(P_original || P_quantized)`` of the next-token distributions, averaged over the same
 predicted positions. The original model is not kept twice in memory: :class:`WeightSwap` swaps the
