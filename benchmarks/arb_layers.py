@@ -19,8 +19,9 @@ from datetime import date
 import torch
 
 from binq.data import calibration_windows
+from binq.engine.walker import block_hessians
 from binq.methods import get_method
-from binq.models import block_linears, get_architecture, get_blocks, load_model
+from binq.models import load_model
 from binq.report import machine
 
 METHODS = {
@@ -45,34 +46,12 @@ LINEARS = ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_pr
 
 def layer_hessians(
     model_name: str, blocks: list[int], samples: int, seqlen: int, names: tuple[str, ...] = LINEARS
-) -> dict[str, tuple]:
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{module: (weight, Hessian)}`` of the chosen linears, from the original model's real inputs."""
     loaded = load_model(model_name)
-    model, arch = loaded.model, get_architecture(loaded.model)
     ids = calibration_windows(loaded.tokenizer, "austen", samples, seqlen, seed=0)
-    sums, hooks = {}, []
-    for index in blocks:
-        linears = block_linears(get_blocks(model, arch)[index], arch)
-        for name in names:
-            key = f"{index}.{name}"
-            linear = linears[name]
-            sums[key] = [
-                linear.weight.detach().float().clone(),
-                torch.zeros(linear.in_features, linear.in_features, dtype=torch.float64),
-                0,
-            ]
-
-            def hook(module, args, key=key):
-                x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-                sums[key][1] += x.T @ x
-                sums[key][2] += x.shape[0]
-
-            hooks.append(linear.register_forward_pre_hook(hook))
-    with torch.no_grad():
-        for window in ids:
-            model(window.unsqueeze(0))
-    for handle in hooks:
-        handle.remove()
-    return {key: (w, (2 * s / n).float()) for key, (w, s, n) in sums.items()}
+    layers = block_hessians(loaded.model, loaded.architecture, ids, blocks, names, dtype=torch.float64)
+    return {name: (weight, hessian.float()) for name, (weight, hessian) in layers.items()}
 
 
 def main() -> int:

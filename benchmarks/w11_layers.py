@@ -10,15 +10,14 @@ and the stored bits per weight. Usage: ``python benchmarks/w11_layers.py [--bloc
 from __future__ import annotations
 
 import argparse
-import contextlib
 import time
 
 import torch
 
 from binq.data import calibration_windows
-from binq.engine.hessian import HessianAccumulator
+from binq.engine.walker import block_hessians
 from binq.methods import get_method
-from binq.models import block_linears, get_architecture, get_blocks, load_model
+from binq.models import load_model
 from binq.quant.hessian import relative_output_error
 
 CONFIGS: dict[str, tuple[str, dict]] = {
@@ -37,40 +36,14 @@ CONFIGS: dict[str, tuple[str, dict]] = {
 }
 
 
-class _Stop(Exception):
-    pass
-
-
-def _stop(*_: object) -> None:
-    raise _Stop
-
-
-@torch.no_grad()
 def collect_hessians(
     blocks_wanted: list[int], nsamples: int, seqlen: int
 ) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """``(module, weight, Hessian)`` of every linear of the chosen blocks, from the original model."""
     loaded = load_model("smollm2-135m")
-    model, arch = loaded.model, get_architecture(loaded.model)
     calibration = calibration_windows(loaded.tokenizer, "austen", nsamples, seqlen, 0)
-    blocks = get_blocks(model, arch)
-    accumulators, handles, layers = {}, [], []
-    for index in blocks_wanted:
-        linears = block_linears(blocks[index], arch)
-        for group in arch.linear_groups:
-            acc = HessianAccumulator(linears[group[0]].in_features)
-            handles.append(linears[group[0]].register_forward_hook(lambda _m, inp, _o, acc=acc: acc.add(inp[0])))
-            for name in group:
-                accumulators[f"{index}.{name}"] = (acc, linears[name])
-    # Nothing past the last wanted block matters: stop the forward there.
-    handles.append(blocks[max(blocks_wanted)].register_forward_hook(_stop))
-    for sample in calibration:
-        with contextlib.suppress(_Stop):
-            model(sample.unsqueeze(0), use_cache=False)
-    for handle in handles:
-        handle.remove()
-    for key, (acc, linear) in accumulators.items():
-        layers.append((key, linear.weight.detach().float().clone(), acc.hessian()))
-    return layers
+    layers = block_hessians(loaded.model, loaded.architecture, calibration, blocks_wanted)
+    return [(name, weight, hessian) for name, (weight, hessian) in layers.items()]
 
 
 def main() -> None:
