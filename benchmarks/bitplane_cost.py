@@ -13,7 +13,7 @@ import time
 import torch
 
 from binq.activations.int4 import quantize_per_token
-from binq.quant.bitplane import bitplane_linear, pack_two_group_weight
+from binq.nn.bitplane import bitplane_linear, pack_two_group_weight
 from binq.quant.structured import BinaryWeight
 
 SHAPES = {"q/o (576 x 576)": (576, 576), "gate/up (1536 x 576)": (1536, 576), "down (576 x 1536)": (576, 1536)}

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from binq.activations.int4 import bit_planes, quantize_per_token
-from binq.quant.bitplane import bitplane_linear, pack_two_group_weight, pack_words, plane_counts
+from binq.nn.bitplane import bitplane_linear, pack_two_group_weight, pack_words, plane_counts
 from binq.quant.structured import BinaryWeight
 
 

@@ -16,7 +16,7 @@ Format of one token ``x`` (a row of ``d`` inputs), ``b`` bits (4 for A(1x4)):
 
 Either way the code is an unsigned integer ``q = sum_k 2^k p_k`` with ``p_k`` in {0, 1}: :func:`bit_planes`
 gives the ``b`` planes, and ``x^ = s (sum_k 2^k p_k - z)``, which is what makes a linear layer a sum of
-binary-by-binary products (:mod:`binq.quant.bitplane`). Stored per token: ``b`` bits per value, an fp16
+binary-by-binary products (:mod:`binq.nn.bitplane`). Stored per token: ``b`` bits per value, an fp16
 scale and (asymmetric) a ``b``-bit zero point.
 """
 

@@ -4,7 +4,7 @@ For a :class:`~binq.nn.BinaryLinear` with an ``activation_quantizer`` (a checkpo
 and a two-zone ``binary`` weight (group bitmap; no salient columns, no column scales; means optional).
 The kernel quantizes ``x`` itself with that quantizer (the integer codes of the evaluation hooks, per
 token: ``x^ = s_t (q - z_t)``, ``q = sum_k 2^k B_k``) and computes ``y = x^ W^T`` as
-:mod:`binq.quant.bitplane` explains, with all counts exact integers. Per (token ``t``, row ``o``,
+:mod:`binq.nn.bitplane` explains, with all counts exact integers. Per (token ``t``, row ``o``,
 column block ``b``), with ``P`` the positive-sign bits and ``G`` the group bits of the row's block:
 
     C1 = sum_k 2^k popc(B_k & G)        P1 = sum_k 2^k popc(B_k & P & G)        PA = sum_k 2^k popc(B_k & P)
@@ -17,7 +17,7 @@ last line is floating point (float64); three popcounts per 64 weights, activatio
 
 Weight words (:class:`PackedBitplaneWeight`, built once per module in ``module.kernel_state``): each
 (row, column block) packed on its own into ``ceil(block_size / 64)`` uint64 words, column ``j`` of the
-block at bit ``j % 64`` of word ``j // 64`` (:func:`binq.quant.bitplane.pack_words`), padding bits zero;
+block at bit ``j % 64`` of word ``j // 64`` (:func:`binq.nn.bitplane.pack_words`), padding bits zero;
 ``P``, ``G`` and ``P & G`` are stored. Activation planes are packed the same way per call.
 
 numba is imported on first use; without it ``supports`` is False (one warning) and the module runs
@@ -76,7 +76,7 @@ class PackedBitplaneWeight:
 
 def pack_bitplane_weight(module: BinaryLinear) -> PackedBitplaneWeight:
     """Re-pack a module's two-zone weight into words (the one-time ``kernel_state``)."""
-    from binq.quant.bitplane import pack_words
+    from binq.nn.bitplane import pack_words
 
     weight = module.quantized_weight()
     assert weight.group_bitmap is not None  # supports() checked the layout
