@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch import nn
 
-from binq.engine.calibrate import EngineConfig, LayerRecord, EngineResult, quantize_model
+from binq.engine.calibrate import EngineConfig, EngineResult, LayerRecord, quantize_model
 from binq.engine.capture import _Recorder, capture_block_inputs
 from binq.engine.hessian import HessianAccumulator
 from binq.errors import BinqError

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
+import os
+import subprocess
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -111,6 +114,10 @@ def _base_parser() -> argparse.ArgumentParser:
     quantize.add_argument(
         "--workers", type=int, default=None, help="processes of calibration-free methods (default: all cores)"
     )
+    quantize.add_argument(
+        "--nproc", type=int, default=None, metavar="N",
+        help="run on N processes of this machine through torchrun (docs/DISTRIBUTED.md); under torchrun, leave it out",
+    )  # fmt: skip
     _add_activation_options(quantize)
 
     evaluate = sub.add_parser("eval", help="evaluate a model's perplexity")
@@ -219,6 +226,80 @@ def _method_options(args: argparse.Namespace) -> dict[str, Any]:
     return {k.removeprefix("method_"): v for k, v in vars(args).items() if k.startswith("method_")}
 
 
+# Set by ``--nproc`` for its torchrun workers: the command line the report records (with ``--nproc``).
+LAUNCH_COMMAND_ENV = "BINQ_LAUNCH_COMMAND"
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    """``argv`` less ``--nproc N`` / ``--nproc=N`` (or an abbreviation argparse took for it)."""
+
+    def is_nproc(token: str) -> bool:
+        option = token.split("=", 1)[0]
+        return len(option) >= 4 and "--nproc".startswith(option)
+
+    kept: list[str] = []
+    tokens = iter(argv)
+    for token in tokens:
+        if is_nproc(token):
+            if "=" not in token:
+                next(tokens, None)
+            continue
+        kept.append(token)
+    return kept
+
+
+def _launch(args: argparse.Namespace, argv: list[str]) -> int | None:
+    """``--nproc N``: check the run here, then re-run it as N torchrun workers of this machine and return
+    torchrun's exit code (``None``: run in this process, as with one process)."""
+    nproc = args.nproc
+    if nproc < 1:
+        raise BinqError(f"--nproc must be at least 1, got {nproc}")
+    if "WORLD_SIZE" in os.environ:
+        raise BinqError("--nproc starts torchrun itself: under torchrun, leave it out")
+    from binq.methods import get_method
+
+    method = get_method(args.method)
+    method.make_config(**_method_options(args))  # a bad option fails here, once, not in every worker
+    if args.workers not in (None, 1) and nproc > 1:
+        raise BinqError("--workers does not combine with --nproc: the processes share the linears")
+    if not method.calibration_free and args.nsamples < nproc:
+        raise BinqError(f"--nsamples {args.nsamples} is fewer than the {nproc} processes that share them")
+    _eval_sets(args.eval)
+    if nproc == 1:
+        return None
+    import torch
+
+    gpus = torch.cuda.device_count()
+    if torch.device(args.device).type == "cuda" and nproc > gpus:
+        raise BinqError(f"--nproc {nproc} on CUDA needs a GPU per process; this machine has {gpus}")
+    env = dict(os.environ)
+    env[LAUNCH_COMMAND_ENV] = json.dumps(["binq", *argv])
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    env.setdefault("OMP_NUM_THREADS", str(max(1, cores // nproc)))  # torchrun would set 1
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
+    command += ["-m", "binq", *_without_nproc(argv)]
+    return subprocess.run(command, env=env, check=False).returncode
+
+
+def _report_argv(argv: list[str]) -> list[str]:
+    """The arguments the report records: those of the ``--nproc`` command that started this worker."""
+    launched = os.environ.get(LAUNCH_COMMAND_ENV)
+    if launched and "WORLD_SIZE" in os.environ:
+        return list(json.loads(launched))[1:]
+    return argv
+
+
+def _quiet() -> None:
+    """A rank other than 0 of a multi-process run: warnings and errors only (rank 0 tells the story)."""
+    from transformers.utils import logging as transformers_logging
+
+    logging.getLogger().setLevel(logging.WARNING)
+    transformers_logging.disable_progress_bar()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -252,7 +333,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         from binq import commands
 
         if args.command == "quantize":
-            return commands.run_quantize(args, _eval_sets(args.eval), _method_options(args), argv)
+            if args.nproc is not None:
+                code = _launch(args, argv)
+                if code is not None:
+                    return code
+            from binq.engine.distributed import process_group
+
+            with process_group(args.device) as (rank, _):
+                if rank != 0:
+                    _quiet()
+                return commands.run_quantize(args, _eval_sets(args.eval), _method_options(args), _report_argv(argv))
         return commands.run_eval(args, _eval_sets(args.eval), argv)
     except BinqError as err:
         print(f"binq: error: {err}", file=sys.stderr)

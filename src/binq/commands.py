@@ -18,13 +18,14 @@ from rich.table import Table
 from tqdm.auto import tqdm
 
 from binq.activations import ActivationConfig
-from binq.engine.calibrate import EngineConfig
+from binq.engine.calibrate import EngineConfig, rank_and_world
 from binq.errors import BinqError
 from binq.evaluation import Protocol
 from binq.methods import available_methods, get_method
 from binq.models import load_model
 from binq.pipeline import CalibrationConfig, EvaluationConfig, evaluate, load_checkpoint, quantize
 from binq.report import LAYER_HEADER, comparison_table, extra_bit_line, layer_row, print_table, read_report
+from binq.runs import DEMO_DEFAULT, DEMO_RUNS, demo_command, slug
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ def run_quantize(
     method = get_method(args.method)
     calibration, evaluation = _protocol(args, eval_sets)
     on_layer = None
-    if not args.no_layer_table:
+    if not args.no_layer_table and rank_and_world()[0] == 0:  # in a multi-process run, rank 0 prints
         tqdm.write(LAYER_HEADER)
         on_layer = lambda record: tqdm.write(layer_row(record))  # noqa: E731
     result = quantize(
@@ -81,6 +82,8 @@ def run_quantize(
         activations=_activation_config(args), workers=args.workers, out=args.out, label=args.label,
         progress=not args.no_progress, on_layer=on_layer, command=["binq", *argv],
     )  # fmt: skip
+    if result.rank != 0:
+        return 0
     report = result.report
     print_table(comparison_table([report], f"{report['label']} on {result.model.name}"))
     _print_protocols(result.evaluations)
@@ -101,61 +104,6 @@ def run_eval(args: argparse.Namespace, eval_sets: list[str], argv: list[str]) ->
     if args.out:
         print(f"wrote {Path(args.out) / 'report.json'}")
     return 0
-
-
-# The main job's runs: label and method options. benchmarks/quality.py adds GPTQ 3-bit.
-DEMO_RUNS: dict[str, list[str]] = {
-    "rtn 1-bit": ["--method", "rtn", "--bits", "1"],
-    "gptq 1-bit g128": ["--method", "gptq", "--bits", "1", "--group-size", "128"],
-    "gptq 2-bit g128": ["--method", "gptq", "--bits", "2", "--group-size", "128"],
-    "gptq 3-bit g128": ["--method", "gptq", "--bits", "3", "--group-size", "128"],
-    "gptq 4-bit g128": ["--method", "gptq", "--bits", "4", "--group-size", "128"],
-    "billm": ["--method", "billm"],
-    "rtn 1-bit g128": ["--method", "rtn", "--bits", "1", "--group-size", "128"],
-    "arb": ["--method", "arb"],
-    "arb cgb": ["--method", "arb", "--cgb"],
-    "arb-x": ["--method", "arb-x"],
-    "arb-llm-x": ["--method", "arb-llm-x"],
-    "arb-rc": ["--method", "arb-rc"],
-    "arb-llm-rc": ["--method", "arb-llm-rc"],
-    "arb-llm-x exact": ["--method", "arb-llm-x", "--exact-compensation"],
-    "arb-llm-x intra": ["--method", "arb-llm-x", "--intra-block"],
-    "arb-llm-rc exact": ["--method", "arb-llm-rc", "--exact-compensation"],
-    "arb-llm-rc intra": ["--method", "arb-llm-rc", "--intra-block"],
-    "arb-group g128": ["--method", "arb-group"],
-    "arb-group g128 mean": ["--method", "arb-group", "--mean"],
-    "msb g2": ["--method", "msb", "--groups", "2"],
-    "msb g4": ["--method", "msb", "--groups", "4"],
-    "msb g8": ["--method", "msb", "--groups", "8"],
-    "msb g16": ["--method", "msb", "--groups", "16"],
-    "msb g32": ["--method", "msb", "--groups", "32"],
-    "msb g32 lo": ["--method", "msb", "--groups", "32", "--solver", "windowed-lo"],
-    "msb g4 lo": ["--method", "msb", "--groups", "4", "--solver", "windowed-lo"],
-    "msb g8 lo": ["--method", "msb", "--groups", "8", "--solver", "windowed-lo"],
-    "msb g16 lo": ["--method", "msb", "--groups", "16", "--solver", "windowed-lo"],
-    "msb block g4": ["--method", "msb", "--granularity", "block", "--groups", "4"],
-    "msb-hessian g8": ["--method", "msb-hessian", "--groups", "8"],
-    "msb-hessian block g4": ["--method", "msb-hessian", "--granularity", "block", "--groups", "4"],
-}
-DEMO_DEFAULT = ("rtn 1-bit", "gptq 1-bit g128", "gptq 2-bit g128", "gptq 4-bit g128", "billm")
-
-
-def demo_command(label: str, model: str, device: str, full: bool, out: Path) -> list[str]:
-    """The ``binq quantize`` command line of one run of the main job."""
-    command = [
-        "binq",
-        "quantize",
-        "--model",
-        model,
-        *DEMO_RUNS[label],
-        "--label",
-        label,
-        "--device",
-        device,
-        "--out",
-        str(out / label.replace(" ", "_")),
-    ]
-    return command if full else [*command, "--quick"]
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -179,7 +127,7 @@ def run_demo(args: argparse.Namespace) -> int:
         completed = subprocess.run(child, stdout=subprocess.DEVNULL, check=False)
         if completed.returncode != 0:
             raise BinqError(f"run '{label}' failed with exit code {completed.returncode}")
-        reports.append(read_report(out / label.replace(" ", "_") / "report.json"))
+        reports.append(read_report(out / slug(label) / "report.json"))
     print_table(comparison_table(reports, f"binq demo on {args.model}: {protocol}"))
     summary = out / "summary.json"
     summary.write_text(
@@ -212,7 +160,7 @@ def _demo_generation(reports: list[dict[str, Any]], out: Path, model: str) -> No
     if not one_bit:
         return
     best = min(one_bit, key=_mean_ppl)
-    folder = out / best["label"].replace(" ", "_")
+    folder = out / slug(best["label"])
     loaded = load_model(model)
     prompt = list(loaded.tokenizer(DEMO_PROMPT)["input_ids"])
     threads = torch.get_num_threads()

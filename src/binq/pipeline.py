@@ -13,6 +13,10 @@ One run, in this order (``binq quantize`` is these calls plus printing):
 5. evaluate perplexity and KL to the original on each set, the original's weights swapped in per window;
 6. the report (docs/REPORT.md) and, with ``out``, ``report.json`` and the packed checkpoint.
 
+In a multi-process run (``torch.distributed`` initialised, e.g. by ``binq quantize`` under torchrun) every
+rank does steps 1-3 alike, quantizes its share (:mod:`binq.engine.distributed`), and rank 0 gathers the
+weights and does steps 5-6 alone (docs/DISTRIBUTED.md).
+
 Everything a run decides is in its typed configs: the method's config class, :class:`CalibrationConfig`,
 :class:`EvaluationConfig`, :class:`~binq.engine.calibrate.EngineConfig` and
 :class:`~binq.activations.ActivationConfig`.
@@ -41,7 +45,8 @@ from binq.activations import (
 )
 from binq.bits import summarize_bits, unquantized_bits
 from binq.data import calibration_windows, describe_eval, evaluation_tokens
-from binq.engine.calibrate import EngineConfig, LayerRecord, quantize_model
+from binq.engine import distributed
+from binq.engine.calibrate import EngineConfig, EngineResult, LayerRecord, quantize_model
 from binq.engine.independent import default_workers, quantize_independent
 from binq.errors import BinqError
 from binq.evaluation import Protocol, WeightSwap, evaluate_perplexity
@@ -108,7 +113,10 @@ FULL_EVALUATION = EvaluationConfig()
 class QuantizationResult:
     """What :func:`quantize` made: the model with every declared linear quantized (dequantized weights
     in place, on the CPU), the structured weights by full module name, a record per linear, the
-    evaluations by set name, the activation plan, and ``report`` (the dict ``report.json`` holds)."""
+    evaluations by set name, the activation plan, and ``report`` (the dict ``report.json`` holds).
+
+    In a multi-process run only rank 0's result is whole; another rank's (``rank`` > 0) holds the
+    weights and records that rank made, no evaluations and no report."""
 
     model: LoadedModel
     method: Method
@@ -118,11 +126,14 @@ class QuantizationResult:
     evaluations: dict[str, dict[str, Any]]
     activation_plan: ActivationPlan
     report: dict[str, Any] = field(default_factory=dict)
+    rank: int = 0
 
     def save(self, out: str | Path) -> Path:
         """``report.json`` and the packed checkpoint (docs/FORMAT.md) in ``out``; returns the report's path."""
         from binq.checkpoint import save_checkpoint
 
+        if self.rank != 0:
+            raise BinqError(f"rank {self.rank} of a multi-process run holds part of the result: save on rank 0")
         out = Path(out)
         path = write_report(self.report, out)
         # Unquantized tensors go back at the source's precision: the same bits the report counts. The
@@ -302,6 +313,11 @@ def quantize(
     ``on_layer`` sees each linear's record as it is made; ``command`` is what the report records as
     the command (the CLI passes its own; by default the equivalent ``binq quantize`` line).
 
+    With ``torch.distributed`` initialised (N processes, e.g. under torchrun), each rank calibrates on
+    ``windows[rank::N]`` and quantizes its share of the linears; rank 0 gathers the weights and records,
+    evaluates and saves; the other ranks return their part (``result.rank`` > 0) without a report.
+    ``on_layer`` then sees every record on rank 0 after the gather.
+
     >>> result = binq.quantize("smollm2-135m", "gptq", {"bits": 4}, calibration=QUICK_CALIBRATION,
     ...                        evaluation=QUICK_EVALUATION, out="runs/gptq4")   # doctest: +SKIP
     >>> result.report["ppl"]                                                     # doctest: +SKIP
@@ -315,6 +331,15 @@ def quantize(
     label = label or default_label(method, config, activations)
     if workers is not None and workers < 1:
         raise BinqError(f"--workers must be at least 1, got {workers}")
+    rank, world = distributed.rank_and_world()
+    if world > 1 and workers not in (None, 1):
+        raise BinqError("--workers does not combine with several processes: the processes share the linears")
+    if world > 1 and not method.calibration_free and calibration.nsamples < world:
+        raise BinqError(f"--nsamples {calibration.nsamples} is fewer than the {world} processes that share them")
+    progress = progress and rank == 0
+    if world > 1:  # each rank computes on its own GPU, cuda:LOCAL_RANK
+        engine = dataclasses.replace(engine, device=distributed.rank_device(engine.device))
+    world_size = {"world_size": world} if world > 1 else {}  # in the report's engine section
 
     loaded = _load(model, engine.device)
     arch = get_architecture(loaded.model)
@@ -331,7 +356,18 @@ def quantize(
     plan = calibrate_activations(loaded.model, arch, windows, activations, calibration.seed, progress)
     originals = {item.linear: item.linear.weight.data for item in named_linears(loaded.model, arch)}
 
-    if method.calibration_free:
+    if world > 1:
+        engine_result = _quantize_share(loaded, arch, windows, method, config, engine, progress)
+        gathered = distributed.gather_result(engine_result, loaded.model, arch, fill_weights=method.calibration_free)
+        if gathered is None:  # not rank 0: its part is done
+            return QuantizationResult(
+                loaded, method, config, engine_result.weights, engine_result.records, {}, plan, {}, rank
+            )
+        engine_result = gathered
+        if on_layer is not None:
+            for record in engine_result.records:
+                on_layer(record)
+    elif method.calibration_free:
         engine_result = quantize_independent(loaded.model, arch, method, config, workers, on_layer, progress)
     else:
         engine_result = quantize_model(loaded.model, arch, windows, method, config, engine, on_layer, progress)
@@ -351,7 +387,7 @@ def quantize(
         "command": command,
         "model": _model_section(loaded, model, arch.name, engine.device),
         "method": {"name": method.name, "config": dataclasses.asdict(config)},
-        "engine": dataclasses.asdict(engine),
+        "engine": dataclasses.asdict(engine) | world_size,
         "calibration": {
             **dataclasses.asdict(calibration),
             "tokens": 0 if windows is None else int(windows.numel()),
@@ -373,7 +409,8 @@ def quantize(
     if activations.enabled:
         report["activations"] = plan.summary(loaded.model.config.hidden_size)
     if method.calibration_free:
-        report["engine"] = {"path": "independent", "workers": workers or default_workers()}
+        workers = 1 if world > 1 else workers or default_workers()  # several ranks: one process each
+        report["engine"] = {"path": "independent", "workers": workers} | world_size
     extra_bits = extra_bit_summary(engine_result.weights)
     if extra_bits:
         report["extra_bits"] = extra_bits
@@ -383,6 +420,25 @@ def quantize(
     if out is not None:
         log.info("wrote %s", result.save(out))
     return result
+
+
+def _quantize_share(
+    loaded: LoadedModel,
+    arch: Any,
+    windows: torch.Tensor | None,
+    method: Method,
+    config: Any,
+    engine: EngineConfig,
+    progress: bool,
+) -> EngineResult:
+    """This rank's part of a multi-process run: its share of the linears (calibrated, for the engine, on
+    its share of the windows, every Hessian summed over the ranks)."""
+    if method.calibration_free:
+        return distributed.quantize_independent_share(loaded.model, arch, method, config, progress)
+    assert windows is not None
+    return quantize_model(
+        loaded.model, arch, distributed.share_windows(windows), method, config, engine, None, progress
+    )
 
 
 def evaluate(

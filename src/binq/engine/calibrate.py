@@ -14,7 +14,10 @@ In a multi-process run (``torch.distributed`` initialised by the caller, each ra
 the calibration samples) two steps join in: an all-reduce of each accumulator
 (:meth:`HessianAccumulator.reduce_`, called here and a no-op in one process) and a broadcast of each
 quantized weight from the rank that made it (:func:`owner_rank` spreads the linears, :func:`_share_weight`
-broadcasts; both are no-ops in one process, and each rank's result holds the structured weights it made).
+broadcasts; both are no-ops in one process, and each rank's result holds the structured weights and
+records it made; :func:`binq.engine.distributed.gather_result` collects them on rank 0). Each rank first
+quantizes all its linears of a stage, then the stage's weights are broadcast in model order, so the
+ranks work on a stage's linears at the same time. docs/DISTRIBUTED.md has the whole picture.
 """
 
 from __future__ import annotations
@@ -113,7 +116,8 @@ class EngineResult:
     time_s: float = 0.0
 
 
-def _rank_and_world() -> tuple[int, int]:
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the number of processes of the ``torch.distributed`` run (``(0, 1)`` outside one)."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -121,12 +125,12 @@ def _rank_and_world() -> tuple[int, int]:
 
 def owner_rank(index: int) -> int:
     """Round-robin assignment of a block's linears to ranks (always rank 0 in one process)."""
-    return index % _rank_and_world()[1]
+    return index % rank_and_world()[1]
 
 
 def _share_weight(linear: nn.Linear, owner: int) -> None:
     """In a multi-process run, every rank takes the quantized weight from the rank that made it."""
-    rank, world = _rank_and_world()
+    rank, world = rank_and_world()
     if world == 1:
         return
     if rank != owner:
@@ -178,7 +182,7 @@ def quantize_model(
     groups = list(arch.linear_groups)
     position = 0  # linears spread over ranks in model order, round-robin
     stages = [[g] for g in groups] if engine.true_sequential else [groups]
-    rank = _rank_and_world()[0]
+    rank = rank_and_world()[0]
     index = 0
     walk = walk_blocks(
         model, arch, calibration, device, engine.activations_on_device, progress=progress, desc=method.name
@@ -188,25 +192,30 @@ def quantize_model(
             index = step.index
             for stage in stages:
                 accumulators = step.hessians(stage, hessian_dtype)
+                owners: list[tuple[str, int]] = []  # every linear of the stage and the rank that makes it
                 for group in stage:
+                    group_owners = [owner_rank(position + i) for i in range(len(group))]
+                    position += len(group)
+                    owners += zip(group, group_owners, strict=True)
+                    if rank not in group_owners:
+                        continue
                     hessian = accumulators[group].hessian()
-                    for name in group:
-                        owner = owner_rank(position)
-                        position += 1
-                        linear = step.linears[name]
+                    for name, owner in zip(group, group_owners, strict=True):
                         if owner != rank:
-                            _share_weight(linear, owner)
                             continue
+                        linear = step.linears[name]
                         full_name = step.full_name(name)
                         t0 = time.perf_counter()
                         quantized, error = _quantize_linear(full_name, linear, hessian, method, method_config)
                         record = LayerRecord.of(index, name, quantized, error, time.perf_counter() - t0)
-                        _share_weight(linear, owner)
                         result.weights[full_name] = quantized
                         result.records.append(record)
                         if on_layer is not None:
                             on_layer(record)
                     del hessian
+                # Only now, so that no rank waits for another's linear before starting on its own.
+                for name, owner in owners:
+                    _share_weight(step.linears[name], owner)
     except torch.cuda.OutOfMemoryError as err:
         raise BinqError(
             f"out of memory on {device} in block {index}: use fewer or shorter calibration samples, "

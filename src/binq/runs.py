@@ -1,0 +1,171 @@
+"""The catalogue of named runs: what ``binq demo``, the benchmark scripts and the docs' tables run.
+
+Each run has a label (its name in tables and its ``--label``), a slug (its folder under ``--out`` and the
+name of its committed report, ``docs/reports/quick/<slug>.json``) and the options of one ``binq quantize``
+(or ``binq eval``) command. ``run_command`` turns a label into the whole command line; ``same_run`` says
+whether a report's recorded ``command`` is that run (ignoring where it wrote and what it printed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Run:
+    """One named run: ``binq <subcommand> --model M <options> ...``."""
+
+    label: str
+    options: tuple[str, ...]
+    description: str = ""
+    subcommand: str = "quantize"  # "eval" rows (fp weights, simulated activations) write no report.json
+
+    @property
+    def slug(self) -> str:
+        return slug(self.label)
+
+    @property
+    def writes_report(self) -> bool:
+        return self.subcommand == "quantize"
+
+
+def slug(label: str) -> str:
+    """The folder and file name of a run: its label with spaces as underscores."""
+    return label.replace(" ", "_")
+
+
+def _q(label: str, *options: str, description: str = "") -> Run:
+    return Run(label, options, description)
+
+
+_W11_OBS = ("--method", "w11", "--importance", "obs")
+
+RUNS: tuple[Run, ...] = (
+    # The main job (binq demo) and GPTQ's grid widths.
+    _q("rtn 1-bit", "--method", "rtn", "--bits", "1", description="XNOR: sign x mean abs per row"),
+    _q("gptq 1-bit g128", "--method", "gptq", "--bits", "1", "--group-size", "128"),
+    _q("gptq 2-bit g128", "--method", "gptq", "--bits", "2", "--group-size", "128"),
+    _q("gptq 3-bit g128", "--method", "gptq", "--bits", "3", "--group-size", "128"),
+    _q("gptq 4-bit g128", "--method", "gptq", "--bits", "4", "--group-size", "128"),
+    _q("billm", "--method", "billm"),
+    # The ARB family (issue 3).
+    _q(
+        "rtn 1-bit g128", "--method", "rtn", "--bits", "1", "--group-size", "128", description="sign x mean abs per 128"
+    ),
+    _q("arb", "--method", "arb"),
+    _q("arb cgb", "--method", "arb", "--cgb"),
+    _q("arb-x", "--method", "arb-x"),
+    _q("arb-llm-x", "--method", "arb-llm-x", description="arb-x + CGB"),
+    _q("arb-rc", "--method", "arb-rc"),
+    _q("arb-llm-rc", "--method", "arb-llm-rc", description="arb-rc + CGB"),
+    _q("arb-llm-x exact", "--method", "arb-llm-x", "--exact-compensation"),
+    _q("arb-llm-x intra", "--method", "arb-llm-x", "--intra-block"),
+    _q("arb-llm-rc exact", "--method", "arb-llm-rc", "--exact-compensation"),
+    _q("arb-llm-rc intra", "--method", "arb-llm-rc", "--intra-block"),
+    _q("arb-group g128", "--method", "arb-group", description="Q1_0's form"),
+    _q("arb-group g128 mean", "--method", "arb-group", "--mean"),
+    # MSB / dynamic grouping (issue 4).
+    _q("msb g2", "--method", "msb", "--groups", "2"),
+    _q("msb g4", "--method", "msb", "--groups", "4"),
+    _q("msb g8", "--method", "msb", "--groups", "8"),
+    _q("msb g16", "--method", "msb", "--groups", "16"),
+    _q("msb g32", "--method", "msb", "--groups", "32"),
+    _q("msb g32 lo", "--method", "msb", "--groups", "32", "--solver", "windowed-lo"),
+    _q("msb g4 lo", "--method", "msb", "--groups", "4", "--solver", "windowed-lo"),
+    _q("msb g8 lo", "--method", "msb", "--groups", "8", "--solver", "windowed-lo"),
+    _q("msb g16 lo", "--method", "msb", "--groups", "16", "--solver", "windowed-lo"),
+    _q("msb block g4", "--method", "msb", "--granularity", "block", "--groups", "4"),
+    _q("msb-hessian g8", "--method", "msb-hessian", "--groups", "8"),
+    _q("msb-hessian block g4", "--method", "msb-hessian", "--granularity", "block", "--groups", "4"),
+    # W(1+1) and W(1+1)A(1x4) (issue 5): the defaults, then the ablations of docs/W11.md.
+    _q("w11", "--method", "w11", description="the defaults (diag importance)"),
+    _q("w11 a4", "--method", "w11", "--act-bits", "4", description="W(1+1)A(1x4), the defaults (smooth auto)"),
+    _q("w11 obs", *_W11_OBS, description="obs importance (the default before diag)"),
+    _q("w11 obs init median", *_W11_OBS, "--init", "median"),
+    _q("w11 obs init salience", *_W11_OBS, "--init", "salience"),
+    _q("w11 obs offsets", *_W11_OBS, "--offsets"),
+    _q("w11 obs no em", *_W11_OBS, "--em-iterations", "0"),
+    _q("w11 importance review", "--method", "w11", "--importance", "review"),
+    _q("w11 obs a4", *_W11_OBS, "--act-bits", "4", "--smooth", "none"),
+    _q("w11 obs a4 smooth", *_W11_OBS, "--act-bits", "4", "--smooth", "channel"),
+    _q("w11 obs a4 token", *_W11_OBS, "--act-bits", "4", "--smooth", "token"),
+    _q("w11 obs a4 sym", *_W11_OBS, "--act-bits", "4", "--act-sym"),
+    _q("w11 obs a4 noclip", *_W11_OBS, "--act-bits", "4", "--act-clip", "1.0"),
+    _q(
+        "gptq 2-bit g128 a4",
+        *("--method", "gptq", "--bits", "2", "--group-size", "128", "--act-bits", "4", "--smooth", "none"),
+        description="W2A4",
+    ),
+    Run("w16 a4", ("--act-bits", "4", "--smooth", "none"), "fp weights, INT4 activations", "eval"),
+    Run("w16 a4 smooth", ("--act-bits", "4", "--smooth", "channel"), "fp weights, INT4 activations", "eval"),
+)
+
+CATALOGUE: dict[str, Run] = {run.label: run for run in RUNS}
+if len(CATALOGUE) != len(RUNS) or len({run.slug for run in RUNS}) != len(RUNS):
+    raise RuntimeError("run labels and slugs must be unique")
+
+# The quantize runs by label, as `binq quantize` options (the names binq demo and quality.py use).
+DEMO_RUNS: dict[str, list[str]] = {run.label: list(run.options) for run in RUNS if run.writes_report}
+# The main job's runs (binq demo without --only).
+DEMO_DEFAULT = ("rtn 1-bit", "gptq 1-bit g128", "gptq 2-bit g128", "gptq 4-bit g128", "billm")
+
+# Flags that change what a run prints or where it writes, never what it measures.
+_OUTPUT_FLAGS = ("--no-layer-table", "--no-progress")
+_OUTPUT_OPTIONS = ("--out", "--workers")
+
+
+def get_run(label: str) -> Run:
+    """The catalogue's run of that label (KeyError naming the known labels otherwise)."""
+    try:
+        return CATALOGUE[label]
+    except KeyError:
+        raise KeyError(f"unknown run {label!r} (runs: {', '.join(CATALOGUE)})") from None
+
+
+def run_command(label: str, model: str, device: str, full: bool, out: Path) -> list[str]:
+    """The command line of one run: ``binq quantize`` writing to ``out/<slug>`` (quick protocol unless ``full``).
+
+    An ``eval`` run (no report) has no ``--label`` or ``--out``.
+    """
+    run = get_run(label)
+    command = ["binq", run.subcommand, "--model", model, *run.options]
+    if run.writes_report:
+        command += ["--label", label]
+    command += ["--device", device]
+    if run.writes_report:
+        command += ["--out", str(out / run.slug)]
+    return command if full else [*command, "--quick"]
+
+
+demo_command = run_command  # the name binq demo has used
+
+
+def _essential(command: list[str]) -> list[str]:
+    """A command without the flags that do not change its results, and without ``--out``/``--workers``."""
+    kept, skip = [], False
+    for word in command:
+        if skip:
+            skip = False
+        elif word in _OUTPUT_OPTIONS:
+            skip = True
+        elif word not in _OUTPUT_FLAGS:
+            kept.append(word)
+    return kept
+
+
+def _option(command: list[str], name: str, default: str) -> str:
+    return command[command.index(name) + 1] if name in command[:-1] else default
+
+
+def same_run(command: list[str], label: str) -> bool:
+    """Whether ``command`` (a report's ``command``) is the catalogue's run ``label``.
+
+    Model, device and protocol are read from the command itself; where it wrote (``--out``), its worker
+    count and its terminal output flags are ignored.
+    """
+    if label not in CATALOGUE:
+        return False
+    model, device = _option(command, "--model", ""), _option(command, "--device", "cpu")
+    expected = run_command(label, model, device, "--quick" not in command, Path("."))
+    return _essential(command) == _essential(expected)
