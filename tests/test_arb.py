@@ -10,7 +10,7 @@ import torch
 
 from binq.engine.hessian import HessianAccumulator
 from binq.methods import get_method
-from binq.methods.arb import ARBConfig, ARBXConfig, block_zones, fit_zone
+from binq.methods.arb import ARBConfig, ARBRCConfig, ARBXConfig, block_zones, fit_zone
 from binq.methods.arb_group import ARBGroupConfig, quantize_arb_group
 from binq.quant.arb import (
     arb_fit,
@@ -142,8 +142,8 @@ def test_arb_rc_alternating_updates_reduce_its_objective(order: int) -> None:
 def test_zones_partition_each_block_exactly(variant: str, cgb: bool) -> None:
     w = _weight(rows=32, cols=40)
     saliency = w.square()
-    config = ARBXConfig(cgb=cgb) if variant == "arb-x" else ARBConfig(cgb=cgb)
-    zones = block_zones(w, saliency, config, variant, _hessian(40))
+    config = {"arb": ARBConfig, "arb-x": ARBXConfig, "arb-rc": ARBRCConfig}[variant](cgb=cgb)
+    zones = block_zones(w, saliency, config, _hessian(40))
     cover = torch.stack([z.mask for z in zones]).long().sum(0)
     assert torch.equal(cover, torch.ones_like(cover))
     salient_columns = torch.stack([z.mask for z in zones if z.order == 2]).any(0).any(0)
@@ -173,8 +173,8 @@ def test_the_stored_weight_dequantizes_to_what_the_method_computed(name: str) ->
     u = factor_hessian(hessian, config.percdamp).inverse_cholesky_upper
     saliency = w.square() / torch.diagonal(u).square()
     metric = hessian if variant == "arb-x" else None
-    zones = block_zones(w, saliency, config, variant, metric)
-    computed = sum(fit_zone(w, zone, config, variant, metric).approximation() for zone in zones)
+    zones = block_zones(w, saliency, config, metric)
+    computed = sum(fit_zone(w, zone, config, metric).approximation() for zone in zones)
     assert torch.allclose(stored.dequantize(), computed, rtol=0, atol=1e-6 * float(w.abs().max()))
     assert stored.salient_groups == config.cgb
     assert (stored.means is None) == (variant == "arb-rc")
@@ -343,7 +343,7 @@ def test_the_methods_run_through_the_engine_on_a_tiny_llama(name, options, make_
 
 
 def test_a_single_column_is_computed_as_the_whole_zone_computes_it() -> None:
-    from binq.methods.arb import _column
+    from binq.quant.arb import _column
 
     w, mask = _weight(), _mask()
     for fit in (rc_fit(w, mask, 2).rounded(), arb_fit(w, mask, 2).rounded(), rc_fit(w, mask, 1).rounded()):

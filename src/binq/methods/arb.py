@@ -1,17 +1,19 @@
-"""The ARB-LLM family (Li et al., ICLR 2025; research notes section 4) on BiLLM's block structure.
+"""The ARB-LLM family (Li et al., ICLR 2025) on BiLLM's block structure.
 
 Per block of ``block_size`` columns, from the current (compensated) weights:
 
-1. BiLLM's masks (:func:`binq.methods.billm.billm_block_masks`' searches): salient columns on the
-   saliency ``T``, then the concentrated/sparse break-point; ARB-X scores the break-point candidates by
+1. BiLLM's masks (the searches of :mod:`binq.quant.search`): salient columns on the saliency ``T``,
+   then the concentrated/sparse break-point; ARB-X scores the break-point candidates by
    ``Tr(R S R^T)`` on the weights, ARB-RC by the error of its own starting point;
 2. with ``cgb`` (the column-group bitmap, Eq. 14), a second break-point splits the salient columns too:
    four zones, second order in the salient ones, no extra bitmap;
-3. each zone is fitted by the variant's binarizer (:mod:`binq.quant.arb`): ``arb`` (weight-space
-   refinement), ``arb-x`` (then the closed forms in the block's calibration metric ``S = H_bb``, signs
-   frozen), ``arb-rc`` (row x column scales, no mean);
-4. block compensation as BiLLM (diagonal), or the exact triangular solve, optionally after a GPTQ-style
-   pass that re-signs each column of the block on its error-updated weights (``intra_block``).
+3. each zone is fitted by the variant's binarizer (:mod:`binq.quant.arb`), picked by the config's class:
+   :class:`ARBConfig` (weight-space refinement), :class:`ARBXConfig` (then the closed forms in the
+   block's calibration metric ``S = H_bb``, signs frozen), :class:`ARBRCConfig` (row x column scales,
+   no mean);
+4. block compensation as BiLLM (diagonal, :func:`binq.quant.sweep.sweep_blocks`), or the exact
+   triangular solve, optionally after a GPTQ-style pass that re-signs each column of the block on its
+   error-updated weights (``intra_block``).
 
 ``S`` comes from the undamped Hessian the engine accumulates (``H = 2/T sum x x^T``): the reference stores
 every calibration input instead, but its ``mean_s X_s^T X_s`` is ``H * seqlen / 2`` and the closed forms
@@ -20,26 +22,30 @@ do not depend on the scale (tested).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import partial
 
 import torch
 
-from binq.methods.billm import block_saliency
-from binq.methods.registry import check_choice, check_range, register
+from binq.methods.registry import MethodConfig, option, register
 from binq.quant.arb import (
     ZoneFit,
     arb_fit,
     arb_x_refine,
-    choose_signs,
     metric_binarization_error,
     rc_fit,
     rc_start_error,
+    resign_columns,
 )
-from binq.quant.compensation import block_error, compensated_metric, propagate_block_error
+from binq.quant.compensation import compensated_metric
 from binq.quant.hessian import prepare_weight
-from binq.quant.search import salient_column_search, salient_split_search, split_search
+from binq.quant.search import (
+    SALIENT_METRICS,
+    block_saliency,
+    salient_column_search,
+    salient_split_search,
+    split_search,
+)
 from binq.quant.structured import (
     ZONE_CONCENTRATED,
     ZONE_SALIENT,
@@ -49,15 +55,16 @@ from binq.quant.structured import (
     ZONE_SALIENT_SPARSE,
     ZONE_SALIENT_SPARSE_RESIDUAL,
     ZONE_SPARSE,
+    BinaryPlanes,
     BinaryWeight,
 )
-
-VARIANTS = ("arb", "arb-x", "arb-rc")
+from binq.quant.sweep import Block, sweep_blocks
 
 
 @dataclass
-class ARBConfig:
-    """Settings shared by the ARB variants; the defaults are the paper's and the reference's.
+class ARBConfig(MethodConfig):
+    """ARB (weight-space refinement), and the settings every variant shares; the defaults are the
+    paper's and the reference's.
 
     - ``block_size``: columns per block (128); ``salient_metric``: ``hessian`` (``W^2 / U_jj^2``) or
       ``magnitude``; ``max_salient_columns``: BiLLM's K (tries 1 .. K-1 columns).
@@ -68,21 +75,14 @@ class ARBConfig:
     - ``percdamp``: Hessian damping relative to ``mean(diag H)``.
     """
 
-    block_size: int = 128
-    salient_metric: str = "hessian"
-    max_salient_columns: int = 50
+    block_size: int = option(128, low=2)
+    salient_metric: str = option("hessian", choices=SALIENT_METRICS)
+    max_salient_columns: int = option(50, low=1)
     cgb: bool = False
-    iterations: int = 15
+    iterations: int = option(15, low=0, high=10_000)
     exact_compensation: bool = False
     intra_block: bool = False
-    percdamp: float = 0.01
-
-    def __post_init__(self) -> None:
-        check_range("--block-size", self.block_size, 2, 1 << 30)
-        check_choice("--salient-metric", self.salient_metric, ("hessian", "magnitude"))
-        check_range("--max-salient-columns", self.max_salient_columns, 1, 1 << 30)
-        check_range("--iterations", self.iterations, 0, 10_000)
-        check_range("--percdamp", self.percdamp, 0.0, 10.0)
+    percdamp: float = option(0.01, low=0.0, high=10.0)
 
 
 @dataclass
@@ -93,14 +93,15 @@ class ARBXConfig(ARBConfig):
     ``compensated`` the metric the block's error is really paid in once later columns compensate it
     (``(U_bb^T U_bb)^-1``, exact with ``--exact-compensation``)."""
 
-    x_iterations: int = 15
+    x_iterations: int = option(15, low=0, high=10_000)
     x_split_metric: bool = True
-    x_metric: str = "block"
+    x_metric: str = option("block", choices=("block", "compensated"))
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_range("--x-iterations", self.x_iterations, 0, 10_000)
-        check_choice("--x-metric", self.x_metric, ("block", "compensated"))
+
+@dataclass
+class ARBRCConfig(ARBConfig):
+    """ARB-RC: every zone fitted with row x column scales and no mean (Eq. 12-13); the break-point
+    candidates are scored by the error of that fit's starting point."""
 
 
 @dataclass
@@ -111,7 +112,7 @@ class ARBLLMXConfig(ARBXConfig):
 
 
 @dataclass
-class ARBLLMRCConfig(ARBConfig):
+class ARBLLMRCConfig(ARBRCConfig):
     """The paper's ARB-LLM_RC: ARB-RC with CGB."""
 
     cgb: bool = True
@@ -125,15 +126,15 @@ class Zone:
 
 
 def block_zones(
-    block: torch.Tensor, saliency: torch.Tensor, config: ARBConfig, variant: str, metric: torch.Tensor | None
+    block: torch.Tensor, saliency: torch.Tensor, config: ARBConfig, metric: torch.Tensor | None = None
 ) -> list[Zone]:
-    """Steps 1-2: the zones of one block, in BinaryWeight's order."""
+    """Steps 1-2: the zones of one block, in BinaryWeight's order (``metric``: ARB-X's ``S``)."""
     salient_columns = salient_column_search(saliency, config.max_salient_columns, 2, 2)
     salient = salient_columns.unsqueeze(0).expand_as(block)
-    if variant == "arb-x" and getattr(config, "x_split_metric", False):
+    if isinstance(config, ARBXConfig) and config.x_split_metric:
         error_fn = partial(metric_binarization_error, metric=metric)
         breakpoint_value = split_search(saliency, salient, scored=block, error_fn=error_fn)
-    elif variant == "arb-rc":
+    elif isinstance(config, ARBRCConfig):
         breakpoint_value = split_search(saliency, salient, error_fn=rc_start_error)
     else:
         breakpoint_value = split_search(saliency, salient)
@@ -151,86 +152,62 @@ def block_zones(
     return zones
 
 
-def fit_zone(block: torch.Tensor, zone: Zone, config: ARBConfig, variant: str, metric: torch.Tensor | None) -> ZoneFit:
+def fit_zone(block: torch.Tensor, zone: Zone, config: ARBConfig, metric: torch.Tensor | None = None) -> ZoneFit:
     """Step 3 for one zone, with the scales and means rounded to what is stored."""
-    if variant == "arb-rc":
+    if isinstance(config, ARBRCConfig):
         fit = rc_fit(block, zone.mask, zone.order, config.iterations)
     else:
         fit = arb_fit(block, zone.mask, zone.order, config.iterations)
-        if variant == "arb-x":
+        if isinstance(config, ARBXConfig):
             fit = arb_x_refine(block, fit, metric, config.x_iterations)
     return fit.rounded()
 
 
-def resign_columns(block: torch.Tensor, fits: list[ZoneFit], u_block: torch.Tensor) -> None:
-    """GPTQ's column loop inside a block with the zones' scales fixed: each column takes the signs
-    nearest to its error-updated weights, then its error moves the block's later columns. In place."""
-    w = block.clone()
-    for j in range(w.shape[1]):
-        quantized = torch.zeros_like(w[:, j])
-        for fit in fits:
-            rows = fit.mask[:, j]
-            if not bool(rows.any()):
-                continue
-            for t, signs in enumerate(choose_signs(fit, j, w[:, j])):
-                fit.signs[t][:, j] = torch.where(rows, signs, fit.signs[t][:, j])
-            quantized += _column(fit, j)
-        error = (w[:, j] - quantized) / u_block[j, j]
-        w[:, j + 1 :] -= error.unsqueeze(1) * u_block[j, j + 1 :].unsqueeze(0)
+def calibration_metric(block: Block, hessian: torch.Tensor, config: ARBConfig) -> torch.Tensor | None:
+    """ARB-X's ``S`` for one block: the block of the undamped ``hessian`` (the paper's), or the metric
+    the block's error is paid in once later columns compensate it; None for the other variants."""
+    if not isinstance(config, ARBXConfig):
+        return None
+    if config.x_metric == "compensated":
+        return compensated_metric(block.factor)[1]
+    return hessian[block.columns, block.columns]
 
 
-def _column(fit: ZoneFit, j: int) -> torch.Tensor:
-    """Column ``j`` of a zone's approximation (same operations as ``fit.approximation()``), without
-    building the whole block."""
-    value = fit.mean.clone()
-    for t in range(fit.order):
-        scale = fit.row_scales[t] if fit.column_scales is None else fit.row_scales[t] * fit.column_scales[t][j]
-        value = value + scale * (fit.signs[t][:, j].float() * 2 - 1)
-    return value * fit.mask[:, j].to(value.dtype)
-
-
-def quantize_arb(weight: torch.Tensor, hessian: torch.Tensor, config: ARBConfig, variant: str) -> BinaryWeight:
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown ARB variant {variant!r}")
-    rows, cols = weight.shape
+@register("arb", ARBConfig, "ARB: BiLLM's zones with alternating refined binarization (mean, scale, signs)")
+@register("arb-x", ARBXConfig, "ARB-X: ARB, then closed-form mean/scale updates in the calibration metric")
+@register("arb-rc", ARBRCConfig, "ARB-RC: row x column scales without mean, alternating updates")
+@register("arb-llm-x", ARBLLMXConfig, "ARB-LLM_X preset: ARB-X with the column-group bitmap (CGB)")
+@register("arb-llm-rc", ARBLLMRCConfig, "ARB-LLM_RC preset: ARB-RC with the column-group bitmap (CGB)")
+def quantize_arb(weight: torch.Tensor, hessian: torch.Tensor, config: ARBConfig) -> BinaryWeight:
+    """Every ARB variant; the config's class says which (see the module docstring)."""
     w, u = prepare_weight(weight, hessian, config.percdamp)
     undamped = hessian.to(u.dtype)
-    builder = _LayoutBuilder(rows, cols, config, variant, w.device, w.dtype)
+    layout = _LayoutBuilder(w, config)
 
-    for b, start in enumerate(range(0, cols, config.block_size)):
-        end = min(start + config.block_size, cols)
-        block = w[:, start:end]
-        u_block = u[start:end, start:end]
-        saliency = block_saliency(block, torch.diagonal(u_block), config.salient_metric)
-        metric = None
-        if variant == "arb-x":
-            compensated = getattr(config, "x_metric", "block") == "compensated"
-            metric = compensated_metric(u_block)[1] if compensated else undamped[start:end, start:end]
-        zones = block_zones(block, saliency, config, variant, metric)
-        fits = [fit_zone(block, zone, config, variant, metric) for zone in zones]
+    def fit_block(block: Block) -> torch.Tensor:
+        saliency = block_saliency(block.weight, torch.diagonal(block.factor), config.salient_metric)
+        metric = calibration_metric(block, undamped, config)
+        zones = block_zones(block.weight, saliency, config, metric)
+        fits = [fit_zone(block.weight, zone, config, metric) for zone in zones]
         if config.intra_block:
-            resign_columns(block, fits, u_block)
-        quantized = sum((fit.approximation() for fit in fits), torch.zeros_like(block))
-        exact = config.exact_compensation or config.intra_block
-        propagate_block_error(w, block_error(block, quantized, u_block, exact=exact), u, start, end)
-        builder.add_block(b, start, end, zones, fits)
-    return builder.build()
+            resign_columns(block.weight, fits, block.factor)
+        layout.add_block(block, zones, fits)
+        return sum((fit.approximation() for fit in fits), torch.zeros_like(block.weight))
+
+    # The re-signing loop produces the exact block error, not BiLLM's diagonal one.
+    sweep_blocks(w, u, config.block_size, fit_block, exact=config.exact_compensation or config.intra_block)
+    return layout.build()
 
 
 class _LayoutBuilder:
     """Collects the fitted zones of every block into one BinaryWeight."""
 
-    def __init__(self, rows: int, cols: int, config: ARBConfig, variant: str, device, dtype) -> None:
-        blocks = math.ceil(cols / config.block_size)
+    def __init__(self, weight: torch.Tensor, config: ARBConfig) -> None:
         zones = 6 if config.cgb else 4
-        self.config, self.variant = config, variant
-        self.signs = torch.zeros(rows, cols, dtype=torch.bool, device=device)
-        self.residual = torch.zeros_like(self.signs)
-        self.bitmap = torch.zeros_like(self.signs)
-        self.salient_columns = torch.zeros(cols, dtype=torch.bool, device=device)
-        self.scales = torch.zeros(rows, blocks, zones, dtype=dtype, device=device)
-        self.means = torch.zeros_like(self.scales)
-        self.column_scales = torch.zeros(cols, zones, dtype=dtype, device=device)
+        self.config = config
+        self.row_column_scales = isinstance(config, ARBRCConfig)
+        self.planes = BinaryPlanes.zeros(weight, config.block_size, zones)
+        self.column_scales = torch.zeros(weight.shape[1], zones, dtype=weight.dtype, device=weight.device)
         self.zone_names = [ZONE_CONCENTRATED, ZONE_SPARSE] + (
             [
                 ZONE_SALIENT_CONCENTRATED,
@@ -242,49 +219,34 @@ class _LayoutBuilder:
             else [ZONE_SALIENT, ZONE_SALIENT_RESIDUAL]
         )
 
-    def add_block(self, b: int, start: int, end: int, zones: list[Zone], fits: list[ZoneFit]) -> None:
+    def add_block(self, block: Block, zones: list[Zone], fits: list[ZoneFit]) -> None:
+        b, columns, planes = block.index, block.columns, self.planes
         for zone, fit in zip(zones, fits, strict=True):
             mask = zone.mask
-            columns = slice(start, end)
-            self.signs[:, columns] = torch.where(mask, fit.signs[0], self.signs[:, columns])
+            planes.signs[:, columns] = torch.where(mask, fit.signs[0], planes.signs[:, columns])
             if zone.name in (ZONE_SPARSE, ZONE_SALIENT_SPARSE):
-                self.bitmap[:, columns] |= mask
+                planes.group_bitmap[:, columns] |= mask
             first = self.zone_names.index(zone.name)
             for t in range(fit.order):
-                self.scales[:, b, first + t] = fit.row_scales[t]
+                planes.scales[:, b, first + t] = fit.row_scales[t]
                 if fit.column_scales is not None:
                     self.column_scales[columns, first + t] = fit.column_scales[t]
-            self.means[:, b, first] = fit.mean
+            planes.means[:, b, first] = fit.mean
             if zone.order == 2:
-                self.residual[:, columns] = torch.where(mask, fit.signs[1], self.residual[:, columns])
-                self.salient_columns[columns] |= mask.any(0)
+                planes.residual_signs[:, columns] = torch.where(mask, fit.signs[1], planes.residual_signs[:, columns])
+                planes.salient_columns[columns] |= mask.any(0)
 
     def build(self) -> BinaryWeight:
-        salient = self.salient_columns
+        salient = self.planes.salient_columns
         column_scales = salient_column_scales = None
-        if self.variant == "arb-rc":
+        if self.row_column_scales:
             column_scales = self.column_scales[~salient, :2].half().cpu()
             salient_column_scales = self.column_scales[salient, 2:].half().cpu()
-        return BinaryWeight(
-            signs=self.signs.cpu(),
-            scales=self.scales.half().cpu(),
-            block_size=self.config.block_size,
-            means=None if self.variant == "arb-rc" else self.means.half().cpu(),
-            group_bitmap=self.bitmap.cpu(),
-            salient_columns=salient.cpu(),
-            residual_signs=self.residual[:, salient].cpu(),
+        return self.planes.finish(
+            self.config.block_size,
+            means=not self.row_column_scales,
+            salient=True,
             salient_groups=self.config.cgb,
             column_scales=column_scales,
             salient_column_scales=salient_column_scales,
         )
-
-
-def _register(name: str, config_class: type, variant: str, summary: str) -> None:
-    register(name, config_class, summary)(partial(quantize_arb, variant=variant))
-
-
-_register("arb", ARBConfig, "arb", "ARB: BiLLM's zones with alternating refined binarization (mean, scale, signs)")
-_register("arb-x", ARBXConfig, "arb-x", "ARB-X: ARB, then closed-form mean/scale updates in the calibration metric")
-_register("arb-rc", ARBConfig, "arb-rc", "ARB-RC: row x column scales without mean, alternating updates")
-_register("arb-llm-x", ARBLLMXConfig, "arb-x", "ARB-LLM_X preset: ARB-X with the column-group bitmap (CGB)")
-_register("arb-llm-rc", ARBLLMRCConfig, "arb-rc", "ARB-LLM_RC preset: ARB-RC with the column-group bitmap (CGB)")

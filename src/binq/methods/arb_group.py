@@ -16,21 +16,20 @@ layout a kernel can read. Quality comes from the fitting, group by group along t
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
-from binq.methods.arb import resign_columns
-from binq.methods.registry import check_range, register
-from binq.quant.arb import ZoneFit, arb_fit, arb_x_refine
-from binq.quant.compensation import block_error, compensated_metric, propagate_block_error
+from binq.methods.registry import MethodConfig, option, register
+from binq.quant.arb import ZoneFit, arb_fit, arb_x_refine, resign_columns
+from binq.quant.compensation import compensated_metric
 from binq.quant.hessian import prepare_weight
-from binq.quant.structured import BinaryWeight
+from binq.quant.structured import BinaryPlanes, BinaryWeight
+from binq.quant.sweep import Block, sweep_blocks
 
 
 @dataclass
-class ARBGroupConfig:
+class ARBGroupConfig(MethodConfig):
     """Sign + per-group scale (Q1_0 with ``group_size`` 128 and no mean).
 
     - ``group_size``: weights per scale along a row; ``mean``: also one fp16 mean per group (not Q1_0).
@@ -39,17 +38,11 @@ class ARBGroupConfig:
     - ``percdamp``: Hessian damping relative to ``mean(diag H)``.
     """
 
-    group_size: int = 128
+    group_size: int = option(128, low=1)
     mean: bool = False
-    iterations: int = 15
-    rounds: int = 3
-    percdamp: float = 0.01
-
-    def __post_init__(self) -> None:
-        check_range("--group-size", self.group_size, 1, 1 << 30)
-        check_range("--iterations", self.iterations, 0, 10_000)
-        check_range("--rounds", self.rounds, 0, 1000)
-        check_range("--percdamp", self.percdamp, 0.0, 10.0)
+    iterations: int = option(15, low=0, high=10_000)
+    rounds: int = option(3, low=0, high=1000)
+    percdamp: float = option(0.01, low=0.0, high=10.0)
 
 
 def fit_group(group: torch.Tensor, u_block: torch.Tensor, config: ARBGroupConfig) -> ZoneFit:
@@ -76,24 +69,15 @@ def fit_group(group: torch.Tensor, u_block: torch.Tensor, config: ARBGroupConfig
 
 @register("arb-group", ARBGroupConfig, "Sign + one fp16 scale per group (Q1_0 form): ARB start, Hessian-metric fit")
 def quantize_arb_group(weight: torch.Tensor, hessian: torch.Tensor, config: ARBGroupConfig) -> BinaryWeight:
-    rows, cols = weight.shape
     w, u = prepare_weight(weight, hessian, config.percdamp)
-    groups = math.ceil(cols / config.group_size)
-    signs = torch.zeros(rows, cols, dtype=torch.bool, device=w.device)
-    scales = torch.zeros(rows, groups, 1, dtype=w.dtype, device=w.device)
-    means = torch.zeros_like(scales)
-    for g, start in enumerate(range(0, cols, config.group_size)):
-        end = min(start + config.group_size, cols)
-        group = w[:, start:end]
-        u_block = u[start:end, start:end]
-        fit = fit_group(group, u_block, config)
-        propagate_block_error(w, block_error(group, fit.approximation(), u_block, exact=True), u, start, end)
-        signs[:, start:end] = fit.signs[0]
-        scales[:, g, 0] = fit.row_scales[0]
-        means[:, g, 0] = fit.mean
-    return BinaryWeight(
-        signs=signs.cpu(),
-        scales=scales.half().cpu(),
-        block_size=config.group_size,
-        means=means.half().cpu() if config.mean else None,
-    )
+    planes = BinaryPlanes.zeros(w, config.group_size, zones=1)
+
+    def fit_block(group: Block) -> torch.Tensor:
+        fit = fit_group(group.weight, group.factor, config)
+        planes.signs[:, group.columns] = fit.signs[0]
+        planes.scales[:, group.index, 0] = fit.row_scales[0]
+        planes.means[:, group.index, 0] = fit.mean
+        return fit.approximation()
+
+    sweep_blocks(w, u, config.group_size, fit_block, exact=True)
+    return planes.finish(config.group_size, means=config.mean, group_bitmap=False)

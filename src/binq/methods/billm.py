@@ -1,4 +1,4 @@
-"""BiLLM (Huang et al., ICML 2024), faithful to the reference's behaviour (research notes section 3).
+"""BiLLM (Huang et al., ICML 2024), faithful to the reference implementation's behaviour.
 
 Per block of ``block_size`` columns, from the current (compensated) weights:
 
@@ -12,24 +12,20 @@ Per block of ``block_size`` columns, from the current (compensated) weights:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
-from binq.methods.registry import check_choice, check_range, register
+from binq.methods.registry import MethodConfig, option, register
 from binq.quant.binarize import residual_binarize
-from binq.quant.compensation import block_error, propagate_block_error
 from binq.quant.hessian import prepare_weight
-from binq.quant.search import salient_column_search, split_search
-from binq.quant.structured import BinaryWeight
-
-# Columns whose factor diagonal is this small would blow the saliency up (research notes 10.4).
-_MIN_FACTOR_DIAGONAL = 1e-8
+from binq.quant.search import SALIENT_METRICS, block_saliency, salient_column_search, split_search
+from binq.quant.structured import BinaryPlanes, BinaryWeight
+from binq.quant.sweep import Block, sweep_blocks
 
 
 @dataclass
-class BiLLMConfig:
+class BiLLMConfig(MethodConfig):
     """BiLLM's settings; the defaults reproduce the reference (``--salient_metric hessian``).
 
     - ``block_size``: columns per block (beta = 128).
@@ -42,32 +38,18 @@ class BiLLMConfig:
     - ``percdamp``: Hessian damping relative to ``mean(diag H)``.
     """
 
-    block_size: int = 128
-    salient_metric: str = "hessian"
-    max_salient_columns: int = 50
-    search_order: int = 2
+    block_size: int = option(128, low=2)
+    salient_metric: str = option("hessian", choices=SALIENT_METRICS)
+    max_salient_columns: int = option(50, low=1)
+    search_order: int = option(2, low=1, high=2)
     exact_compensation: bool = False
-    percdamp: float = 0.01
-
-    def __post_init__(self) -> None:
-        check_range("--block-size", self.block_size, 2, 1 << 30)
-        check_choice("--salient-metric", self.salient_metric, ("hessian", "magnitude"))
-        check_range("--max-salient-columns", self.max_salient_columns, 1, 1 << 30)
-        check_range("--search-order", self.search_order, 1, 2)
-        check_range("--percdamp", self.percdamp, 0.0, 10.0)
+    percdamp: float = option(0.01, low=0.0, high=10.0)
 
 
 @dataclass
 class BlockMasks:
     salient_columns: torch.Tensor  # bool (cols,)
     sparse: torch.Tensor  # bool (rows, cols): non-salient weights at or above the break-point
-
-
-def block_saliency(block: torch.Tensor, factor_diagonal: torch.Tensor, salient_metric: str) -> torch.Tensor:
-    """Step 1, the matrix the searches run on: ``W^2 / U_jj^2`` (``hessian``) or ``W`` (``magnitude``)."""
-    if salient_metric == "hessian":
-        return block.square() / factor_diagonal.clamp_min(_MIN_FACTOR_DIAGONAL).square().unsqueeze(0)
-    return block
 
 
 def billm_block_masks(block: torch.Tensor, factor_diagonal: torch.Tensor, config: BiLLMConfig) -> BlockMasks:
@@ -81,51 +63,31 @@ def billm_block_masks(block: torch.Tensor, factor_diagonal: torch.Tensor, config
 
 @register("billm", BiLLMConfig, "BiLLM: salient columns with residual binarization, two-zone split, blocks")
 def quantize_billm(weight: torch.Tensor, hessian: torch.Tensor, config: BiLLMConfig) -> BinaryWeight:
-    rows, cols = weight.shape
     w, u = prepare_weight(weight, hessian, config.percdamp)
-    blocks = math.ceil(cols / config.block_size)
-
-    signs = torch.zeros(rows, cols, dtype=torch.bool, device=w.device)
-    bitmap = torch.zeros_like(signs)
-    salient_columns = torch.zeros(cols, dtype=torch.bool, device=w.device)
-    residual_plane = torch.zeros_like(signs)
     # Zones: concentrated, sparse, salient, salient residual (BinaryWeight's order).
-    scales = torch.zeros(rows, blocks, 4, dtype=w.dtype, device=w.device)
-    means = torch.zeros_like(scales)
+    planes = BinaryPlanes.zeros(w, config.block_size, zones=4)
 
-    for b, start in enumerate(range(0, cols, config.block_size)):
-        end = min(start + config.block_size, cols)
-        block = w[:, start:end]
-        u_block = u[start:end, start:end]
-        masks = billm_block_masks(block, torch.diagonal(u_block), config)
-        salient = masks.salient_columns.unsqueeze(0).expand_as(block)
+    def fit_block(block: Block) -> torch.Tensor:
+        """Steps 1-4 on one block: its quantized value; records its signs, bitmap and scales."""
+        masks = billm_block_masks(block.weight, torch.diagonal(block.factor), config)
+        salient = masks.salient_columns.unsqueeze(0).expand_as(block.weight)
         concentrated = ~salient & ~masks.sparse
-        approx_salient, salient_terms = residual_binarize(block, salient, order=2)
-        approx_concentrated, (concentrated_term,) = residual_binarize(block, concentrated, order=1)
-        approx_sparse, (sparse_term,) = residual_binarize(block, masks.sparse, order=1)
-        quantized = approx_salient + approx_concentrated + approx_sparse
+        approx_salient, salient_terms = residual_binarize(block.weight, salient, order=2)
+        approx_concentrated, (concentrated_term,) = residual_binarize(block.weight, concentrated, order=1)
+        approx_sparse, (sparse_term,) = residual_binarize(block.weight, masks.sparse, order=1)
 
-        error = block_error(block, quantized, u_block, exact=config.exact_compensation)
-        propagate_block_error(w, error, u, start, end)
-
-        signs[:, start:end] = torch.where(
+        planes.signs[:, block.columns] = torch.where(
             salient,
             salient_terms[0].signs,
             torch.where(masks.sparse, sparse_term.signs, concentrated_term.signs),
         )
-        bitmap[:, start:end] = masks.sparse
-        salient_columns[start:end] = masks.salient_columns
-        residual_plane[:, start:end] = salient_terms[1].signs
+        planes.group_bitmap[:, block.columns] = masks.sparse
+        planes.salient_columns[block.columns] = masks.salient_columns
+        planes.residual_signs[:, block.columns] = salient_terms[1].signs
         for zone, term in enumerate((concentrated_term, sparse_term, *salient_terms)):
-            scales[:, b, zone] = term.scale
-            means[:, b, zone] = term.mean
+            planes.scales[:, block.index, zone] = term.scale
+            planes.means[:, block.index, zone] = term.mean
+        return approx_salient + approx_concentrated + approx_sparse
 
-    return BinaryWeight(
-        signs=signs.cpu(),
-        scales=scales.half().cpu(),
-        block_size=config.block_size,
-        means=means.half().cpu(),
-        group_bitmap=bitmap.cpu(),
-        salient_columns=salient_columns.cpu(),
-        residual_signs=residual_plane[:, salient_columns].cpu(),
-    )
+    sweep_blocks(w, u, config.block_size, fit_block, exact=config.exact_compensation)
+    return planes.finish(config.block_size, salient=True)

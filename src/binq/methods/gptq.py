@@ -1,9 +1,9 @@
 """GPTQ (Frantar et al., ICLR 2023): column-by-column rounding with OBS error feedback.
 
-Research notes section 2: lazy batches of ``block_size`` columns, ``U = chol_upper((H + lambda I)^-1)``,
-``err_j = (w_j - q_j) / U_jj`` and ``W[:, j+1:] -= err_j U[j, j+1:]``; groups re-fit their grid on
-the error-updated weights when the column index reaches them (or once up front with
-``static_groups``); act-order processes columns by decreasing ``diag(H)``.
+As the reference implementation: the column sweep with lazy batches of ``block_size`` columns
+(:func:`binq.quant.sweep.sweep_columns`); groups re-fit their grid on the error-updated weights when the
+column index reaches them (or once up front with ``static_groups``); act-order processes columns by
+decreasing ``diag(H)``.
 """
 
 from __future__ import annotations
@@ -13,14 +13,15 @@ from dataclasses import dataclass
 
 import torch
 
-from binq.methods.registry import check_range, register
+from binq.methods.registry import MethodConfig, option, register
 from binq.quant.grid import Grid, fit_minmax_grid
 from binq.quant.hessian import dead_columns, factor_hessian
 from binq.quant.structured import UniformWeight
+from binq.quant.sweep import sweep_columns
 
 
 @dataclass
-class GPTQConfig:
+class GPTQConfig(MethodConfig):
     """GPTQ with the reference's defaults (the binary papers' baselines use group 128).
 
     - ``bits``: 1 to 8; ``group_size``: 0 = one grid per row; ``sym``: symmetric grid.
@@ -29,19 +30,13 @@ class GPTQConfig:
     - ``block_size``: the lazy-batch width; ``percdamp``: damping relative to ``mean(diag H)``.
     """
 
-    bits: int = 4
-    group_size: int = 128
+    bits: int = option(4, low=1, high=8)
+    group_size: int = option(128, low=0)
     sym: bool = False
     act_order: bool = False
     static_groups: bool = False
-    block_size: int = 128
-    percdamp: float = 0.01
-
-    def __post_init__(self) -> None:
-        check_range("--bits", self.bits, 1, 8)
-        check_range("--group-size", self.group_size, 0, 1 << 30)
-        check_range("--block-size", self.block_size, 1, 1 << 30)
-        check_range("--percdamp", self.percdamp, 0.0, 10.0)
+    block_size: int = option(128, low=1)
+    percdamp: float = option(0.01, low=0.0, high=10.0)
 
 
 def _fit_static_grids(weight: torch.Tensor, config: GPTQConfig, group_size: int) -> list[Grid]:
@@ -77,40 +72,24 @@ def quantize_gptq(weight: torch.Tensor, hessian: torch.Tensor, config: GPTQConfi
     codes = torch.zeros(rows, cols, dtype=w.dtype, device=w.device)
     scales = torch.zeros(rows, groups, dtype=w.dtype, device=w.device)
     zeros = torch.zeros(rows, groups, dtype=w.dtype, device=w.device)
-    grid: Grid | None = None
-    if static is None and config.group_size == 0:
-        grid = fit_minmax_grid(w, config.bits, config.sym)
+    # One grid per group, indexed like the scales: static ones fitted now, the others as the sweep
+    # reaches their first column (so in that order).
+    grids: list[Grid] = static if static is not None else []
+    group_in_order = group_of_original[perm]
 
-    for start in range(0, cols, config.block_size):
-        end = min(start + config.block_size, cols)
-        block = w[:, start:end].clone()
-        errors = torch.zeros_like(block)
-        u_block = u[start:end, start:end]
-        for i in range(end - start):
-            j = start + i
-            if static is not None:
-                grid = static[int(perm[j]) // group_size]
-            elif j % group_size == 0:
-                # Fit on the current (error-updated) weights of the group, inside and past this block;
-                # columns past the block have not had this block's pending updates yet: apply them.
-                upcoming = block[:, i : i + group_size]
-                group_end = min(j + group_size, cols)
-                if group_end > end:
-                    past = w[:, end:group_end] - errors[:, :i] @ u[start:j, end:group_end]
-                    upcoming = torch.cat([upcoming, past], dim=1)
-                grid = fit_minmax_grid(upcoming, config.bits, config.sym)
-            assert grid is not None
-            column = block[:, i]
-            code = grid.codes(column)
-            quantized = grid.dequantize_codes(code)
-            codes[:, j] = code
-            g = int(group_of_original[perm[j]])
-            scales[:, g], zeros[:, g] = grid.scale, grid.zero
-            error = (column - quantized) / u_block[i, i]
-            block[:, i:] -= error.unsqueeze(1) * u_block[i, i:].unsqueeze(0)
-            errors[:, i] = error
-        if end < cols:
-            w[:, end:] -= errors @ u[start:end, end:]
+    def fit_group(j: int, current: torch.Tensor) -> None:
+        grids.append(fit_minmax_grid(current, config.bits, config.sym))
+
+    def quantize_column(j: int, column: torch.Tensor) -> torch.Tensor:
+        g = int(group_in_order[j])
+        grid = grids[g]
+        code = grid.codes(column)
+        codes[:, j] = code
+        scales[:, g], zeros[:, g] = grid.scale, grid.zero
+        return grid.dequantize_codes(code)
+
+    dynamic = None if config.static_groups else fit_group
+    sweep_columns(w, u, quantize_column, config.block_size, group_size=group_size, fit_group=dynamic)
 
     original_codes = torch.empty_like(codes)
     original_codes[:, perm] = codes

@@ -1,4 +1,4 @@
-"""MSB, multi-scale binary by dynamic grouping (Zheng et al., arXiv 2509.03054; research notes section 5).
+"""MSB, multi-scale binary by dynamic grouping (Zheng et al., arXiv 2509.03054).
 
 Two registered methods share one codebook (signs, a group index per weight, fp16 group scales):
 
@@ -24,11 +24,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from binq.methods.registry import check_choice, check_range, register
+from binq.methods.registry import MethodConfig, check_range, option, register
 from binq.quant.binarize import round_to_storage
 from binq.quant.grouping import CRITERIA, group_means, refine_boundaries, solve_dp, solve_greedy
 from binq.quant.hessian import dead_columns, factor_hessian
 from binq.quant.multiscale import MultiScaleWeight
+from binq.quant.sweep import sweep_columns
 
 GRANULARITIES = ("tensor", "row", "block")
 SOLVERS = ("auto", "dp", "greedy", "windowed", "windowed-lo")
@@ -41,7 +42,7 @@ REFERENCE_LAMBDA = 0.75
 
 
 @dataclass
-class MSBConfig:
+class MSBConfig(MethodConfig):
     """MSB's settings; the defaults are the reference's per-tensor run (g = 32, w = 64, lambda = 0.75).
 
     - ``groups``: g, the most groups (scales) per unit; the index costs ``ceil(log2 g)`` bits per weight.
@@ -60,25 +61,19 @@ class MSBConfig:
       99 % of the converged gain, 30 sweeps 99.8 %; convergence takes about 300).
     """
 
-    groups: int = 32
-    granularity: str = "tensor"
-    block_size: int = 64
-    solver: str = "auto"
-    window: int = 64
+    groups: int = option(32, low=1, high=256)
+    granularity: str = option("tensor", choices=GRANULARITIES)
+    block_size: int = option(64, low=1)
+    solver: str = option("auto", choices=SOLVERS)
+    window: int = option(64, low=1)
     lambda_reg: float = -1.0
     normalized_lambda: bool = False
-    criterion: str = "merged"
-    lo_sweeps: int = 30
+    criterion: str = option("merged", choices=CRITERIA)
+    lo_sweeps: int = option(30, low=1, high=1 << 20)
 
     def __post_init__(self) -> None:
-        check_range("--groups", self.groups, 1, 256)
-        check_choice("--granularity", self.granularity, GRANULARITIES)
-        check_range("--block-size", self.block_size, 1, 1 << 30)
-        check_choice("--solver", self.solver, SOLVERS)
-        check_range("--window", self.window, 1, 1 << 30)
-        check_choice("--criterion", self.criterion, CRITERIA)
-        check_range("--lo-sweeps", self.lo_sweeps, 1, 1 << 20)
-        if self.lambda_reg != -1.0:
+        super().__post_init__()
+        if self.lambda_reg != -1.0:  # -1 is "auto"
             check_range("--lambda-reg", self.lambda_reg, 0.0, 1e12)
 
     @property
@@ -233,15 +228,9 @@ class MSBHessianConfig(MSBConfig):
     - ``lazy_block``: GPTQ's lazy-batch width (rounded up to a multiple of ``block_size`` block-wise).
     """
 
-    refit_iterations: int = 16
-    percdamp: float = 0.01
-    lazy_block: int = 128
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_range("--refit-iterations", self.refit_iterations, 0, 10_000)
-        check_range("--percdamp", self.percdamp, 0.0, 10.0)
-        check_range("--lazy-block", self.lazy_block, 1, 1 << 30)
+    refit_iterations: int = option(16, low=0, high=10_000)
+    percdamp: float = option(0.01, low=0.0, high=10.0)
+    lazy_block: int = option(128, low=1)
 
 
 def _nearest_level(column: torch.Tensor, levels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -322,35 +311,24 @@ def quantize_msb_hessian(weight: torch.Tensor, hessian: torch.Tensor, config: MS
         book = msb_codebook(w, config)
         level_blocks[0] = book.scales[:, 0, :].to(w.dtype)
 
+    def fit_block_levels(j: int, current: torch.Tensor) -> None:
+        # Block-wise: fit this block's levels on its error-updated weights (GPTQ's group refit).
+        codebook = fit_units(current.cpu().to(torch.float32).numpy(), config)
+        level_blocks[j // block_size] = torch.from_numpy(codebook.scales).to(torch.float16).to(w)
+
     index = torch.zeros(rows, cols, dtype=torch.long, device=w.device)
     positive = torch.zeros(rows, cols, dtype=torch.bool, device=w.device)
     zero = torch.zeros(rows, cols, dtype=torch.bool, device=w.device)
-    for start in range(0, cols, lazy):
-        end = min(start + lazy, cols)
-        block = w[:, start:end].clone()
-        errors = torch.zeros_like(block)
-        u_block = u[start:end, start:end]
-        for i in range(end - start):
-            j = start + i
-            b = j // block_size
-            if level_blocks[b] is None:
-                # Block-wise: fit this block's levels on its error-updated weights (GPTQ's group refit).
-                block_end = min((b + 1) * block_size, cols)
-                current = block[:, i : i + block_end - j]
-                codebook = fit_units(current.cpu().to(torch.float32).numpy(), config)
-                level_blocks[b] = torch.from_numpy(codebook.scales).to(torch.float16).to(w)
-            levels = round_to_storage(level_blocks[b].to(w.dtype))
-            levels = levels.expand(rows, -1) if levels.shape[0] == 1 else levels
-            column = block[:, i]
-            idx, quantized = _nearest_level(column, levels)
-            index[:, j] = idx
-            positive[:, j] = column >= 0
-            zero[:, j] = column == 0  # dead columns, and any weight compensation left at exactly 0
-            error = (column - quantized) / u_block[i, i]
-            block[:, i:] -= error.unsqueeze(1) * u_block[i, i:].unsqueeze(0)
-            errors[:, i] = error
-        if end < cols:
-            w[:, end:] -= errors @ u[start:end, end:]
+
+    def quantize_column(j: int, column: torch.Tensor) -> torch.Tensor:
+        levels = round_to_storage(level_blocks[j // block_size].to(w.dtype))
+        levels = levels.expand(rows, -1) if levels.shape[0] == 1 else levels
+        index[:, j], quantized = _nearest_level(column, levels)
+        positive[:, j] = column >= 0
+        zero[:, j] = column == 0  # dead columns, and any weight compensation left at exactly 0
+        return quantized
+
+    sweep_columns(w, u, quantize_column, lazy, group_size=block_size, fit_group=fit_block_levels if blockwise else None)
 
     groups = max(t.shape[1] for t in level_blocks if t is not None)
     table = torch.stack(

@@ -1,8 +1,9 @@
 """The one registry of quantization methods.
 
 A method is a pure function ``quantize(weight, hessian, config) -> QuantizedWeight`` plus a typed
-config dataclass. It never touches hooks, devices or files: the engine hands it a float32 weight
-``(out_features, in_features)`` and the undamped calibration Hessian ``(in_features, in_features)``.
+config dataclass (a :class:`MethodConfig` whose fields declare their valid values with :func:`option`).
+It never touches hooks, devices or files: the engine hands it a float32 weight ``(out_features,
+in_features)`` and the undamped calibration Hessian ``(in_features, in_features)``.
 Adding a method is one new module that calls :func:`register` and one import line in ``__init__``.
 """
 
@@ -69,6 +70,34 @@ def get_method(name: str) -> Method:
 
 def available_methods() -> list[Method]:
     return [_METHODS[name] for name in sorted(_METHODS)]
+
+
+# What an integer option's range stops at unless it says otherwise: larger values are certainly mistakes.
+MAX_OPTION = 1 << 30
+
+
+def option(
+    default: Any, low: float | None = None, high: float = MAX_OPTION, choices: tuple[str, ...] | None = None
+) -> Any:
+    """A config field with its valid values next to it: ``[low, high]`` for a number, ``choices`` for a
+    string. :class:`MethodConfig` checks them when a config is made."""
+    return dataclasses.field(default=default, metadata={"low": low, "high": high, "choices": choices})
+
+
+class MethodConfig:
+    """Base of every method's config dataclass: checks the fields declared with :func:`option`.
+
+    The error names the command-line option (``block_size`` is ``--block-size``). A config with a rule
+    across fields overrides ``__post_init__``, calls this one first, then checks its rule.
+    """
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):  # type: ignore[arg-type]
+            name, limits = "--" + field.name.replace("_", "-"), field.metadata
+            if limits.get("choices") is not None:
+                check_choice(name, getattr(self, field.name), limits["choices"])
+            elif limits.get("low") is not None:
+                check_range(name, getattr(self, field.name), limits["low"], limits["high"])
 
 
 def check_choice(option: str, value: str, choices: tuple[str, ...]) -> None:

@@ -7,14 +7,14 @@ from dataclasses import dataclass
 
 import torch
 
-from binq.methods.registry import check_choice, check_range, register
+from binq.methods.registry import MethodConfig, check_range, option, register
 from binq.quant.binarize import residual_binarize
 from binq.quant.grid import fit_minmax_grid
 from binq.quant.structured import BinaryWeight, QuantizedWeight, UniformWeight
 
 
 @dataclass
-class RTNConfig:
+class RTNConfig(MethodConfig):
     """Round-to-nearest, no calibration.
 
     - ``bits``: 1 to 8.
@@ -25,16 +25,14 @@ class RTNConfig:
     - ``centred``: sign grid around the group mean (stores an fp16 mean per group).
     """
 
-    bits: int = 1
-    group_size: int = 0
-    grid: str = "auto"
+    bits: int = option(1, low=1, high=8)
+    group_size: int = option(0, low=0)
+    grid: str = option("auto", choices=("auto", "sign", "uniform"))
     sym: bool = False
     centred: bool = False
 
     def __post_init__(self) -> None:
-        check_range("--bits", self.bits, 1, 8)
-        check_range("--group-size", self.group_size, 0, 1 << 30)
-        check_choice("--grid", self.grid, ("auto", "sign", "uniform"))
+        super().__post_init__()
         if self.grid == "sign" and self.bits != 1:
             check_range("--bits (sign grid)", self.bits, 1, 1)
 

@@ -1,8 +1,8 @@
 """W(1+1): a sign and a group bit per weight, two scales per (row, column block), fitted by EM.
 
 A reconstruction of the weight side of Song et al., "Achieving binary weight and activation for LLMs
-using Post-Training Quantization" (ACL Findings 2025; research notes papers-w1a1x4-msb.md, spec A1;
-the paper's method section could not be read, so each uncertain choice is an option):
+using Post-Training Quantization" (ACL Findings 2025): the paper's method section could not be read, so
+each uncertain choice is an option:
 
 1. per column block of ``block_size`` columns, from the current (error-compensated) weights, an
    initial split of each row (``median`` of ``|w|``, the ``exact`` best split, or BiLLM's ``salience``
@@ -17,17 +17,17 @@ Stored: sign plane, group bitmap, fp16 scales (and offsets with ``offsets``) per
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
-from binq.methods.registry import check_choice, check_range, register
-from binq.quant.compensation import propagate_block_error
+from binq.methods.registry import MethodConfig, option, register
 from binq.quant.hessian import prepare_weight
-from binq.quant.structured import BinaryWeight
+from binq.quant.structured import BinaryPlanes, BinaryWeight
+from binq.quant.sweep import sweep_columns
 from binq.quant.two_group import (
     IMPORTANCE_KINDS,
+    TwoGroupFit,
     em_two_group,
     exact_two_group_split,
     importance_weights,
@@ -41,7 +41,7 @@ INIT_KINDS = ("median", "exact", "salience")
 
 
 @dataclass
-class W11Config:
+class W11Config(MethodConfig):
     """W(1+1) settings (defaults chosen by measurement, docs/W11.md).
 
     - ``block_size``: columns per block; each (row, block) has two scales.
@@ -55,19 +55,12 @@ class W11Config:
     - ``percdamp``: Hessian damping relative to ``mean(diag H)``.
     """
 
-    block_size: int = 128
-    importance: str = "diag"
-    init: str = "exact"
-    em_iterations: int = 10
+    block_size: int = option(128, low=2)
+    importance: str = option("diag", choices=IMPORTANCE_KINDS)
+    init: str = option("exact", choices=INIT_KINDS)
+    em_iterations: int = option(10, low=0, high=1000)
     offsets: bool = False
-    percdamp: float = 0.01
-
-    def __post_init__(self) -> None:
-        check_range("--block-size", self.block_size, 2, 1 << 30)
-        check_choice("--importance", self.importance, IMPORTANCE_KINDS)
-        check_choice("--init", self.init, INIT_KINDS)
-        check_range("--em-iterations", self.em_iterations, 0, 1000)
-        check_range("--percdamp", self.percdamp, 0.0, 10.0)
+    percdamp: float = option(0.01, low=0.0, high=10.0)
 
 
 def initial_groups(block: torch.Tensor, importance: torch.Tensor, factor_diagonal: torch.Tensor, init: str):
@@ -81,39 +74,27 @@ def initial_groups(block: torch.Tensor, importance: torch.Tensor, factor_diagona
 
 @register("w11", W11Config, "W(1+1): sign + group bit, two scales per row block fitted by Hessian-weighted EM")
 def quantize_w11(weight: torch.Tensor, hessian: torch.Tensor, config: W11Config) -> BinaryWeight:
-    rows, cols = weight.shape
     w, u = prepare_weight(weight, hessian, config.percdamp)
     importance = importance_weights(hessian, u, config.importance)
-    blocks = math.ceil(cols / config.block_size)
+    planes = BinaryPlanes.zeros(w, config.block_size, zones=2)
+    fits: list[TwoGroupFit] = []  # one per block, in column order
 
-    signs = torch.zeros(rows, cols, dtype=torch.bool, device=w.device)
-    bitmap = torch.zeros_like(signs)
-    scales = torch.zeros(rows, blocks, 2, dtype=w.dtype, device=w.device)
-    means = torch.zeros_like(scales)
+    def fit_block(j: int, block: torch.Tensor) -> None:
+        # The block's two scales, from its weights as the earlier blocks' errors left them.
+        columns = slice(j, j + block.shape[1])
+        groups = initial_groups(block, importance[columns], torch.diagonal(u[columns, columns]), config.init)
+        fit = em_two_group(block, importance[columns], groups, config.em_iterations, config.offsets)
+        planes.scales[:, len(fits)], planes.means[:, len(fits)] = fit.scales, fit.means
+        fits.append(fit)
 
-    for b, start in enumerate(range(0, cols, config.block_size)):
-        end = min(start + config.block_size, cols)
-        block = w[:, start:end].clone()
-        u_block = u[start:end, start:end]
-        groups = initial_groups(block, importance[start:end], torch.diagonal(u_block), config.init)
-        fit = em_two_group(block, importance[start:end], groups, config.em_iterations, config.offsets)
-        scales[:, b], means[:, b] = fit.scales, fit.means
+    def quantize_column(j: int, column: torch.Tensor) -> torch.Tensor:
+        # The nearest of the row's four levels, so the group bit is re-chosen on the compensated value.
+        fit = fits[j // config.block_size]
+        column = column.unsqueeze(1)
+        group, positive = nearest_levels(column, fit.scales, fit.means)
+        planes.signs[:, j], planes.group_bitmap[:, j] = positive.squeeze(1), group.squeeze(1)
+        return reconstruct(column, group, fit.scales, fit.means).squeeze(1)
 
-        errors = torch.zeros_like(block)
-        for i in range(end - start):
-            column = block[:, i : i + 1]
-            group, positive = nearest_levels(column, fit.scales, fit.means)
-            quantized = reconstruct(column, group, fit.scales, fit.means).squeeze(1)
-            signs[:, start + i], bitmap[:, start + i] = positive.squeeze(1), group.squeeze(1)
-            error = (column.squeeze(1) - quantized) / u_block[i, i]
-            block[:, i:] -= error.unsqueeze(1) * u_block[i, i:].unsqueeze(0)
-            errors[:, i] = error
-        propagate_block_error(w, errors, u, start, end)
+    sweep_columns(w, u, quantize_column, config.block_size, group_size=config.block_size, fit_group=fit_block)
 
-    return BinaryWeight(
-        signs=signs.cpu(),
-        scales=scales.half().cpu(),
-        block_size=config.block_size,
-        means=means.half().cpu() if config.offsets else None,
-        group_bitmap=bitmap.cpu(),
-    )
+    return planes.finish(config.block_size, means=config.offsets)

@@ -1,4 +1,4 @@
-"""Shared quantization maths: structured weights, packing, the binarizer, searches, Hessian factors."""
+"""Shared quantization maths: structured weights, packing, the binarizer, searches, Hessian factors, sweeps."""
 
 from binq.quant.structured import BinaryWeight, QuantizedWeight, UniformWeight
 

@@ -1,4 +1,4 @@
-"""ARB-LLM's alternating refined binarization (Li et al., ICLR 2025; research notes section 4), as pure functions.
+"""ARB-LLM's alternating refined binarization (Li et al., ICLR 2025), as pure functions.
 
 Each function fits one *zone* (a boolean mask over a block of weights, rows binarized independently on
 their masked entries) and returns a :class:`ZoneFit`. The element value of a fitted zone is
@@ -14,7 +14,7 @@ and one shared per-row mean ``mu`` (zero for ARB-RC).
   metric ``S`` (the block of the undamped Hessian; any positive multiple gives the same fit).
 - :func:`rc_fit`: ARB-RC's row x column scales without mean (Eq. 12-13).
 
-Faithful details (research notes 10.3 g-i): eps = 1e-8 in ARB's alpha denominators and 1e-10 in ARB-X's;
+Details as the reference implementation has them: eps = 1e-8 in ARB's alpha denominators and 1e-10 in ARB-X's;
 the mean is refined by accumulation; alpha is updated with the previous signs, then the signs are
 re-taken; sign(0) = +1 (the packed format has no zero).
 """
@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from binq.quant.binarize import residual_binarize, round_to_storage
+from binq.quant.sweep import sweep_columns
 
 ARB_EPS = 1e-8
 ARB_X_EPS = 1e-10
@@ -267,6 +268,35 @@ def choose_signs(fit: ZoneFit, column: int, values: torch.Tensor) -> list[torch.
         return [_sign(target) == _sign(per_row[0])]
     first, second = _nearest_pair(target, per_row[0], per_row[1])
     return [first, second]
+
+
+def resign_columns(block: torch.Tensor, fits: list[ZoneFit], block_factor: torch.Tensor) -> None:
+    """GPTQ's column loop inside a block with the zones' scales fixed: each column takes the signs
+    nearest to its error-updated weights, then its error moves the block's later columns. Changes the
+    signs of ``fits`` in place; ``block`` is left as it is."""
+
+    def resign(j: int, column: torch.Tensor) -> torch.Tensor:
+        quantized = torch.zeros_like(column)
+        for fit in fits:
+            rows = fit.mask[:, j]
+            if not bool(rows.any()):
+                continue
+            for t, signs in enumerate(choose_signs(fit, j, column)):
+                fit.signs[t][:, j] = torch.where(rows, signs, fit.signs[t][:, j])
+            quantized += _column(fit, j)
+        return quantized
+
+    sweep_columns(block, block_factor, resign)
+
+
+def _column(fit: ZoneFit, j: int) -> torch.Tensor:
+    """Column ``j`` of a zone's approximation (same operations as ``fit.approximation()``), without
+    building the whole block."""
+    value = fit.mean.clone()
+    for t in range(fit.order):
+        scale = fit.row_scales[t] if fit.column_scales is None else fit.row_scales[t] * fit.column_scales[t][j]
+        value = value + scale * (fit.signs[t][:, j].float() * 2 - 1)
+    return value * fit.mask[:, j].to(value.dtype)
 
 
 # ------------------------------------------------------------------------- batched scores for the searches

@@ -1,7 +1,7 @@
 """The mean-centred sign binarizer shared by BiLLM, ARB, W(1+1) and XNOR-style RTN.
 
 For a mask ``M`` and order ``k``, each row is binarized on its masked entries only (BiLLM's
-``high_order_residual``, research notes section 3.2):
+``high_order_residual`` in the reference implementation):
 
     r <- W on M
     repeat k times:

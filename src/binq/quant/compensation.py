@@ -3,7 +3,7 @@
 With ``U`` the upper inverse-Hessian factor and a block ``[s, e)`` quantized to ``Q_b``, the OBS-optimal
 error is ``E = (W_b - Q_b) U_bb^-1`` (a triangular solve; exactly what GPTQ's column loop produces when
 ``Q_b`` is fixed up front) and the rest of the matrix moves by ``W[:, e:] -= E U[s:e, e:]``. BiLLM and
-ARB use the diagonal approximation ``E = (W_b - Q_b) / diag(U_bb)`` (research notes section 3.3).
+ARB use the diagonal approximation ``E = (W_b - Q_b) / diag(U_bb)``, as BiLLM's reference implementation does.
 """
 
 from __future__ import annotations

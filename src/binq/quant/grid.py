@@ -1,4 +1,4 @@
-"""GPTQ's uniform min-max grid (research notes section 2.4), shared by GPTQ and b-bit RTN."""
+"""GPTQ's uniform min-max grid (the reference implementation's), shared by GPTQ and b-bit RTN."""
 
 from __future__ import annotations
 

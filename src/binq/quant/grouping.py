@@ -1,9 +1,9 @@
-"""Dynamic grouping of magnitudes (MSB, arXiv 2509.03054; research notes section 5): objective and solvers.
+"""Dynamic grouping of magnitudes (MSB, Zheng et al., arXiv 2509.03054): objective and solvers.
 
 A unit of weights (a tensor, a row, or a 64-element row block) is split into groups of contiguous runs
 of its sorted magnitudes ``a``; each weight is rebuilt as ``sign(w) * mean(a in its group)``. The cost
-of a partition is ``sum_G |G| Var(a in G) + lambda / |G|`` (Eq. of section 5.2: the squared error of the
-XNOR scale plus a penalty on small groups). With the normalized variant (the reference's ``-ln``) the
+of a partition is ``sum_G |G| Var(a in G) + lambda / |G|`` (the paper's objective: the squared error of
+the XNOR scale plus a penalty on small groups). With the normalized variant (the reference's ``-ln``) the
 error term is divided by ``n`` and ``lambda`` depends on the candidate group (see :func:`segment_costs`).
 
 Solvers, all on ascending magnitudes with exact zeros already removed (they stay zero, outside any group):
@@ -16,7 +16,7 @@ Solvers, all on ascending magnitudes with exact zeros already removed (they stay
 - :func:`refine_boundaries`: local optimisation of a partition's boundaries (our reading of WGM-LO).
 
 Prefix sums are float64: the reference's float32 sums over millions of weights lose the variance to
-cancellation (research notes 5.8).
+cancellation.
 """
 
 from __future__ import annotations
@@ -211,8 +211,8 @@ def refine_boundaries(
     normalized: bool = False,
     max_sweeps: int = 1000,
 ) -> np.ndarray:
-    """Local optimisation of a partition (our reading of WGM-LO, research notes B.5: the paper's definition
-    could not be read): move each inner boundary, its neighbours held, to the position that minimises the
+    """Local optimisation of a partition (our reading of WGM-LO: the paper's definition could not be
+    read): move each inner boundary, its neighbours held, to the position that minimises the
     two adjacent groups' joint cost; sweep until no boundary moves (or ``max_sweeps``).
 
     Every accepted move lowers the objective, so the result is never worse than the start (WGM's

@@ -1,6 +1,6 @@
 """From an accumulated Hessian to the factor GPTQ-style methods use: dead columns, damping, Cholesky.
 
-``H = 2 X X^T / tokens`` is the Hessian of ``||W X - Q X||^2`` (research notes section 2.2). The
+``H = 2 X X^T / tokens`` is the Hessian of ``||W X - Q X||^2`` in each row of ``Q`` (GPTQ's objective). The
 methods use ``U = chol_upper((H + lambda I)^-1)`` with ``lambda = percdamp * mean(diag H)``.
 """
 

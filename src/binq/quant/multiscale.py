@@ -12,7 +12,7 @@ listed exact zeros are 0. Stored tensors:
 - ``zero_positions``: int32 flat indices of the exact zeros (only when there are any).
 
 So a per-tensor ``g = 32`` weight stores about 6 bits per weight, not the "1.007" of the first version
-of the paper, which counted the signs and scales but not the index (research notes 5.5).
+of the paper, which counted the signs and scales but not the index (the reference prints ``(16 g + n) / n``).
 """
 
 from __future__ import annotations
@@ -177,6 +177,7 @@ def _positive_int(metadata: dict[str, Any], key: str) -> int:
 
 
 def _positive_pair(shape: Any) -> tuple[int, int]:
-    if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(v, int) and v > 0 for v in shape)):
+    # type(v) is int: a JSON true is not a size, although Python's bool is an int.
+    if not (isinstance(shape, list) and len(shape) == 2 and all(type(v) is int and v > 0 for v in shape)):
         raise BinqError(f"metadata 'shape' must be [rows, cols] of positive integers, got {shape!r}")
     return shape[0], shape[1]

@@ -1,4 +1,4 @@
-"""Vectorized searches shared by the binarization methods: quantiles from one sort, salient columns, splits."""
+"""Vectorized searches shared by the binarization methods: saliency, one-sort quantiles, salient columns, splits."""
 
 from __future__ import annotations
 
@@ -14,6 +14,20 @@ _CANDIDATE_CHUNK = 8
 
 # BiLLM's split candidates: the quantiles 0.10, 0.11, ..., 0.90 (81 of them).
 BILLM_SPLIT_QUANTILES = torch.linspace(0.10, 0.90, 81, dtype=torch.float64)
+
+
+# What the searches of BiLLM and ARB can run on: the Hessian saliency or the weights themselves.
+SALIENT_METRICS = ("hessian", "magnitude")
+# Columns whose factor diagonal is this small would blow the saliency up: clamp it.
+_MIN_FACTOR_DIAGONAL = 1e-8
+
+
+def block_saliency(block: torch.Tensor, factor_diagonal: torch.Tensor, salient_metric: str) -> torch.Tensor:
+    """The matrix BiLLM's searches run on (the reference searches on it, not on ``W``): the saliency
+    ``W^2 / U_jj^2`` (``hessian``, ``U_jj`` the block's factor diagonal) or ``W`` itself (``magnitude``)."""
+    if salient_metric == "hessian":
+        return block.square() / factor_diagonal.clamp_min(_MIN_FACTOR_DIAGONAL).square().unsqueeze(0)
+    return block
 
 
 def sorted_quantiles(values: torch.Tensor, quantiles: torch.Tensor) -> torch.Tensor:
@@ -106,7 +120,7 @@ def split_search(
 def salient_split_search(
     metric: torch.Tensor, salient_mask: torch.Tensor, quantiles: torch.Tensor = BILLM_SPLIT_QUANTILES
 ) -> torch.Tensor:
-    """ARB's CGB break-point inside the salient columns (research notes 4.5).
+    """ARB's CGB break-point inside the salient columns (ARB-LLM's column-group bitmap, Eq. 14).
 
     Candidates are quantiles of the *non-zero* ``|metric|`` inside the salient columns; each splits them
     into two parts binarized with order 2 (BiLLM's residual), scored on ``metric``. Returns the break-point

@@ -304,7 +304,9 @@ class BinaryWeight(QuantizedWeight):
     def from_packed(cls, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> BinaryWeight:
         rows, cols = _metadata_shape(metadata)
         block_size = _metadata_int(metadata, "block_size")
-        salient_groups = bool(metadata.get("salient_groups", False))
+        salient_groups = metadata.get("salient_groups", False)
+        if not isinstance(salient_groups, bool):
+            raise BinqError(f"metadata 'salient_groups' must be true or false, got {salient_groups!r}")
         _unexpected_tensors(
             tensors,
             {
@@ -342,6 +344,8 @@ class BinaryWeight(QuantizedWeight):
                 salient_column_scales = require_tensor(
                     tensors, "salient_column_scales", (n_salient, n_salient_zones), torch.float16
                 )
+        if "salient_column_scales" in tensors and salient_column_scales is None:  # never silently ignored
+            raise BinqError("tensor 'salient_column_scales' needs 'column_scales' and salient columns")
         try:
             return cls(
                 signs=signs, scales=scales, block_size=block_size, means=means, group_bitmap=bitmap,
@@ -358,6 +362,54 @@ class BinaryWeight(QuantizedWeight):
         return (self.numel + residual) / self.numel
 
 
+@dataclass
+class BinaryPlanes:
+    """A :class:`BinaryWeight` being filled in block by block, on the working device and in its dtype.
+
+    Every plane starts at zero (False); a method writes the columns and blocks it fits, then
+    :meth:`finish` stores what its layout has (scales and means rounded to fp16, on the CPU).
+    """
+
+    signs: torch.Tensor  # bool (rows, cols)
+    group_bitmap: torch.Tensor  # bool (rows, cols)
+    residual_signs: torch.Tensor  # bool (rows, cols); only the salient columns are stored
+    salient_columns: torch.Tensor  # bool (cols,)
+    scales: torch.Tensor  # (rows, blocks, zones)
+    means: torch.Tensor  # (rows, blocks, zones)
+
+    @classmethod
+    def zeros(cls, weight: torch.Tensor, block_size: int, zones: int) -> BinaryPlanes:
+        """Empty planes for ``weight`` (rows, cols) in blocks of ``block_size`` columns."""
+        rows, cols = weight.shape
+        signs = torch.zeros(rows, cols, dtype=torch.bool, device=weight.device)
+        blocks = math.ceil(cols / block_size)
+        scales = torch.zeros(rows, blocks, zones, dtype=weight.dtype, device=weight.device)
+        return cls(
+            signs=signs,
+            group_bitmap=torch.zeros_like(signs),
+            residual_signs=torch.zeros_like(signs),
+            salient_columns=torch.zeros(cols, dtype=torch.bool, device=weight.device),
+            scales=scales,
+            means=torch.zeros_like(scales),
+        )
+
+    def finish(
+        self, block_size: int, means: bool = True, group_bitmap: bool = True, salient: bool = False, **layout: Any
+    ) -> BinaryWeight:
+        """The stored weight, with means, the group bitmap and the salient planes only where the layout
+        has them; ``layout`` passes the other fields of :class:`BinaryWeight` through."""
+        return BinaryWeight(
+            signs=self.signs.cpu(),
+            scales=self.scales.half().cpu(),
+            block_size=block_size,
+            means=self.means.half().cpu() if means else None,
+            group_bitmap=self.group_bitmap.cpu() if group_bitmap else None,
+            salient_columns=self.salient_columns.cpu() if salient else None,
+            residual_signs=self.residual_signs[:, self.salient_columns].cpu() if salient else None,
+            **layout,
+        )
+
+
 def _metadata_int(metadata: dict[str, Any], key: str) -> int:
     value = metadata.get(key)
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -367,7 +419,8 @@ def _metadata_int(metadata: dict[str, Any], key: str) -> int:
 
 def _metadata_shape(metadata: dict[str, Any]) -> tuple[int, int]:
     shape = metadata.get("shape")
-    if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(v, int) and v > 0 for v in shape)):
+    # type(v) is int: a JSON true is not a size, although Python's bool is an int.
+    if not (isinstance(shape, list) and len(shape) == 2 and all(type(v) is int and v > 0 for v in shape)):
         raise BinqError(f"metadata 'shape' must be [rows, cols] of positive integers, got {shape!r}")
     return shape[0], shape[1]
 
@@ -442,6 +495,9 @@ class UniformWeight(QuantizedWeight):
             if group_index.numel() and int(group_index.min()) < 0:
                 raise BinqError("tensor 'group_index' has negative entries")
             groups = int(group_index.max()) + 1 if group_index.numel() else 0
+            stored = tensors.get("scales")
+            if stored is not None and stored.dim() == 2 and stored.shape[1] < groups:
+                raise BinqError(f"tensor 'group_index' names group {groups - 1}, but 'scales' holds {stored.shape[1]}")
         else:
             groups = math.ceil(cols / group_size)
         scales = require_tensor(tensors, "scales", (rows, groups), torch.float16)

@@ -1,4 +1,4 @@
-"""Two-group binarization, the weight side of W(1+1) (research notes papers-w1a1x4-msb.md, spec A1).
+"""Two-group binarization, the weight side of W(1+1) (our reconstruction of Song et al., ACL Findings 2025).
 
 Each row of a column block is approximated by one of four levels: weight ``j`` gets a group
 ``g_j`` in {0, 1} (the stored group bit) and a sign ``s_j``, and stands for ``mu_g + a_g * s_j``.
