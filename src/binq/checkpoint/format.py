@@ -12,7 +12,6 @@ A checkpoint is a Hugging Face model folder (docs/FORMAT.md is the full specific
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Any
 
 from binq.errors import BinqError
@@ -84,9 +83,14 @@ def build_activations_config(
     }
 
 
+def _is_int(value: Any) -> bool:
+    """A JSON integer (``true`` is not one, although Python's bool is an int)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _is_ratio(value: Any) -> bool:
     number = isinstance(value, int | float) and not isinstance(value, bool)
-    return number and math.isfinite(value) and 0 < value <= 1
+    return number and 0 < value <= 1  # NaN fails the comparison; math.isfinite would overflow on a huge int
 
 
 def check_activations(config: dict[str, Any], modules: dict[str, Any]) -> dict[str, ActivationQuantizer]:
@@ -105,7 +109,7 @@ def check_activations(config: dict[str, Any], modules: dict[str, Any]) -> dict[s
     if unknown:
         raise BinqError(f"{where} has unknown field '{unknown[0]}' (written by a newer binq?)")
     bits = entry.get("bits")
-    if not (isinstance(bits, int) and not isinstance(bits, bool) and 2 <= bits <= 8):
+    if not (_is_int(bits) and 2 <= bits <= 8):
         raise BinqError(f"{where}: 'bits' must be an integer in [2, 8], got {bits!r}")
     sym = entry.get("sym")
     if not isinstance(sym, bool):
@@ -143,8 +147,8 @@ def check_quantization_config(config: dict[str, Any]) -> dict[str, tuple[str, di
     if config.get("quant_method") != QUANT_METHOD:
         raise BinqError(f"quantization_config has quant_method {config.get('quant_method')!r}, expected 'binq'")
     version = config.get("format_version")
-    if version != FORMAT_VERSION:
-        hint = "upgrade binq" if isinstance(version, int) and version > FORMAT_VERSION else "re-quantize the model"
+    if not _is_int(version) or version != FORMAT_VERSION:  # true and 1.0 equal 1 in Python, not in the format
+        hint = "upgrade binq" if _is_int(version) and version > FORMAT_VERSION else "re-quantize the model"
         raise BinqError(
             f"checkpoint format version {version!r} is not supported (this binq reads version {FORMAT_VERSION}); {hint}"
         )
@@ -153,12 +157,14 @@ def check_quantization_config(config: dict[str, Any]) -> dict[str, tuple[str, di
         raise BinqError("quantization_config has no 'modules' table")
     parsed = {}
     for name, entry in modules.items():
+        if not name:
+            raise BinqError("quantization_config names a module with an empty name")
         well_formed = isinstance(entry, dict) and isinstance(entry.get("layout"), str)
         if not (well_formed and isinstance(entry.get("metadata"), dict)):
             raise BinqError(f"quantization_config module '{name}' needs a 'layout' string and a 'metadata' object")
         layout_class(entry["layout"])  # an unknown layout fails here, naming the known ones
         shape = entry["metadata"].get("shape")
-        if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(v, int) and v > 0 for v in shape)):
+        if not (isinstance(shape, list) and len(shape) == 2 and all(_is_int(v) and v > 0 for v in shape)):
             raise BinqError(f"quantization_config module '{name}' has no valid metadata 'shape' (got {shape!r})")
         parsed[name] = (entry["layout"], entry["metadata"])
     check_activations(config, parsed)

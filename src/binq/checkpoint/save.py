@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
+import os
+import stat
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -78,6 +81,20 @@ def _activations_entry(model: nn.Module, weights: dict[str, QuantizedWeight], pl
     return build_activations_config(quantizers, plan.config.smooth, plan.smoothed_producers)
 
 
+def _umask_mode(file: Path) -> int:
+    """Create ``file`` empty as ``open`` would (mode ``0o666 & ~umask``) and return that mode.
+
+    Creating the file reads the umask without ``os.umask``, which would change it for a moment for
+    every thread of the process. A file left by an interrupted save is replaced: it keeps its old mode.
+    """
+    file.unlink(missing_ok=True)
+    descriptor = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        return stat.S_IMODE(os.fstat(descriptor).st_mode)
+    finally:
+        os.close(descriptor)
+
+
 def save_checkpoint(
     model: nn.Module,
     weights: dict[str, QuantizedWeight],
@@ -109,7 +126,10 @@ def save_checkpoint(
     tensors.update(_quantized_tensors(model, weights, dtype))
     path = out / WEIGHTS_FILE
     partial = out / (WEIGHTS_FILE + ".partial")
+    mode = _umask_mode(partial)
     save_file(tensors, str(partial), metadata={"format": "pt"})
+    with contextlib.suppress(OSError):  # a file system without modes keeps its own
+        partial.chmod(mode)  # safetensors writes 0600 whatever the umask; the other files follow the umask
     partial.replace(path)  # a crash mid-write never leaves a file that looks complete
 
     config = copy.deepcopy(model.config)

@@ -68,13 +68,26 @@ class BinqConfig(QuantizationConfigMixin):
         if activations is not None:  # absent from checkpoints without an activation plan
             self.activations = activations
         for key, value in extra.items():  # fields of a later minor revision, kept on save
+            if not key.isidentifier() or hasattr(type(self), key) or key in _DERIVED:
+                raise BinqError(f"quantization_config has a field '{key}' that would replace one of the config's own")
             setattr(self, key, value)
         self.parsed_modules = check_quantization_config(self.to_dict())
         self.parsed_activations = check_activations(self.to_dict(), self.parsed_modules)
 
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs: Any) -> Any:
+        """transformers' constructor from config.json (``cls(**config_dict)``), refusing keys Python would."""
+        if "self" in config_dict:  # cls(**config_dict) would fail with a TypeError before __init__ runs
+            raise BinqError("quantization_config has a field 'self' that would replace one of the config's own")
+        return super().from_dict(config_dict, return_unused_kwargs, **kwargs)
+
     def to_dict(self) -> dict[str, Any]:
-        data = {k: v for k, v in self.__dict__.items() if k not in ("parsed_modules", "parsed_activations")}
+        data = {k: v for k, v in self.__dict__.items() if k not in _DERIVED}
         return {k: (v.value if hasattr(v, "value") else v) for k, v in data.items()}
+
+
+# BinqConfig's attributes computed from the others (never read from, or written to, config.json).
+_DERIVED = ("parsed_modules", "parsed_activations")
 
 
 def _read_headers(checkpoint_files: list[str] | None) -> tuple[dict[str, TensorEntry], str]:
@@ -122,15 +135,36 @@ def replace_linears(
 
 
 def check_stored_tensors(model: nn.Module, entries: dict[str, TensorEntry], file: str) -> None:
-    """Every state-dict tensor of the (already converted) model is stored with its shape, tied ones aside."""
+    """The file stores exactly the (already converted) model's state dict, tied tensors once.
+
+    Each tensor with its shape, a floating-point one as floating point (the loader would cast integers
+    into it); a stored tensor the model does not have means the file and config.json disagree.
+    """
     tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
-    for name, tensor in model.state_dict().items():
+    state = model.state_dict()
+    for name, tensor in state.items():
         entry = entries.get(name)
         if entry is None:
             if name not in tied:
                 raise BinqError(f"tensor '{name}' is missing from {file}")
         elif tuple(entry.shape) != tuple(tensor.shape):
             raise BinqError(f"tensor '{name}' has shape {entry.shape} in {file}, expected {tuple(tensor.shape)}")
+        elif tensor.is_floating_point() and not entry.dtype.is_floating_point:
+            raise BinqError(f"tensor '{name}' is stored as {entry.dtype} in {file}, expected a floating-point dtype")
+    unknown = sorted(set(entries) - set(state))
+    if unknown:
+        raise BinqError(f"tensor '{unknown[0]}' in {file} is not a tensor of this model")
+
+
+def check_smoothed_producers(model: nn.Module, activations: dict[str, Any] | None) -> None:
+    """The modules an activation plan's channel smoothing changed are modules of the model."""
+    for name in (activations or {}).get("smoothed_producers", []):
+        try:
+            model.get_submodule(name)
+        except AttributeError:
+            raise BinqError(
+                f"quantization_config activations: smoothed_producers names '{name}', which the model does not have"
+            ) from None
 
 
 def validate_loaded(model: nn.Module) -> None:
@@ -165,6 +199,7 @@ class BinqHfQuantizer(HfQuantizer):
         entries, file = _read_headers(kwargs.get("checkpoint_files"))
         replace_linears(model, self.quantization_config.parsed_modules, entries, file)
         check_stored_tensors(model, entries, file)
+        check_smoothed_producers(model, getattr(self.quantization_config, "activations", None))
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         validate_loaded(model)

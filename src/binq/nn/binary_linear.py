@@ -31,8 +31,10 @@ from binq.quant.structured import QuantizedWeight, layout_class
 if TYPE_CHECKING:
     from binq.activations.int4 import ActivationQuantizer
 
-# Names a layout's tensor must not take: they are the module's own attributes or the bias.
+# Names a layout's tensor must not take: they are the module's own attributes or the bias (nn.Module's
+# attributes, such as forward or training, are refused too).
 _RESERVED = {"bias", "weight", "in_features", "out_features", "layout", "weight_metadata", "packed_names"}
+_RESERVED |= {"cache_weight", "activation_quantizer", "_dense_cache", "_kernel_state"}
 
 
 class BinaryLinear(nn.Module):
@@ -50,9 +52,10 @@ class BinaryLinear(nn.Module):
         shape = metadata.get("shape")
         if not (isinstance(shape, list | tuple) and len(shape) == 2):
             raise ValueError(f"metadata needs 'shape' [out_features, in_features], got {shape!r}")
-        clash = sorted(set(packed) & _RESERVED)
+        clash = sorted(n for n in packed if n in _RESERVED or not n.isidentifier() or hasattr(self, n))
         if clash:
-            raise ValueError(f"layout {layout!r} uses reserved tensor name(s) {', '.join(clash)}")
+            names = ", ".join(map(repr, clash))
+            raise ValueError(f"layout {layout!r} names tensor(s) {names}: reserved, or not a Python identifier")
         self.out_features, self.in_features = int(shape[0]), int(shape[1])
         self.layout = layout
         self.weight_metadata = dict(metadata)
