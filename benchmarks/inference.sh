@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The inference-speed runs behind docs/BENCHMARKS.md "Inference" and the README's speed table.
+# The inference-speed runs behind docs/BENCHMARKS.md "Inference" and the README's speed table: makes the
+# checkpoints, benches them into runs/bench/, copies the JSON files to docs/reports/bench/ and regenerates the tables.
 # Run with nothing else on the machine: each `binq bench` measures its engines one after another, in their
 # own processes, with the same threads. The checkpoints are quick-protocol runs of the embedded SmolLM2.
 set -euo pipefail
@@ -20,4 +21,6 @@ $B bench --model runs/ckpt/arb-group --against original,original-hf,bf16,llamacp
 for name in billm w11 gptq2 gptq4-act w11a4; do
     $B bench --model "runs/ckpt/$name" --against original --threads 2 --json "runs/bench/$name.json"
 done
-python benchmarks/inference_tables.py runs/bench/*.json
+PYTHON=${PYTHON:-.venv/bin/python}
+"$PYTHON" benchmarks/tables.py --collect runs/bench
+"$PYTHON" benchmarks/tables.py

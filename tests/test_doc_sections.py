@@ -1,10 +1,11 @@
-"""The doc-section writer the benchmark scripts share: replace in place, append when new, idempotent."""
+"""The doc-section writer and reader the table script uses: replace in place, append when new, idempotent."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from binq.report import markdown_grid, write_section
+from binq.tables import section_body
 
 
 def test_markdown_grid() -> None:
@@ -23,3 +24,15 @@ def test_write_section_replaces_only_its_section(tmp_path: Path) -> None:
     assert "<!-- end one -->\n\n<!-- begin two -->" in text  # a blank line after each section
     write_section(doc, "one", "first, again")
     assert doc.read_text() == text  # rewriting the same content changes nothing
+
+
+def test_section_body_reads_what_write_section_wrote(tmp_path: Path) -> None:
+    doc = tmp_path / "doc.md"
+    doc.write_text("# Title\n\nprose\n")
+    write_section(doc, "one", "| a |\n\nmore text\n\n")
+    write_section(doc, "two", "second")
+    text = doc.read_text()
+    assert section_body(text, "one") == "| a |\n\nmore text"  # the body, trailing blank lines stripped
+    assert section_body(text, "two") == "second"
+    assert section_body(text, "three") is None
+    assert section_body("<!-- begin one -->\n<!-- end one -->\n", "one") == ""

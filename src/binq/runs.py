@@ -79,9 +79,9 @@ RUNS: tuple[Run, ...] = (
     _q("msb-hessian g8", "--method", "msb-hessian", "--groups", "8"),
     _q("msb-hessian block g4", "--method", "msb-hessian", "--granularity", "block", "--groups", "4"),
     # W(1+1) and W(1+1)A(1x4) (issue 5): the defaults, then the ablations of docs/W11.md.
-    _q("w11", "--method", "w11", description="the defaults (diag importance)"),
-    _q("w11 a4", "--method", "w11", "--act-bits", "4", description="W(1+1)A(1x4), the defaults (smooth auto)"),
-    _q("w11 obs", *_W11_OBS, description="obs importance (the default before diag)"),
+    _q("w11", "--method", "w11", description="the defaults: diag importance"),
+    _q("w11 a4", "--method", "w11", "--act-bits", "4", description="W(1+1)A(1x4) with the defaults"),
+    _q("w11 obs", *_W11_OBS, description="obs importance, the default before diag"),
     _q("w11 obs init median", *_W11_OBS, "--init", "median"),
     _q("w11 obs init salience", *_W11_OBS, "--init", "salience"),
     _q("w11 obs offsets", *_W11_OBS, "--offsets"),

@@ -1,0 +1,728 @@
+"""Every generated table of README.md and docs/*.md, rendered from the committed reports.
+
+The reports live in the repository: ``docs/reports/quick/<slug>.json`` (``report.json`` of a quick-protocol
+``binq quantize`` run of the catalogue, ``binq.runs``) and ``docs/reports/bench/<name>.json`` (the
+records of one ``binq bench --json`` run). ``collect`` copies finished runs there; ``regenerate`` rewrites
+every section between ``<!-- begin NAME -->`` and ``<!-- end NAME -->`` from them; ``stale_sections``
+says which committed sections differ from what the reports give. Nothing here runs a model: every
+number in a section is read from a report, and each section names the command of each of its rows.
+
+``benchmarks/tables.py`` is the command line.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from binq.report import REPORT_SCHEMA, comparison_rows, extra_bit_line, markdown_grid, write_section
+from binq.runs import CATALOGUE, DEMO_DEFAULT, Run, get_run, run_command, same_run
+
+QUICK_DIR = Path("docs/reports/quick")
+BENCH_DIR = Path("docs/reports/bench")
+MIB = 2**20
+COMMAND = "python benchmarks/tables.py"
+# Where the not-rerun commands of the tables write (the folder `--collect` reads by default).
+CATALOGUE_OUT = Path("runs/catalogue")
+MODEL = "smollm2-135m"
+
+Report = dict[str, Any]
+BenchFile = tuple[str, list[dict[str, Any]]]
+
+
+@dataclass
+class Reports:
+    """The committed reports: quick-protocol quantize reports by label, and the bench files by name."""
+
+    quick: dict[str, Report] = field(default_factory=dict)
+    bench: list[BenchFile] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading and collecting
+
+
+def load_reports(root: Path) -> Reports:
+    """Read ``docs/reports`` under ``root``; a quick report must be the catalogue's run of its file name."""
+    reports = Reports()
+    for path in sorted((root / QUICK_DIR).glob("*.json")):
+        report = json.loads(path.read_text(encoding="utf-8"))
+        label = report.get("label")
+        if label not in CATALOGUE or CATALOGUE[label].slug != path.stem:
+            raise ValueError(f"{path}: label {label!r} is not the catalogue run of slug {path.stem!r}")
+        if not same_run(report["command"], label):
+            raise ValueError(
+                f"{path}: its command is not the catalogue's run {label!r}: {shlex.join(report['command'])}"
+            )
+        reports.quick[label] = report
+    for path in sorted((root / BENCH_DIR).glob("*.json")):
+        reports.bench.append((path.stem, json.loads(path.read_text(encoding="utf-8"))))
+    return reports
+
+
+def slim_report(report: Report, source: str, quiet_machine: bool) -> Report:
+    """The committed form of a report: without the per-layer records (their count kept), plus a ``collected`` note.
+
+    Dropped: ``layers`` (one record per linear) and ``extra_bits.layers`` (per-linear side figures);
+    every figure the tables use (bits, eval, times, memory, versions, machine, command) is kept as written.
+    """
+    slim = {key: value for key, value in report.items() if key != "layers"}
+    collected: dict[str, Any] = {"source": source, "layers_dropped": len(report.get("layers", []))}
+    extra = report.get("extra_bits")
+    if extra and "layers" in extra:
+        slim["extra_bits"] = {key: value for key, value in extra.items() if key != "layers"}
+        collected["extra_bits_layers_dropped"] = len(extra["layers"])
+    collected["quiet_machine"] = quiet_machine
+    slim["collected"] = collected
+    return slim
+
+
+def _is_bench(records: Any) -> bool:
+    return isinstance(records, list) and bool(records) and all(isinstance(r, dict) and "kind" in r for r in records)
+
+
+def collect(source: Path, root: Path, quiet_machine: bool = False) -> list[str]:
+    """Copy the finished runs under ``source`` into ``root/docs/reports``; one message per file considered.
+
+    ``source/<slug>/report.json`` of a catalogue run (same command, quick protocol) goes to
+    ``docs/reports/quick/<slug>.json`` (see ``slim_report``); ``source/<name>.json`` holding ``binq bench``
+    records goes to ``docs/reports/bench/<name>.json`` unchanged. ``quiet_machine`` records that the
+    runs had the machine to themselves (their times are then stated as comparable).
+    """
+    messages = []
+    for path in sorted(source.glob("*/report.json")):
+        report = json.loads(path.read_text(encoding="utf-8"))
+        label = report.get("label")
+        if report.get("schema") != REPORT_SCHEMA:
+            messages.append(f"skipped {path}: not a {REPORT_SCHEMA} report")
+        elif label not in CATALOGUE:
+            messages.append(f"skipped {path}: label {label!r} is not in the catalogue (binq.runs)")
+        elif not same_run(report["command"], label):
+            messages.append(f"skipped {path}: not the catalogue's command for {label!r}")
+        elif "--quick" not in report["command"]:
+            messages.append(f"skipped {path}: only quick-protocol reports have tables")
+        else:
+            target = root / QUICK_DIR / f"{CATALOGUE[label].slug}.json"
+            _write_json(target, slim_report(report, str(path), quiet_machine))
+            messages.append(f"{path} -> {target.relative_to(root)}")
+    for path in sorted(source.glob("*.json")):
+        records = json.loads(path.read_text(encoding="utf-8"))
+        if not _is_bench(records):
+            messages.append(f"skipped {path}: not a list of binq bench records")
+            continue
+        target = root / BENCH_DIR / path.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)
+        messages.append(f"{path} -> {target.relative_to(root)}")
+    return messages
+
+
+def _write_json(path: Path, value: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Number formatting and the pieces every quality section shares
+
+
+def fmt_ppl(value: float | None) -> str:
+    """Perplexities span 10 to 1e9: two decimals below 10^4, three significant digits above."""
+    if value is None:
+        return "-"
+    return f"{value:.2f}" if value < 1e4 else f"{value:.3g}"
+
+
+def fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def mean_kl(report: Report) -> float | None:
+    values = [e["kl"] for e in report["eval"].values()]
+    return None if not values or any(v is None for v in values) else sum(values) / len(values)
+
+
+def protocol_of(report: Report) -> tuple:
+    """What makes two runs' figures comparable: calibration windows and each evaluation's windows."""
+    calibration = report["calibration"]
+    windows = tuple((name, e["protocol"]["windows"], e["protocol"]["seqlen"]) for name, e in report["eval"].items())
+    return calibration["source"], calibration["nsamples"], calibration["seqlen"], report["seed"], windows
+
+
+def frontier(reports: Sequence[Report]) -> list[bool]:
+    """True where no other run stores at most as many linear bits with a lower mean KL."""
+    bits = [r["storage_bits"]["linear"] for r in reports]
+    kl = [mean_kl(r) for r in reports]
+    return [
+        kl[i] is not None
+        and not any(bits[j] <= bits[i] and kl[j] is not None and kl[j] < kl[i] for j in range(len(reports)) if j != i)
+        for i in range(len(reports))
+    ]
+
+
+def _cmd(command: Sequence[str]) -> str:
+    return f"`{shlex.join(command)}`"
+
+
+def not_rerun_command(run: Run) -> list[str]:
+    """The command that would make a run's report where ``--collect`` looks by default."""
+    return run_command(run.label, MODEL, "cpu", False, CATALOGUE_OUT)
+
+
+def _grouped(reports: Sequence[Report], key: Callable[[Report], Any], describe: Callable[[Report], str]) -> list[str]:
+    """One description per distinct ``key``; with several, each names its rows."""
+    groups: dict[Any, list[Report]] = {}
+    for report in reports:
+        groups.setdefault(key(report), []).append(report)
+    if len(groups) == 1:
+        return [describe(reports[0])]
+    return [f"{', '.join(r['label'] for r in rows)}: {describe(rows[0])}" for rows in groups.values()]
+
+
+def _dates(reports: Sequence[Report]) -> str:
+    days = sorted({r["created"][:10] for r in reports})
+    return days[0] if len(days) == 1 else f"{days[0]} to {days[-1]}"
+
+
+def _environment(report: Report) -> str:
+    versions = ", ".join(f"{k} {v}" for k, v in report["versions"].items())
+    machine = report["machine"]
+    threads = machine.get("cpu_threads")
+    device = f", {machine['cuda_device']}" if machine.get("cuda_device") else ""
+    return (
+        f"{versions}; {machine.get('platform', '?')} ({machine.get('processor', '?')}{device}), "
+        f"{threads} torch thread{'s' if threads != 1 else ''}"
+    )
+
+
+def _environment_key(report: Report) -> tuple:
+    machine = report["machine"]
+    return (
+        tuple(report["versions"].items()),
+        machine.get("platform"),
+        machine.get("processor"),
+        machine.get("cpu_threads"),
+        machine.get("cuda_device"),
+    )
+
+
+def _protocol_text(report: Report) -> str:
+    calibration = report["calibration"]
+    evaluations = "; ".join(
+        f"`{name}` first {e['protocol']['windows']} of {e['protocol']['windows_available']} windows of "
+        f"{e['protocol']['seqlen']} tokens"
+        for name, e in report["eval"].items()
+    )
+    return (
+        f"calibration {calibration['nsamples']} x {calibration['seqlen']} tokens of `{calibration['source']}`, "
+        f"seed {report['seed']}; evaluation {evaluations}; evaluation dtype {report['model']['dtype']}"
+    )
+
+
+def _provenance(reports: Sequence[Report], timed: bool) -> list[str]:
+    """Where the rows come from: report files, dates, versions, machine, threads, protocol, timing caveat."""
+    files = ", ".join(f"`{(QUICK_DIR / (CATALOGUE[r['label']].slug + '.json')).as_posix()}`" for r in reports)
+    lines = [
+        f"Generated by `{COMMAND}` from the committed reports {files}; made {_dates(reports)} (UTC) with "
+        + "; ".join(_grouped(reports, _environment_key, _environment))
+        + ".",
+        "Protocol: " + "; ".join(_grouped(reports, protocol_of, _protocol_text)) + ". "
+        "KL is KL(original ‖ quantized) per token, in nats.",
+    ]
+    if timed:
+        shared = [r for r in reports if not r.get("collected", {}).get("quiet_machine", False)]
+        totals = [r["time_s"]["total"] for r in reports]
+        timing = (
+            "`quantize time` is the engine alone (capture, Hessians, the method, block re-runs); each run's whole "
+            f"command (model loading and both evaluations included) took {min(totals):.0f}-{max(totals):.0f} s."
+        )
+        if shared:
+            threads = sorted({r["machine"].get("cpu_threads") for r in shared}, key=str)
+            which = "These runs" if len(shared) == len(reports) else ", ".join(r["label"] for r in shared)
+            count = "/".join(str(t) for t in threads)
+            timing += (
+                f" {which} were made with {count} torch thread{'' if threads == [1] else 's'}"
+                + (" (`OMP_NUM_THREADS=1`)" if threads == [1] else "")
+                + " on a CPU shared with development work: their times are not comparable with a quiet "
+                "machine's, nor exactly between rows. Peak memory is each run's own process and is meaningful."
+            )
+        lines.append(timing)
+    return [part for line in lines for part in (line, "")][:-1]
+
+
+def _footer(reports: Sequence[Report], missing: Sequence[Run], timed: bool) -> list[str]:
+    lines: list[str] = []
+    if missing:
+        lines += ["Not rerun in this environment (no committed report; left out of the table):", ""]
+        lines += [f"- {run.label}: {_cmd(not_rerun_command(run))}{_eval_note(run)}" for run in missing]
+        lines.append("")
+    if reports:
+        lines += ["Commands, one per row (each report's `command`):", ""]
+        lines += [f"- {r['label']}: {_cmd(r['command'])}" for r in reports]
+        lines += ["", *_provenance(reports, timed)]
+    return lines
+
+
+def _eval_note(run: Run) -> str:
+    return "" if run.writes_report else " (`binq eval` writes no report.json, so this row cannot be tabled yet)"
+
+
+def _split(reports: Reports, labels: Sequence[str]) -> tuple[list[Report], list[Run]]:
+    present = [reports.quick[label] for label in labels if label in reports.quick]
+    missing = [get_run(label) for label in labels if label not in reports.quick]
+    return present, missing
+
+
+def _no_rows() -> list[str]:
+    return ["No report of these runs is committed yet.", ""]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Quality sections
+
+
+def quality_section(reports: Reports, labels: Sequence[str]) -> str:
+    """The comparison ``binq demo`` prints (bits, model size, PPL and KL per text, time, memory), as Markdown."""
+    present, missing = _split(reports, labels)
+    lines = [] if present else _no_rows()
+    if present:
+        lines += [markdown_grid(*comparison_rows(present)), ""]
+        extra = [r for r in present if r.get("extra_bits")]
+        if extra:
+            lines += ["Side bit figures of some layouts (not what is stored; the storage column is):", ""]
+            lines += [f"- {r['label']}: {extra_bit_line(r['extra_bits'])}" for r in extra]
+            lines.append("")
+    lines += _footer(present, missing, timed=True)
+    return "\n".join(lines)
+
+
+def _compact_header(sets: Sequence[str]) -> list[str]:
+    return ["method", "storage bits linear", "compute bits", *(f"PPL {s}" for s in sets), "mean KL"]
+
+
+def _compact_cells(report: Report, sets: Sequence[str], name: str) -> list[str]:
+    return [
+        name,
+        f"{report['storage_bits']['linear']:.3f}",
+        f"{report['compute_bits']:.3f}",
+        *(fmt_ppl(report["eval"][s]["ppl"]) for s in sets),
+        fmt(mean_kl(report), ".3f"),
+    ]
+
+
+def _original_cells(report: Report, sets: Sequence[str]) -> list[str]:
+    original = report["bits_original"]["linear"]
+    return [
+        "original",
+        f"{original['storage_bits']:.0f}",
+        f"{original['compute_bits']:.0f}",
+        *(fmt_ppl(report["eval"][s]["ppl_original"]) for s in sets),
+        "0",
+    ]
+
+
+def _named(report: Report) -> str:
+    description = CATALOGUE[report["label"]].description
+    return f"{report['label']} ({description})" if description else report["label"]
+
+
+def compact_section(reports: Reports, labels: Sequence[str]) -> str:
+    """Storage bits, compute bits, PPL per text and the mean KL of the texts, in the given order."""
+    present, missing = _split(reports, labels)
+    lines = [] if present else _no_rows()
+    if present:
+        sets = list(present[0]["eval"])
+        rows = [_original_cells(present[0], sets)] + [_compact_cells(r, sets, _named(r)) for r in present]
+        lines += [markdown_grid(_compact_header(sets), rows), ""]
+    lines += _footer(present, missing, timed=False)
+    return "\n".join(lines)
+
+
+def _weight_only(run: Run) -> bool:
+    return run.writes_report and "--act-bits" not in run.options
+
+
+def frontier_section(reports: Reports, only_frontier: bool = False) -> str:
+    """Every weight-only run of one protocol, sorted by stored linear bits, the frontier in bold.
+
+    With ``only_frontier`` (the README's short form), the frontier rows only, and the runs not rerun
+    are counted, not listed.
+    """
+    candidates = [r for label, r in reports.quick.items() if _weight_only(CATALOGUE[label])]
+    if not candidates:
+        return "\n".join(_no_rows() + _footer([], [r for r in CATALOGUE.values() if _weight_only(r)], timed=False))
+    protocol = protocol_of(candidates[0])
+    other = [r["label"] for r in candidates if protocol_of(r) != protocol]
+    ordered = sorted(
+        (r for r in candidates if protocol_of(r) == protocol),
+        key=lambda r: (r["storage_bits"]["linear"], r["label"]),
+    )
+    best = frontier(ordered)
+    sets = list(ordered[0]["eval"])
+    header = [*_compact_header(sets), "frontier"]
+    rows = [[*_original_cells(ordered[0], sets), ""]]
+    shown = []
+    for report, on in zip(ordered, best, strict=True):
+        if only_frontier and not on:
+            continue
+        name = f"**{_named(report)}**" if on and not only_frontier else _named(report)
+        rows.append([*_compact_cells(report, sets, name), "yes" if on else ""])
+        shown.append(report)
+    if only_frontier:
+        header, rows = header[:-1], [row[:-1] for row in rows]
+    lines = [
+        markdown_grid(header, rows),
+        "",
+        "Sorted by the stored bits of the linear layers; "
+        + (
+            "the runs no other committed run beats with at most as many stored bits (lower mean KL of the two texts)."
+            if only_frontier
+            else "**bold** = on the frontier (no other run stores at most as many bits with a lower mean KL of "
+            "the two texts). Compute bits use BiLLM's convention for every binary layout (signs only; a group "
+            "bitmap is not counted)."
+        ),
+        "",
+    ]
+    if other:
+        lines += [f"Left out (another protocol): {', '.join(other)}.", ""]
+    missing = [run for label, run in CATALOGUE.items() if _weight_only(run) and label not in reports.quick]
+    if only_frontier:
+        if missing:
+            lines += [
+                f"{len(missing)} weight-only runs of the catalogue are not rerun in this environment; the whole "
+                "table in docs/BENCHMARKS.md lists them with their commands.",
+                "",
+            ]
+        lines += ["Commands, one per row (each report's `command`):", ""]
+        lines += [f"- {r['label']}: {_cmd(r['command'])}" for r in shown]
+        lines += ["", *_provenance(shown, timed=False)]
+    else:
+        lines += _footer(ordered, missing, timed=False)
+    return "\n".join(lines)
+
+
+def _activations(report: Report) -> str:
+    act = report.get("activations")
+    if not act:
+        return "fp"
+    config = act["config"]
+    grid = "sym" if config.get("sym") else "asym"
+    return (
+        f"INT{config['bits']} {grid}, smooth {config.get('smooth')}, clip {config.get('clip')} "
+        f"({act['storage_bits']:.3f} bits)"
+    )
+
+
+def w11_section(reports: Reports, labels: Sequence[str]) -> str:
+    """W(1+1) and W(1+1)A(1x4) runs beside their references: weights, activations, PPL, KL, time."""
+    present, missing = _split(reports, labels)
+    lines = [] if present else _no_rows()
+    if present:
+        sets = list(present[0]["eval"])
+        header = ["run", "what", "activations", "weight storage bits", *(f"PPL {s}" for s in sets)]
+        header += [*(f"KL {s}" for s in sets), "quantize time", "peak memory"]
+        rows = [
+            [
+                r["label"],
+                CATALOGUE[r["label"]].description,
+                _activations(r),
+                f"{r['storage_bits']['linear']:.3f}",
+                *(fmt_ppl(r["eval"][s]["ppl"]) for s in sets),
+                *(fmt(r["eval"][s]["kl"], ".3f") for s in sets),
+                f"{r['time_s']['quantize']:.0f} s",
+                f"{r['peak_memory_bytes'] / MIB:,.0f} MiB",
+            ]
+            for r in present
+        ]
+        original = ["original", "", "fp", "16", *(fmt_ppl(present[0]["eval"][s]["ppl_original"]) for s in sets)]
+        original += ["0" for _ in sets] + ["-", "-"]
+        lines += [markdown_grid(header, [original, *rows]), ""]
+        lines += [
+            "For a run with INT4 activations, KL is to the model with the original weights and full-precision "
+            "activations.",
+            "",
+        ]
+    lines += _footer(present, missing, timed=True)
+    return "\n".join(lines)
+
+
+def sizes_section(reports: Reports, labels: Sequence[str]) -> str:
+    """What each run's checkpoint stores: bits per linear and per model weight, bytes of the data section."""
+    present, missing = _split(reports, labels)
+    lines = [] if present else _no_rows()
+    if present:
+        bits_original = present[0]["bits_original"]
+        original = bits_original["model"]
+        header = ["method", "storage bits, linears", "storage bits, model", "data bytes", "MiB", "of original"]
+        rows = [
+            [
+                f"original (fp{bits_original['other_parameters_bits']})",
+                f"{bits_original['linear']['storage_bits']:.0f}",
+                f"{original['storage_bits']:.0f}",
+                f"{original['storage_bytes']:,.0f}",
+                f"{original['storage_bytes'] / MIB:.1f}",
+                "100 %",
+            ]
+        ]
+        for r in present:
+            model = r["bits"]["model"]
+            rows.append(
+                [
+                    r["label"],
+                    f"{r['storage_bits']['linear']:.3f}",
+                    f"{r['storage_bits']['model']:.3f}",
+                    f"{model['storage_bytes']:,.0f}",
+                    f"{model['storage_bytes'] / MIB:.1f}",
+                    f"{100 * model['storage_bytes'] / original['storage_bytes']:.1f} %",
+                ]
+            )
+        lines += [markdown_grid(header, rows), ""]
+    lines += _footer(present, missing, timed=False)
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Inference sections (binq bench records)
+
+
+def _engines(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {r["engine"]: r for r in records if r.get("kind") == "engine"}
+
+
+def _ratio(value: float | None, anchor: float | None) -> str:
+    return "-" if not value or not anchor else f"{value / anchor:.2f}x"
+
+
+def _mib(value: float | None) -> float | None:
+    return None if value is None else value / MIB
+
+
+def _added_rss(record: dict[str, Any]) -> float | None:
+    """Peak resident set minus the process's after its imports, before the model: what the model costs."""
+    peak, baseline = record.get("peak_rss_bytes"), record.get("baseline_rss_bytes")
+    return None if peak is None or baseline is None else peak - baseline
+
+
+def _bench_made_by(files: list[BenchFile]) -> str:
+    names = ", ".join(f"`{(BENCH_DIR / (name + '.json')).as_posix()}`" for name, _ in files)
+    commands = sorted({r["command"] for _, records in files for r in records if r.get("command")})
+    record = next(r for _, records in files for r in records if r.get("kind") == "engine")
+    machine = record["machine"]
+    versions = ", ".join(f"{k} {v}" for k, v in record["versions"].items())
+    dates = sorted({r.get("date", "?") for _, records in files for r in records})
+    return (
+        f"Generated by `{COMMAND}` from the committed bench files {names}, written by:\n\n"
+        + "\n".join(f"    {command}" for command in commands)
+        + f"\n\n{machine['cpu_count']}-core {machine['processor']} CPU ({machine['platform']}), binq CPU kernels: "
+        f"{machine.get('binq_cpu_kernels', '?')}, {record['threads']} threads in every engine; {versions}; "
+        f"{', '.join(dates)}."
+    )
+
+
+def _no_bench() -> str:
+    return f"No bench file is committed yet (`{BENCH_DIR.as_posix()}`; `benchmarks/inference.sh` makes them)."
+
+
+def decode_section(reports: Reports) -> str:
+    """Every engine of every bench file: memory, prefill, decode, its ratio to the file's fp32 engine."""
+    if not reports.bench:
+        return _no_bench()
+    header = ["checkpoint", "engine", "weights", "weights in memory MiB", "kernel re-packing MiB", "prefill tok/s"]
+    header += ["decode tok/s", "decode vs fp32", "peak RSS MiB", "RSS added by the model MiB", "note"]
+    rows = []
+    for name, records in reports.bench:
+        engines = _engines(records)
+        anchor = engines.get("original", {}).get("decode_tokens_per_s")
+        for engine, r in engines.items():
+            rows.append(
+                [
+                    name, engine, r["format"], fmt(_mib(r.get("model_bytes")), ",.1f"),
+                    fmt(_mib(r.get("kernel_bytes")), ",.1f"), fmt(r.get("prefill_tokens_per_s"), ".0f"),
+                    fmt(r.get("decode_tokens_per_s"), ".1f"),
+                    _ratio(r.get("decode_tokens_per_s"), anchor), fmt(_mib(r.get("peak_rss_bytes")), ",.0f"),
+                    fmt(_mib(_added_rss(r)), ",.0f"), (r.get("note") or "").replace("|", "/")[:90],
+                ]
+            )  # fmt: skip
+    return markdown_grid(header, rows) + "\n\n" + _bench_made_by(reports.bench)
+
+
+def gemv_section(reports: Reports) -> str:
+    """Per checkpoint and linear shape, binq's GEMV beside the same shape in torch fp32 (M = 1)."""
+    if not reports.bench:
+        return _no_bench()
+    header = ["checkpoint", "out x in", "layers", "binq kernel", "binq µs", "fp32 µs", "speed-up"]
+    rows = []
+    for name, records in reports.bench:
+        engines = _engines(records)
+        if "binq" not in engines or "original" not in engines:
+            continue
+        fp32 = {tuple(g["shape"]): g["median_us"] for g in engines["original"]["gemv"]}
+        for g in engines["binq"]["gemv"]:
+            shape = tuple(g["shape"])
+            rows.append(
+                [
+                    name, f"{shape[0]}x{shape[1]}", str(g["count"]), g["kernel"], f"{g['median_us']:.0f}",
+                    fmt(fp32.get(shape), ".0f"), _ratio(fp32.get(shape), g["median_us"]),
+                ]
+            )  # fmt: skip
+    return markdown_grid(header, rows) + "\n\n" + _bench_made_by(reports.bench)
+
+
+def gemv_7b_section(reports: Reports) -> str:
+    """``binq bench --gemv``: every layout on 7B-shaped matrices."""
+    found = [(name, r) for name, records in reports.bench for r in records if r.get("kind") == "gemv-microbenchmark"]
+    if not found:
+        return "No committed bench file has the `--gemv` micro-benchmark yet."
+    header = ["out x in", "form", "path", "bits/weight", "µs", "x vs torch fp32", "x vs torch bf16"]
+    rows = [
+        [
+            f"{r['shape'][0]}x{r['shape'][1]}", r["form"], r["kernel"], fmt(r.get("storage_bits"), ".3f"),
+            f"{r['median_us']:.0f}", fmt(r.get("speedup_vs_fp32"), ".2f"), fmt(r.get("speedup_vs_bf16"), ".2f"),
+        ]
+        for _, record in found
+        for r in record.get("results", [])
+    ]  # fmt: skip
+    files = [(name, records) for name, records in reports.bench if any(name == n for n, _ in found)]
+    return markdown_grid(header, rows) + "\n\n" + _bench_made_by(files)
+
+
+def readme_speed_section(reports: Reports) -> str:
+    """One row per checkpoint: binq's decode beside torch fp32 and llama.cpp's fastest, same threads."""
+    if not reports.bench:
+        return _no_bench()
+    header = ["checkpoint", "decode tok/s", "vs torch fp32", "vs fastest llama.cpp", "weights in memory MiB"]
+    header += ["RSS added by the model MiB", "checkpoint file MiB"]
+    rows = []
+    for name, records in reports.bench:
+        engines = _engines(records)
+        binq = engines.get("binq")
+        if binq is None or binq.get("decode_tokens_per_s") is None:
+            continue
+        llama = [r for n, r in engines.items() if n.startswith("llamacpp") and r.get("decode_tokens_per_s")]
+        fastest = max(llama, key=lambda r: r["decode_tokens_per_s"]) if llama else None
+        versus_llama = "-"
+        if fastest is not None:
+            versus_llama = (
+                f"{_ratio(binq['decode_tokens_per_s'], fastest['decode_tokens_per_s'])} ({fastest['format']})"
+            )
+        rows.append(
+            [
+                name, f"{binq['decode_tokens_per_s']:.1f}",
+                _ratio(binq["decode_tokens_per_s"], engines.get("original", {}).get("decode_tokens_per_s")),
+                versus_llama, fmt(_mib(binq.get("model_bytes")), ",.1f"), fmt(_mib(_added_rss(binq)), ",.0f"),
+                fmt(_mib(binq.get("file_bytes")), ",.1f"),
+            ]
+        )  # fmt: skip
+    return markdown_grid(header, rows) + "\n\n" + _bench_made_by(reports.bench)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The sections and the docs they live in
+
+GPTQ_ROWS = ("gptq 1-bit g128", "gptq 2-bit g128", "gptq 3-bit g128", "gptq 4-bit g128")
+QUALITY_ROWS = ("rtn 1-bit", *GPTQ_ROWS, "billm")
+README_ARB_ROWS = ("rtn 1-bit g128", "arb-group g128", "arb-llm-rc", "arb-llm-x", "arb-llm-x intra")
+ARB_ROWS = (
+    "rtn 1-bit g128", "arb-group g128", "arb", "arb-x", "arb-llm-x", "arb-llm-x intra", "arb-rc", "arb-llm-rc",
+)  # fmt: skip
+ARB_ORDER_ROWS = ("billm", "arb", "arb-rc", "arb-x", "arb-llm-rc", "arb-llm-x")
+MSB_ROWS = (
+    "gptq 2-bit g128", "gptq 3-bit g128", "gptq 4-bit g128", "msb g2", "msb g4", "msb g4 lo", "msb g8", "msb g8 lo",
+    "msb g16", "msb g16 lo", "msb g32", "msb g32 lo", "msb block g4", "msb-hessian g8",
+)  # fmt: skip
+W11_ROWS = (
+    "gptq 2-bit g128", "billm", "arb-llm-rc", "w11", "w11 a4", "w11 obs", "w11 obs init median",
+    "w11 obs init salience", "w11 obs offsets", "w11 obs no em", "w11 importance review", "w11 obs a4",
+    "w11 obs a4 smooth", "w11 obs a4 token", "w11 obs a4 sym", "w11 obs a4 noclip", "gptq 2-bit g128 a4",
+    "w16 a4", "w16 a4 smooth",
+)  # fmt: skip
+SIZE_ROWS = (
+    *QUALITY_ROWS, "rtn 1-bit g128", "arb-group g128", "arb-llm-rc", "arb-llm-x", "w11", "msb g32", "msb g32 lo",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Section:
+    """One generated section: the doc it lives in, its marker name, what renders it and which runs it shows."""
+
+    doc: str
+    name: str
+    render: Callable[[Reports], str]
+    labels: tuple[str, ...] = ()  # the catalogue runs of its rows (quality.py runs them by section name)
+
+
+def _quality(labels: tuple[str, ...]) -> Callable[[Reports], str]:
+    return lambda reports: quality_section(reports, labels)
+
+
+def _compact(labels: tuple[str, ...]) -> Callable[[Reports], str]:
+    return lambda reports: compact_section(reports, labels)
+
+
+_WEIGHT_ONLY = tuple(label for label, run in CATALOGUE.items() if _weight_only(run))
+
+SECTIONS: tuple[Section, ...] = (
+    Section("README.md", "results", _quality(DEMO_DEFAULT), DEMO_DEFAULT),
+    Section("README.md", "results-arb", _quality(README_ARB_ROWS), README_ARB_ROWS),
+    Section("README.md", "results-frontier", lambda r: frontier_section(r, only_frontier=True), _WEIGHT_ONLY),
+    Section("README.md", "inference-speed", readme_speed_section),
+    Section("docs/BENCHMARKS.md", "quality", _quality(QUALITY_ROWS), QUALITY_ROWS),
+    Section("docs/BENCHMARKS.md", "arb-quality", _quality(ARB_ROWS), ARB_ROWS),
+    Section("docs/BENCHMARKS.md", "arb-order", _compact(ARB_ORDER_ROWS), ARB_ORDER_ROWS),
+    Section("docs/BENCHMARKS.md", "msb-quality", _quality(MSB_ROWS), MSB_ROWS),
+    Section("docs/BENCHMARKS.md", "bits-frontier", frontier_section, _WEIGHT_ONLY),
+    Section("docs/BENCHMARKS.md", "inference-decode", decode_section),
+    Section("docs/BENCHMARKS.md", "inference-gemv", gemv_section),
+    Section("docs/BENCHMARKS.md", "inference-gemv-7b", gemv_7b_section),
+    Section("docs/W11.md", "w11-quality", lambda r: w11_section(r, W11_ROWS), W11_ROWS),
+    Section("docs/MSB.md", "msb-summary", _compact(MSB_ROWS), MSB_ROWS),
+    Section("docs/FORMAT.md", "format-sizes", lambda r: sizes_section(r, SIZE_ROWS), SIZE_ROWS),
+)
+
+
+def get_section(name: str) -> Section:
+    for section in SECTIONS:
+        if section.name == name:
+            return section
+    raise KeyError(f"unknown section {name!r} (sections: {', '.join(s.name for s in SECTIONS)})")
+
+
+def section_body(text: str, name: str) -> str | None:
+    """The text between a section's markers (as ``write_section`` wrote it), or None without the markers."""
+    begin, end = f"<!-- begin {name} -->", f"<!-- end {name} -->"
+    if begin not in text:
+        return None
+    rest = text.split(begin, 1)[1]
+    if end not in rest:
+        return None
+    return rest.split(end, 1)[0].removeprefix("\n").removesuffix("\n")
+
+
+def render_all(root: Path) -> dict[tuple[str, str], str]:
+    """Every section's body, rendered from the reports committed under ``root``, by (doc, name)."""
+    reports = load_reports(root)
+    return {(s.doc, s.name): s.render(reports).rstrip() for s in SECTIONS}
+
+
+def stale_sections(root: Path) -> list[str]:
+    """``doc#name`` of every section whose committed text differs from its rendering (or has no markers)."""
+    stale = []
+    for (doc, name), body in render_all(root).items():
+        path = root / doc
+        text = path.read_text(encoding="utf-8") if path.is_file() else ""
+        if section_body(text, name) != body:
+            stale.append(f"{doc}#{name}")
+    return stale
+
+
+def regenerate(root: Path) -> list[str]:
+    """Rewrite every section from the committed reports; the ``doc#name`` of those that changed."""
+    changed = stale_sections(root)
+    for (doc, name), body in render_all(root).items():
+        write_section(root / doc, name, body)
+    return changed

@@ -1,0 +1,289 @@
+"""The generated tables: the committed docs equal what the committed reports give, and the rendering rules.
+
+No model runs here: the unit tests use small synthetic report dicts, the first tests the files in
+docs/reports/ and the committed README.md and docs/*.md.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from binq.runs import CATALOGUE, DEMO_DEFAULT, DEMO_RUNS, RUNS, demo_command, run_command, same_run, slug
+from binq.tables import (
+    QUICK_DIR,
+    SECTIONS,
+    Reports,
+    collect,
+    compact_section,
+    fmt_ppl,
+    frontier,
+    frontier_section,
+    load_reports,
+    quality_section,
+    regenerate,
+    section_body,
+    stale_sections,
+    w11_section,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The committed docs and reports
+
+
+def test_committed_sections_equal_their_reports() -> None:
+    """Fails when a generated number was edited by hand, or a report was added without regenerating."""
+    stale = stale_sections(ROOT)
+    assert not stale, f"regenerate with `python benchmarks/tables.py`: {stale}"
+
+
+def test_committed_reports_are_catalogue_runs() -> None:
+    reports = load_reports(ROOT)  # raises on a report that is not its file's catalogue run
+    for label, report in reports.quick.items():
+        assert same_run(report["command"], label)
+        assert "--quick" in report["command"]
+        assert "layers" not in report and report["collected"]["layers_dropped"] > 0
+    for name, records in reports.bench:
+        assert records and all("kind" in r and "command" in r for r in records), name
+
+
+def test_every_section_has_its_markers_once() -> None:
+    for section in SECTIONS:
+        text = (ROOT / section.doc).read_text(encoding="utf-8")
+        assert text.count(f"<!-- begin {section.name} -->") == 1, section
+        assert text.count(f"<!-- end {section.name} -->") == 1, section
+        assert all(label in CATALOGUE for label in section.labels), section
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The catalogue
+
+
+def test_catalogue_commands() -> None:
+    assert run_command("gptq 2-bit g128", "smollm2-135m", "cpu", False, Path("runs/x")) == [
+        "binq", "quantize", "--model", "smollm2-135m", "--method", "gptq", "--bits", "2", "--group-size", "128",
+        "--label", "gptq 2-bit g128", "--device", "cpu", "--out", "runs/x/gptq_2-bit_g128", "--quick",
+    ]  # fmt: skip
+    assert run_command("w16 a4", "m", "cuda", True, Path("o")) == [
+        "binq", "eval", "--model", "m", "--act-bits", "4", "--smooth", "none", "--device", "cuda",
+    ]  # fmt: skip
+    assert demo_command is run_command
+    assert set(DEMO_DEFAULT) <= set(DEMO_RUNS) and "w16 a4" not in DEMO_RUNS
+    assert slug("arb-llm-x intra") == "arb-llm-x_intra"
+    assert len({run.slug for run in RUNS}) == len(RUNS)
+    assert not any("|" in run.label + run.description for run in RUNS)  # both land in Markdown cells
+    with pytest.raises(KeyError, match="unknown run"):
+        run_command("nope", "m", "cpu", False, Path("o"))
+
+
+def test_same_run_ignores_where_and_how_it_printed() -> None:
+    command = run_command("billm", "smollm2-135m", "cpu", False, Path("runs/demo"))
+    assert same_run(command, "billm")
+    moved = [w if w != "runs/demo/billm" else "elsewhere/b" for w in command]
+    assert same_run([*moved, "--no-layer-table", "--no-progress", "--workers", "2"], "billm")
+    assert same_run(command[:-1], "billm")  # the full protocol is read from the command (collect refuses it)
+    assert not same_run([*command, "--intra-block"], "billm")
+    assert not same_run(command, "arb")
+    assert not same_run(command, "not in the catalogue")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Rendering, on synthetic reports
+
+
+def fake_report(
+    label: str,
+    storage: float = 1.0,
+    ppl: tuple[float, float] = (100.0, 200.0),
+    kl: tuple[float | None, float | None] = (1.0, 2.0),
+    transformers: str = "5.24.0",
+    quiet: bool = False,
+    **extra: Any,
+) -> dict[str, Any]:
+    """A report with the fields the tables read (the shape ``binq quantize`` writes, after --collect)."""
+    bits_block = {"parameters": 1000, "compute_bits": 1.0, "storage_bits": storage, "storage_bytes": storage * 125}
+    original = {"parameters": 1000, "compute_bits": 16.0, "storage_bits": 16.0, "storage_bytes": 2000.0}
+    sets = ("brit1911", "persuasion")
+    return {
+        "schema": "binq.report/1",
+        "label": label,
+        "created": "2026-11-30T01:00:00+00:00",
+        "command": [*run_command(label, "smollm2-135m", "cpu", False, Path("runs/catalogue")), "--no-progress"],
+        "model": {"spec": "smollm2-135m", "dtype": "float32"},
+        "calibration": {"source": "austen", "nsamples": 32, "seqlen": 512, "seed": 0, "tokens": 16384},
+        "seed": 0,
+        "bits": {"linear": bits_block, "model": dict(bits_block), "other_parameters_bits": 16},
+        "bits_original": {"linear": original, "model": dict(original), "other_parameters_bits": 16},
+        "compute_bits": 1.0,
+        "storage_bits": {"linear": storage, "model": storage},
+        "eval": {
+            name: {
+                "protocol": {"text": name, "seqlen": 512, "windows": 16, "windows_available": 171},
+                "ppl": p,
+                "ppl_original": 30.0,
+                "kl": k,
+            }
+            for name, p, k in zip(sets, ppl, kl, strict=True)
+        },
+        "time_s": {"quantize": 10.0, "eval": 5.0, "total": 20.0},
+        "peak_memory_bytes": 2**30,
+        "versions": {"binq": "0.1.0", "transformers": transformers},
+        "machine": {"platform": "Linux-test", "processor": "x86_64", "cpu_threads": 1},
+        "collected": {"source": "runs/catalogue/x/report.json", "layers_dropped": 3, "quiet_machine": quiet},
+        **extra,
+    }
+
+
+def test_ppl_format() -> None:
+    assert fmt_ppl(29.228159) == "29.23"
+    assert fmt_ppl(7385.149) == "7385.15"
+    assert fmt_ppl(11523.0) == "1.15e+04"
+    assert fmt_ppl(5.71e9) == "5.71e+09"
+    assert fmt_ppl(None) == "-"
+
+
+def test_frontier_marks_runs_no_cheaper_run_beats() -> None:
+    reports = [
+        fake_report("arb-group g128", 1.1, kl=(5.0, 5.0)),
+        fake_report("rtn 1-bit g128", 1.1, kl=(9.0, 9.0)),  # same bits, worse: off
+        fake_report("gptq 2-bit g128", 2.2, kl=(7.0, 7.0)),  # more bits, worse than 1.1: off
+        fake_report("gptq 3-bit g128", 3.2, kl=(1.0, 1.0)),
+        fake_report("msb g32", 6.0, kl=(1.0, 1.0)),  # ties the cheaper run, is not beaten strictly: on
+        fake_report("msb g2", 2.0, kl=(None, 1.0)),  # no KL: never on it, beats nobody
+    ]
+    assert frontier(reports) == [True, False, False, True, True, False]
+
+
+def test_frontier_section_bolds_and_sorts() -> None:
+    reports = Reports(
+        quick={
+            "gptq 3-bit g128": fake_report("gptq 3-bit g128", 3.163, ppl=(85.63, 74.54), kl=(1.0, 1.0)),
+            "arb-group g128": fake_report("arb-group g128", 1.135, ppl=(11500.0, 7385.15), kl=(6.0, 5.0)),
+            "arb-llm-x": fake_report("arb-llm-x", 3.694, ppl=(191.32, 141.78), kl=(2.0, 1.5)),
+            "w11 a4": fake_report("w11 a4", 2.271, kl=(0.1, 0.1), activations={"config": {}, "storage_bits": 4.0}),
+        }
+    )
+    text = frontier_section(reports)
+    lines = [line for line in text.splitlines() if line.startswith("| ")]
+    assert lines[1].startswith("| original | 16 | 16 | 30.00 | 30.00 | 0 |")
+    assert lines[2] == "| **arb-group g128 (Q1_0's form)** | 1.135 | 1.000 | 1.15e+04 | 7385.15 | 5.500 | yes |"
+    assert lines[3].startswith("| **gptq 3-bit g128** | 3.163 |") and lines[3].endswith("| yes |")
+    assert lines[4] == "| arb-llm-x (arb-x + CGB) | 3.694 | 1.000 | 191.32 | 141.78 | 1.750 |  |"
+    assert "w11 a4" not in text.split("Not rerun")[0]  # simulated activations are another axis
+    assert "- billm: `binq quantize --model smollm2-135m --method billm" in text  # not rerun: listed
+    short = frontier_section(reports, only_frontier=True)
+    assert "arb-llm-x" not in short.split("Commands")[0] and "gptq 3-bit g128" in short
+    assert "weight-only runs of the catalogue are not rerun" in short
+
+
+def test_missing_report_is_listed_as_not_rerun() -> None:
+    reports = Reports(quick={"rtn 1-bit": fake_report("rtn 1-bit", 1.023, ppl=(5.27e5, 4.76e5))})
+    text = quality_section(reports, ("rtn 1-bit", "billm"))
+    table, rest = text.split("Not rerun in this environment", 1)
+    assert "| rtn 1-bit | 1.000 | 1.023 |" in table and "5.27e+05" in table and "billm" not in table
+    assert (
+        "- billm: `binq quantize --model smollm2-135m --method billm --label billm --device cpu "
+        "--out runs/catalogue/billm --quick`" in rest
+    )
+    assert "- rtn 1-bit: `binq quantize --model smollm2-135m --method rtn --bits 1 --label 'rtn 1-bit'" in rest
+    assert "`docs/reports/quick/rtn_1-bit.json`" in rest and "transformers 5.24.0" in rest and "2026-11-30" in rest
+    assert "1 torch thread (`OMP_NUM_THREADS=1`) on a CPU shared with development work" in rest
+    nothing = quality_section(Reports(), ("billm",))
+    assert nothing.startswith("No report of these runs is committed yet.") and "| " not in nothing
+
+
+def test_timing_note_only_for_shared_machines_and_environments_grouped() -> None:
+    quiet = Reports(quick={"billm": fake_report("billm", quiet=True)})
+    assert "shared with development work" not in quality_section(quiet, ("billm",))
+    mixed = Reports(quick={"billm": fake_report("billm"), "arb": fake_report("arb", transformers="5.23.0", quiet=True)})
+    text = quality_section(mixed, ("billm", "arb"))
+    assert "billm: binq 0.1.0, transformers 5.24.0" in text and "arb: binq 0.1.0, transformers 5.23.0" in text
+    assert "billm were made with 1 torch thread" in text
+
+
+def test_compact_and_w11_sections() -> None:
+    reports = Reports(
+        quick={
+            "billm": fake_report("billm", 3.179, ppl=(2.08e4, 1.19e4), kl=(6.776, 5.968)),
+            "w11 obs a4": fake_report(
+                "w11 obs a4",
+                2.271,
+                activations={
+                    "config": {"bits": 4, "sym": False, "smooth": "none", "clip": "search"},
+                    "storage_bits": 4.035,
+                },
+            ),
+        }
+    )
+    compact = compact_section(reports, ("billm", "arb"))
+    assert "| billm | 3.179 | 1.000 | 2.08e+04 | 1.19e+04 | 6.372 |" in compact
+    assert "- arb: `binq quantize --model smollm2-135m --method arb --label arb" in compact
+    assert "quantize time" not in compact
+    w11 = w11_section(reports, ("billm", "w11 obs a4", "w16 a4"))
+    assert "| w11 obs a4 |  | INT4 asym, smooth none, clip search (4.035 bits) | 2.271 |" in w11
+    assert "| billm |  | fp | 3.179 |" in w11
+    assert "- w16 a4: `binq eval --model smollm2-135m --act-bits 4 --smooth none --device cpu --quick`" in w11
+    assert "`binq eval` writes no report.json" in w11
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Collect, regenerate, detect a hand edit: on a scratch repository
+
+
+def _write(path: Path, value: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(value))
+
+
+def test_collect_then_regenerate_then_detect_a_hand_edit(tmp_path: Path) -> None:
+    source, root = tmp_path / "runs", tmp_path / "repo"
+    good = fake_report("gptq 4-bit g128", 4.174, ppl=(39.95, 46.36), kl=(0.33, 0.26))
+    del good["collected"]
+    good["layers"] = [{"block": 0}, {"block": 1}]
+    good["extra_bits"] = {"linear": {"index_entropy_bits": 4.5}, "layers": {"a": {}, "b": {}, "c": {}}}
+    _write(source / "gptq_4-bit_g128" / "report.json", good)
+    _write(source / "stranger" / "report.json", {**good, "label": "not a catalogue run"})
+    _write(source / "billm" / "report.json", {**good, "label": "billm"})  # gptq's command under billm's label
+    full = {**good, "command": [w for w in good["command"] if w != "--quick"]}
+    _write(source / "gptq_4-bit_g128_full" / "report.json", full)
+    machine = {"platform": "Linux-test", "processor": "x86_64", "cpu_count": 2, "binq_cpu_kernels": "avx512"}
+    bench = [
+        {
+            "kind": "engine", "engine": engine, "format": engine, "threads": 2, "decode_tokens_per_s": speed,
+            "prefill_tokens_per_s": 500.0, "model_bytes": 2**20, "peak_rss_bytes": 2**29, "baseline_rss_bytes": 2**28,
+            "gemv": [{"shape": [4, 8], "count": 2, "kernel": "k", "median_us": us}], "machine": machine,
+            "versions": {"binq": "0.1.0"}, "command": "binq bench --model runs/ckpt/b --json runs/bench/b.json",
+            "date": "2026-11-30",
+        }
+        for engine, speed, us in (("binq", 100.0, 10.0), ("original", 20.0, 30.0))
+    ]  # fmt: skip
+    _write(source / "b.json", bench)
+    _write(source / "other.json", {"not": "bench"})
+    messages = collect(source, root)
+    assert sum("->" in m for m in messages) == 2 and sum(m.startswith("skipped") for m in messages) == 4
+    committed = json.loads((root / QUICK_DIR / "gptq_4-bit_g128.json").read_text())
+    assert "layers" not in committed and committed["collected"]["layers_dropped"] == 2
+    assert committed["extra_bits"] == {"linear": {"index_entropy_bits": 4.5}}
+    assert committed["collected"]["extra_bits_layers_dropped"] == 3 and committed["collected"]["quiet_machine"] is False
+    assert committed["eval"] == good["eval"] and committed["command"] == good["command"]
+    assert json.loads((root / "docs/reports/bench/b.json").read_text()) == bench
+
+    changed = regenerate(root)  # the docs do not exist yet: every section is appended to its doc
+    assert len(changed) == len(SECTIONS) and stale_sections(root) == []
+    readme = (root / "README.md").read_text()
+    assert "| gptq 4-bit g128 | 1.000 | 4.174 |" in section_body(readme, "results")
+    (root / "README.md").write_text(readme.replace("| 39.95 |", "| 40.33 |", 1))
+    assert stale_sections(root) == ["README.md#results"]
+    assert regenerate(root) == ["README.md#results"] and stale_sections(root) == []
+    assert section_body((root / "README.md").read_text(), "results") == section_body(readme, "results")
+    speed = section_body(readme, "inference-speed")
+    assert speed.startswith("| checkpoint | decode tok/s |") and "| b | 100.0 | 5.00x | - | 1.0 | 256 |" in speed
+    assert "    binq bench --model runs/ckpt/b --json runs/bench/b.json" in speed
+    gemv = section_body((root / "docs/BENCHMARKS.md").read_text(), "inference-gemv")
+    assert "| b | 4x8 | 2 | k | 10 | 30 | 3.00x |" in gemv
