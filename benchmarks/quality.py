@@ -8,7 +8,7 @@
 
 Each run writes ``OUT/<slug>/report.json`` and its checkpoint, its terminal output in ``OUT/<slug>.log``
 (each in its own process, so its peak memory is its own). A run whose report exists and was made by the
-same command is skipped. ``binq eval`` rows (fp weights) are skipped: they write no report.json. The
+same command is skipped (``binq eval`` rows, fp weights, write their report the same way). The
 tables are not touched here; afterwards:
 
     python benchmarks/tables.py --collect runs/catalogue && python benchmarks/tables.py
@@ -48,9 +48,6 @@ def main() -> int:
     for label in labels:
         run = CATALOGUE[label]
         command = run_command(label, args.model, args.device, args.full, out)
-        if not run.writes_report:
-            print(f"skipped {label}: `binq eval` writes no report.json ({shlex.join(command)})", flush=True)
-            continue
         report_file = out / run.slug / "report.json"
         if report_file.is_file() and same_run(json.loads(report_file.read_text())["command"], label):
             print(f"done already: {report_file}", flush=True)

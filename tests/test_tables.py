@@ -71,7 +71,8 @@ def test_catalogue_commands() -> None:
         "--label", "gptq 2-bit g128", "--device", "cpu", "--out", "runs/x/gptq_2-bit_g128", "--quick",
     ]  # fmt: skip
     assert run_command("w16 a4", "m", "cuda", True, Path("o")) == [
-        "binq", "eval", "--model", "m", "--act-bits", "4", "--smooth", "none", "--device", "cuda",
+        "binq", "eval", "--model", "m", "--act-bits", "4", "--smooth", "none", "--label", "w16 a4",
+        "--device", "cuda", "--out", "o/w16_a4",
     ]  # fmt: skip
     assert demo_command is run_command
     assert set(DEMO_DEFAULT) <= set(DEMO_RUNS) and "w16 a4" not in DEMO_RUNS
@@ -228,8 +229,10 @@ def test_compact_and_w11_sections() -> None:
     w11 = w11_section(reports, ("billm", "w11 obs a4", "w16 a4"))
     assert "| w11 obs a4 |  | INT4 asym, smooth none, clip search (4.035 bits) | 2.271 |" in w11
     assert "| billm |  | fp | 3.179 |" in w11
-    assert "- w16 a4: `binq eval --model smollm2-135m --act-bits 4 --smooth none --device cpu --quick`" in w11
-    assert "`binq eval` writes no report.json" in w11
+    assert (
+        "- w16 a4: `binq eval --model smollm2-135m --act-bits 4 --smooth none --label 'w16 a4' --device cpu "
+        "--out runs/catalogue/w16_a4 --quick`" in w11
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -19,14 +19,14 @@ class Run:
     label: str
     options: tuple[str, ...]
     description: str = ""
-    subcommand: str = "quantize"  # "eval" rows (fp weights, simulated activations) write no report.json
+    subcommand: str = "quantize"  # or "eval": fp weights, simulated activations (`binq eval --out` reports too)
 
     @property
     def slug(self) -> str:
         return slug(self.label)
 
     @property
-    def writes_report(self) -> bool:
+    def quantizes(self) -> bool:
         return self.subcommand == "quantize"
 
 
@@ -106,7 +106,7 @@ if len(CATALOGUE) != len(RUNS) or len({run.slug for run in RUNS}) != len(RUNS):
     raise RuntimeError("run labels and slugs must be unique")
 
 # The quantize runs by label, as `binq quantize` options (the names binq demo and quality.py use).
-DEMO_RUNS: dict[str, list[str]] = {run.label: list(run.options) for run in RUNS if run.writes_report}
+DEMO_RUNS: dict[str, list[str]] = {run.label: list(run.options) for run in RUNS if run.quantizes}
 # The main job's runs (binq demo without --only).
 DEMO_DEFAULT = ("rtn 1-bit", "gptq 1-bit g128", "gptq 2-bit g128", "gptq 4-bit g128", "billm")
 
@@ -124,17 +124,11 @@ def get_run(label: str) -> Run:
 
 
 def run_command(label: str, model: str, device: str, full: bool, out: Path) -> list[str]:
-    """The command line of one run: ``binq quantize`` writing to ``out/<slug>`` (quick protocol unless ``full``).
-
-    An ``eval`` run (no report) has no ``--label`` or ``--out``.
-    """
+    """The command line of one run: ``binq quantize`` (or ``binq eval``) writing its report to ``out/<slug>``
+    (quick protocol unless ``full``)."""
     run = get_run(label)
-    command = ["binq", run.subcommand, "--model", model, *run.options]
-    if run.writes_report:
-        command += ["--label", label]
-    command += ["--device", device]
-    if run.writes_report:
-        command += ["--out", str(out / run.slug)]
+    command = ["binq", run.subcommand, "--model", model, *run.options, "--label", label, "--device", device]
+    command += ["--out", str(out / run.slug)]
     return command if full else [*command, "--quick"]
 
 

@@ -259,17 +259,13 @@ def _footer(reports: Sequence[Report], missing: Sequence[Run], timed: bool) -> l
     lines: list[str] = []
     if missing:
         lines += ["Not rerun in this environment (no committed report; left out of the table):", ""]
-        lines += [f"- {run.label}: {_cmd(not_rerun_command(run))}{_eval_note(run)}" for run in missing]
+        lines += [f"- {run.label}: {_cmd(not_rerun_command(run))}" for run in missing]
         lines.append("")
     if reports:
         lines += ["Commands, one per row (each report's `command`):", ""]
         lines += [f"- {r['label']}: {_cmd(r['command'])}" for r in reports]
         lines += ["", *_provenance(reports, timed)]
     return lines
-
-
-def _eval_note(run: Run) -> str:
-    return "" if run.writes_report else " (`binq eval` writes no report.json, so this row cannot be tabled yet)"
 
 
 def _split(reports: Reports, labels: Sequence[str]) -> tuple[list[Report], list[Run]]:
@@ -344,7 +340,7 @@ def compact_section(reports: Reports, labels: Sequence[str]) -> str:
 
 
 def _weight_only(run: Run) -> bool:
-    return run.writes_report and "--act-bits" not in run.options
+    return run.quantizes and "--act-bits" not in run.options
 
 
 def frontier_section(reports: Reports, only_frontier: bool = False) -> str:
@@ -431,10 +427,10 @@ def w11_section(reports: Reports, labels: Sequence[str]) -> str:
                 r["label"],
                 CATALOGUE[r["label"]].description,
                 _activations(r),
-                f"{r['storage_bits']['linear']:.3f}",
+                f"{r['storage_bits']['linear']:.3f}" if "storage_bits" in r else "16 (fp)",
                 *(fmt_ppl(r["eval"][s]["ppl"]) for s in sets),
                 *(fmt(r["eval"][s]["kl"], ".3f") for s in sets),
-                f"{r['time_s']['quantize']:.0f} s",
+                f"{r['time_s']['quantize']:.0f} s" if "quantize" in r["time_s"] else "-",
                 f"{r['peak_memory_bytes'] / MIB:,.0f} MiB",
             ]
             for r in present
@@ -444,7 +440,7 @@ def w11_section(reports: Reports, labels: Sequence[str]) -> str:
         lines += [markdown_grid(header, [original, *rows]), ""]
         lines += [
             "For a run with INT4 activations, KL is to the model with the original weights and full-precision "
-            "activations.",
+            "activations; the fp-weight rows are `binq eval` runs (no quantize time).",
             "",
         ]
     lines += _footer(present, missing, timed=True)
