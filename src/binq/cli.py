@@ -103,7 +103,10 @@ def _base_parser() -> argparse.ArgumentParser:
     _add_protocol_options(quantize, calibration=True)
     quantize.add_argument("--method", required=True, help="quantization method (see `binq methods`)")
     quantize.add_argument(
-        "--out", default=None, help="output folder: report.json and the packed checkpoint (docs/FORMAT.md)"
+        "--out",
+        default=None,
+        help="output folder: report.json and the packed checkpoint (docs/FORMAT.md); progress is kept per block "
+        "in OUT/progress, and the same command run again after a kill resumes (docs/RESUME.md)",
     )
     quantize.add_argument("--label", default=None, help="name of this run in tables (default: method and bits)")
     quantize.add_argument("--hessian-dtype", default="float32", choices=("float32", "float64"))

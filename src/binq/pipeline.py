@@ -13,6 +13,10 @@ One run, in this order (``binq quantize`` is these calls plus printing):
 5. evaluate perplexity and KL to the original on each set, the original's weights swapped in per window;
 6. the report (docs/REPORT.md) and, with ``out``, ``report.json`` and the packed checkpoint.
 
+With ``out``, the run records its progress per block in ``out/progress`` and, when that folder holds a
+killed run of the same fingerprint, continues from its finished blocks to the same checkpoint
+(:mod:`binq.engine.resume`, docs/RESUME.md); the folder is deleted once the checkpoint is written.
+
 In a multi-process run (``torch.distributed`` initialised, e.g. by ``binq quantize`` under torchrun) every
 rank does steps 1-3 alike, quantizes its share (:mod:`binq.engine.distributed`), and rank 0 gathers the
 weights and does steps 5-6 alone (docs/DISTRIBUTED.md).
@@ -48,10 +52,11 @@ from binq.data import calibration_windows, describe_eval, evaluation_tokens
 from binq.engine import distributed
 from binq.engine.calibrate import EngineConfig, EngineResult, LayerRecord, quantize_model
 from binq.engine.independent import default_workers, quantize_independent
+from binq.engine.resume import RUN_FILE, SCHEMA, Progress, model_identity, progress_folder, windows_digest
 from binq.errors import BinqError
 from binq.evaluation import Protocol, WeightSwap, evaluate_perplexity
 from binq.methods import Method, get_method
-from binq.models import LoadedModel, get_architecture, load_model, named_linears, parameter_inventory
+from binq.models import LoadedModel, get_architecture, get_blocks, load_model, named_linears, parameter_inventory
 from binq.quant.structured import QuantizedWeight
 from binq.report import (
     REPORT_SCHEMA,
@@ -313,6 +318,11 @@ def quantize(
     ``on_layer`` sees each linear's record as it is made; ``command`` is what the report records as
     the command (the CLI passes its own; by default the equivalent ``binq quantize`` line).
 
+    With ``out``, finished blocks are recorded in ``out/progress`` as they are made; when that folder
+    holds a killed run with the same fingerprint (model, method and config, calibration, engine and
+    activation settings), this call continues from its finished blocks to a bit-identical checkpoint,
+    and otherwise refuses naming the field that differs (docs/RESUME.md).
+
     With ``torch.distributed`` initialised (N processes, e.g. under torchrun), each rank calibrates on
     ``windows[rank::N]`` and quantizes its share of the linears; rank 0 gathers the weights and records,
     evaluates and saves; the other ranks return their part (``result.rank`` > 0) without a report.
@@ -340,7 +350,41 @@ def quantize(
     if world > 1:  # each rank computes on its own GPU, cuda:LOCAL_RANK
         engine = dataclasses.replace(engine, device=distributed.rank_device(engine.device))
     world_size = {"world_size": world} if world > 1 else {}  # in the report's engine section
+    resume = None
+    if out is not None:
+        fingerprint = _fingerprint(model, method, config, calibration, engine, activations, world)
+        resume = _on_rank0(lambda: _open_progress(out, fingerprint, world, method.calibration_free))
+    try:
+        return _quantize(
+            model, method, config, calibration, evaluation, engine, activations, workers, out, label, progress,
+            on_layer, command, started, rank, world, world_size, resume,
+        )  # fmt: skip
+    finally:
+        if resume is not None:
+            resume.close()
 
+
+def _quantize(
+    model: str | LoadedModel,
+    method: Method,
+    config: Any,
+    calibration: CalibrationConfig,
+    evaluation: EvaluationConfig,
+    engine: EngineConfig,
+    activations: ActivationConfig,
+    workers: int | None,
+    out: str | Path | None,
+    label: str,
+    progress: bool,
+    on_layer: Callable[[LayerRecord], None] | None,
+    command: list[str] | None,
+    started: float,
+    rank: int,
+    world: int,
+    world_size: dict[str, int],
+    resume: Progress | None,
+) -> QuantizationResult:
+    """:func:`quantize` once its arguments are checked and its progress folder (``resume``) is open."""
     loaded = _load(model, engine.device)
     arch = get_architecture(loaded.model)
     inventory = parameter_inventory(loaded.model, arch)
@@ -352,12 +396,23 @@ def quantize(
             loaded.tokenizer, calibration.source, calibration.nsamples, calibration.seqlen, calibration.seed
         )
     eval_tokens = _evaluation_tokens(loaded, evaluation)
+    if out is not None and (world == 1 or not method.calibration_free):  # every rank joins rank 0's check
+
+        def start() -> None:  # the whole fingerprint, before smoothing changes the model
+            assert resume is not None
+            fingerprint = _fingerprint(model, method, config, calibration, engine, activations, world)
+            fingerprint["model"] |= model_identity(loaded.model, get_blocks(loaded.model, arch), loaded.path)
+            fingerprint["calibration"]["windows_sha256"] = windows_digest(windows)
+            fingerprint["info"] = {"model_path": loaded.path, "started": now_utc()}
+            resume.start(fingerprint)
+
+        _on_rank0(start)
     # Smoothing is folded into the fp model first: the weights are quantized, and kept for KL, smoothed.
     plan = calibrate_activations(loaded.model, arch, windows, activations, calibration.seed, progress)
     originals = {item.linear: item.linear.weight.data for item in named_linears(loaded.model, arch)}
 
     if world > 1:
-        engine_result = _quantize_share(loaded, arch, windows, method, config, engine, progress)
+        engine_result = _quantize_share(loaded, arch, windows, method, config, engine, progress, resume)
         gathered = distributed.gather_result(engine_result, loaded.model, arch, fill_weights=method.calibration_free)
         if gathered is None:  # not rank 0: its part is done
             return QuantizationResult(
@@ -368,9 +423,13 @@ def quantize(
             for record in engine_result.records:
                 on_layer(record)
     elif method.calibration_free:
-        engine_result = quantize_independent(loaded.model, arch, method, config, workers, on_layer, progress)
+        engine_result = quantize_independent(
+            loaded.model, arch, method, config, workers, on_layer, progress, resume=resume
+        )
     else:
-        engine_result = quantize_model(loaded.model, arch, windows, method, config, engine, on_layer, progress)
+        engine_result = quantize_model(
+            loaded.model, arch, windows, method, config, engine, on_layer, progress, resume=resume
+        )
 
     eval_started = time.perf_counter()
     with quantized_activations(loaded.model, arch, plan) as hooks:
@@ -414,12 +473,80 @@ def quantize(
     extra_bits = extra_bit_summary(engine_result.weights)
     if extra_bits:
         report["extra_bits"] = extra_bits
+    if resume is not None and resume.resumed_from is not None:
+        report["resumed_from_block"] = resume.resumed_from
     result = QuantizationResult(
         loaded, method, config, engine_result.weights, engine_result.records, evaluations, plan, report
     )
     if out is not None:
         log.info("wrote %s", result.save(out))
+        if resume is not None:
+            resume.remove()  # the checkpoint is whole: nothing left to resume
     return result
+
+
+def _fingerprint(
+    model: str | LoadedModel,
+    method: Method,
+    config: Any,
+    calibration: CalibrationConfig,
+    engine: EngineConfig,
+    activations: ActivationConfig,
+    world: int,
+) -> dict[str, Any]:
+    """What a run's progress must agree on to be resumed (``run.json``, docs/RESUME.md): the fields known
+    before the model is loaded (the pipeline adds the model's identity and the windows' hash)."""
+    from binq import __version__
+
+    return {
+        "schema": SCHEMA,
+        "model": {"spec": model if isinstance(model, str) else model.path},
+        "method": {"name": method.name, "config": dataclasses.asdict(config)},
+        "calibration": dataclasses.asdict(calibration),
+        "engine": {
+            "path": "independent" if method.calibration_free else "engine",
+            "device": torch.device(engine.device).type,  # cuda:0 and cuda:1 compute alike
+            "hessian_dtype": engine.hessian_dtype,
+            "true_sequential": engine.true_sequential,
+            "world_size": world,
+        },
+        "activations": dataclasses.asdict(activations),
+        "versions": {"binq": __version__, "torch": torch.__version__},
+    }
+
+
+def _open_progress(out: str | Path, fingerprint: dict[str, Any], world: int, calibration_free: bool) -> Progress | None:
+    """``out/progress``, locked and checked against ``fingerprint``; ``None`` in a multi-process run of a
+    calibration-free method, which records no progress (and refuses to start over one that did)."""
+    if world > 1 and calibration_free:
+        if (progress_folder(out) / RUN_FILE).is_file():
+            raise BinqError(
+                f"cannot resume {out} in a multi-process run of a calibration-free method (docs/RESUME.md): "
+                f"run it in one process, or delete {progress_folder(out)}"
+            )
+        return None
+    return Progress.open(out, fingerprint)
+
+
+def _on_rank0(action: Callable[[], Any]) -> Any:
+    """``action()`` on rank 0 alone (its result there, ``None`` elsewhere); a :class:`BinqError` it raises
+    is raised on every rank, so that all of them stop with the same one-line error."""
+    rank, world = distributed.rank_and_world()
+    value, message = None, None
+    if rank == 0:
+        try:
+            value = action()
+        except BinqError as err:
+            message = str(err)
+    if world > 1:
+        import torch.distributed as dist
+
+        box = [message]
+        dist.broadcast_object_list(box, src=0)
+        message = box[0]
+    if message is not None:
+        raise BinqError(message)
+    return value
 
 
 def _quantize_share(
@@ -430,14 +557,16 @@ def _quantize_share(
     config: Any,
     engine: EngineConfig,
     progress: bool,
+    resume: Progress | None = None,
 ) -> EngineResult:
     """This rank's part of a multi-process run: its share of the linears (calibrated, for the engine, on
-    its share of the windows, every Hessian summed over the ranks)."""
+    its share of the windows, every Hessian summed over the ranks; ``resume`` on rank 0 records and
+    resumes the engine's blocks)."""
     if method.calibration_free:
         return distributed.quantize_independent_share(loaded.model, arch, method, config, progress)
     assert windows is not None
     return quantize_model(
-        loaded.model, arch, distributed.share_windows(windows), method, config, engine, None, progress
+        loaded.model, arch, distributed.share_windows(windows), method, config, engine, None, progress, resume
     )
 
 

@@ -10,6 +10,12 @@
    - re-run the samples through the quantized block: its outputs are the next block's inputs.
 3. The model stays on the CPU; calibration activations stay on the CPU unless they fit on the device.
 
+With a :class:`~binq.engine.resume.Progress` (``binq quantize --out DIR``), each finished block's structured
+weights and records are written to ``DIR/progress`` as soon as the block is done, and a resumed run takes
+the finished blocks ``0 .. k-1`` from there instead of calibrating them: it puts their dequantized weights
+in place exactly as quantizing them did and re-runs them to feed the next block, so block ``k`` sees the
+inputs an uninterrupted run's block ``k`` saw (docs/RESUME.md).
+
 In a multi-process run (``torch.distributed`` initialised by the caller, each rank with its own share of
 the calibration samples) two steps join in: an all-reduce of each accumulator
 (:meth:`HessianAccumulator.reduce_`, called here and a no-op in one process) and a broadcast of each
@@ -17,7 +23,8 @@ quantized weight from the rank that made it (:func:`owner_rank` spreads the line
 broadcasts; both are no-ops in one process, and each rank's result holds the structured weights and
 records it made; :func:`binq.engine.distributed.gather_result` collects them on rank 0). Each rank first
 quantizes all its linears of a stage, then the stage's weights are broadcast in model order, so the
-ranks work on a stage's linears at the same time. docs/DISTRIBUTED.md has the whole picture.
+ranks work on a stage's linears at the same time. docs/DISTRIBUTED.md has the whole picture. Progress there is
+written by rank 0 (each block's weights gathered to it) and read by rank 0, which broadcasts the weights.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -35,9 +42,12 @@ from torch import nn
 from binq.engine.walker import walk_blocks
 from binq.errors import BinqError
 from binq.methods.registry import Method
-from binq.models.architectures import Architecture
+from binq.models.architectures import Architecture, block_linears, get_blocks, module_name
 from binq.quant.hessian import relative_output_error
 from binq.quant.structured import QuantizedWeight
+
+if TYPE_CHECKING:
+    from binq.engine.resume import BlockItem, Progress
 
 log = logging.getLogger(__name__)
 
@@ -165,11 +175,13 @@ def quantize_model(
     engine: EngineConfig | None = None,
     on_layer: Callable[[LayerRecord], None] | None = None,
     progress: bool = True,
+    resume: Progress | None = None,
 ) -> EngineResult:
     """Quantize every declared linear of every block of ``model`` (on the CPU) in place.
 
     ``calibration`` is ``[N, L]`` token ids. Returns the structured weights by full module name and a
-    record per linear; ``on_layer`` sees each record as soon as it exists.
+    record per linear; ``on_layer`` sees each record as soon as it exists. ``resume`` (rank 0's, in a
+    multi-process run; ``None`` on the other ranks): where finished blocks are recorded and taken from.
     """
     engine = engine or EngineConfig()
     device = torch.device(engine.device)
@@ -180,9 +192,14 @@ def quantize_model(
     started = time.perf_counter()
 
     groups = list(arch.linear_groups)
+    order = [name for group in groups for name in group]  # a block's linears in the order they are made
     position = 0  # linears spread over ranks in model order, round-robin
     stages = [[g] for g in groups] if engine.true_sequential else [groups]
     rank = rank_and_world()[0]
+    count = len(get_blocks(model, arch))
+    recording, resume_from = _resume_point(resume, count)
+    loaded_blocks = 0
+    preloaded: dict[int, tuple[dict[str, QuantizedWeight], list[LayerRecord]] | None] = {}
     index = 0
     walk = walk_blocks(
         model, arch, calibration, device, engine.activations_on_device, progress=progress, desc=method.name
@@ -190,6 +207,24 @@ def quantize_model(
     try:
         for step in walk:
             index = step.index
+            if index < resume_from:
+                loaded = preloaded.pop(index) if index in preloaded else _load_block(resume, model, arch, index, device)
+                if loaded is not None:
+                    position = _put_block(step, loaded, order, position, result, on_layer)
+                    loaded_blocks += 1
+                    if resume_from == count:  # every later block is finished too: no need to feed it
+                        following = index + 1
+                        if following < count:
+                            preloaded[following] = _load_block(resume, model, arch, following, device)
+                        if following == count or preloaded[following] is not None:
+                            step.outputs = []  # nothing will read this block's outputs
+                        else:  # a damaged file: that block and every later one are recomputed
+                            resume_from = following
+                            _discard_from(resume, following + 1, count)
+                    continue
+                resume_from = index  # a damaged file: this block and every later one are recomputed
+                _discard_from(resume, index + 1, count)
+            made: dict[str, tuple[LayerRecord, QuantizedWeight]] = {}
             for stage in stages:
                 accumulators = step.hessians(stage, hessian_dtype)
                 owners: list[tuple[str, int]] = []  # every linear of the stage and the rank that makes it
@@ -210,16 +245,108 @@ def quantize_model(
                         record = LayerRecord.of(index, name, quantized, error, time.perf_counter() - t0)
                         result.weights[full_name] = quantized
                         result.records.append(record)
+                        made[full_name] = (record, quantized)
                         if on_layer is not None:
                             on_layer(record)
                     del hessian
                 # Only now, so that no rank waits for another's linear before starting on its own.
                 for name, owner in owners:
                     _share_weight(step.linears[name], owner)
+            if recording:
+                _record_block(resume, index, made, [step.full_name(name) for name in order])
     except torch.cuda.OutOfMemoryError as err:
         raise BinqError(
             f"out of memory on {device} in block {index}: use fewer or shorter calibration samples, "
             "--hessian-dtype float32, or --device cpu"
         ) from err
+    if resume is not None and loaded_blocks:
+        resume.resumed_from = loaded_blocks
     result.time_s = time.perf_counter() - started
     return result
+
+
+def _resume_point(resume: Progress | None, count: int) -> tuple[bool, int]:
+    """Whether blocks are recorded, and the first block to quantize (the finished ones before it are
+    loaded), as rank 0 decides for every rank."""
+    decision = [resume is not None, 0]
+    if resume is not None:
+        decision[1] = resume.keep_prefix()
+        resume.announce(count, decision[1])
+    if rank_and_world()[1] > 1:
+        dist.broadcast_object_list(decision, src=0)
+    return bool(decision[0]), int(decision[1])
+
+
+def _discard_from(resume: Progress | None, first: int, count: int) -> None:
+    if resume is not None:
+        for index in range(first, count):
+            resume.discard(index)
+
+
+def _expected_shapes(model: nn.Module, arch: Architecture, index: int) -> dict[str, tuple[int, int]]:
+    linears = block_linears(get_blocks(model, arch)[index], arch)
+    names = [name for group in arch.linear_groups for name in group]
+    return {module_name(arch, index, n): (linears[n].out_features, linears[n].in_features) for n in names}
+
+
+def _load_block(
+    resume: Progress | None, model: nn.Module, arch: Architecture, index: int, device: torch.device
+) -> tuple[dict[str, QuantizedWeight], list[LayerRecord]] | None:
+    """Block ``index`` from the progress folder (rank 0; the other ranks learn whether it read back whole)."""
+    loaded = None
+    if resume is not None:
+        loaded = resume.load(index, _expected_shapes(model, arch, index), device)
+    if rank_and_world()[1] > 1:
+        whole = [loaded is not None]
+        dist.broadcast_object_list(whole, src=0)
+        if rank_and_world()[0] != 0:
+            return ({}, []) if whole[0] else None
+    return loaded
+
+
+def _put_block(
+    step: Any,
+    loaded: tuple[dict[str, QuantizedWeight], list[LayerRecord]],
+    order: list[str],
+    position: int,
+    result: EngineResult,
+    on_layer: Callable[[LayerRecord], None] | None,
+) -> int:
+    """A finished block as quantizing it left it: each dequantized weight in place (as
+    :func:`_quantize_linear` puts it), its weights and records in the result (rank 0's, which broadcasts
+    the weights in a multi-process run). Returns the round-robin position after the block."""
+    weights, records = loaded
+    if rank_and_world()[0] == 0:
+        for record in records:
+            full_name = step.full_name(record.name)
+            linear = step.linears[record.name]
+            dequantized = weights[full_name].dequantize().to(linear.weight.device)
+            linear.weight.data = dequantized.to(linear.weight.dtype)
+            result.weights[full_name] = weights[full_name]
+            result.records.append(record)
+            if on_layer is not None:
+                on_layer(record)
+    for name in order:
+        _share_weight(step.linears[name], 0)
+    return position + len(order)
+
+
+def _record_block(
+    resume: Progress | None, index: int, made: dict[str, tuple[LayerRecord, QuantizedWeight]], names: list[str]
+) -> None:
+    """Write block ``index``'s file (rank 0, after gathering what the other ranks made of it)."""
+    from binq.engine.resume import block_item
+
+    items: list[BlockItem] = [block_item(name, record, weight) for name, (record, weight) in made.items()]
+    rank, world = rank_and_world()
+    if world > 1:  # what travels is on the CPU
+        items = [(n, r, layout, {k: t.cpu() for k, t in packed.items()}, m, d) for n, r, layout, packed, m, d in items]
+        gathered: list[Any] | None = [None] * world if rank == 0 else None
+        dist.gather_object(items, gathered, dst=0)
+        if rank != 0:
+            return
+        assert gathered is not None
+        items = [item for part in gathered for item in part]
+    assert resume is not None
+    by_name = {item[0]: item for item in items}
+    resume.save(index, [by_name[name] for name in names])
