@@ -31,7 +31,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import shlex
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -253,44 +252,88 @@ def _evaluation_shortcuts(report: dict[str, Any], evaluations: dict[str, dict[st
     report["kl"] = {k: v["kl"] for k, v in evaluations.items()}
 
 
-def equivalent_command(
-    model: Any,
-    method: Method,
-    config: Any,
-    calibration: CalibrationConfig,
-    evaluation: EvaluationConfig,
-    engine: EngineConfig,
-    activations: ActivationConfig,
-    label: str,
-) -> list[str]:
-    """The ``binq quantize`` command line of a run made through the API (for its report)."""
-    spec = model if isinstance(model, str) else model.path
-    command = ["binq", "quantize", "--model", spec, "--method", method.name]
-    defaults = method.config_class()
-    for item in dataclasses.fields(config):
-        value = getattr(config, item.name)
-        if value != getattr(defaults, item.name):
-            option = "--" + item.name.replace("_", "-")
-            if isinstance(value, bool):
-                command.append(option if value else "--no-" + option[2:])
-            else:
-                command += [option, str(value)]
-    command += ["--calib", calibration.source, "--nsamples", str(calibration.nsamples)]
-    command += ["--seqlen", str(evaluation.seqlen if evaluation.sets else calibration.seqlen)]
-    command += ["--seed", str(calibration.seed), "--eval", ",".join(evaluation.sets) or "none"]
-    if evaluation.windows is not None:
-        command += ["--eval-windows", str(evaluation.windows)]
-    command += ["--device", engine.device, "--label", label]
-    if engine.hessian_dtype != "float32":
-        command += ["--hessian-dtype", engine.hessian_dtype]
-    if engine.true_sequential:
-        command.append("--true-sequential")
-    if activations.enabled:
-        command += ["--act-bits", str(activations.bits), "--act-clip", activations.clip, "--smooth", activations.smooth]
-        command += ["--smooth-proxy", activations.smooth_proxy, "--act-calib-tokens", str(activations.calib_tokens)]
-        if activations.sym:
-            command.append("--act-sym")
-    return command
+@dataclass
+class _Run:
+    """One :func:`quantize` call once its arguments are checked: what every step of the run reads."""
+
+    model: str | LoadedModel
+    method: Method
+    config: Any
+    calibration: CalibrationConfig
+    evaluation: EvaluationConfig
+    engine: EngineConfig
+    activations: ActivationConfig
+    workers: int | None
+    out: str | Path | None
+    label: str
+    progress: bool
+    on_layer: Callable[[LayerRecord], None] | None
+    command: list[str] | None
+    started: float
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def spec(self) -> str:
+        return self.model if isinstance(self.model, str) else self.model.path
+
+    @property
+    def world_size(self) -> dict[str, int]:
+        """What a multi-process run adds to the report's engine section (nothing in one process)."""
+        return {"world_size": self.world} if self.world > 1 else {}
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What a run's progress must agree on to be resumed (``run.json``, docs/RESUME.md): the fields
+        known before the model is loaded (:func:`_start_progress` adds the model's identity and the
+        windows' hash)."""
+        from binq import __version__
+
+        return {
+            "schema": SCHEMA,
+            "model": {"spec": self.spec},
+            "method": {"name": self.method.name, "config": dataclasses.asdict(self.config)},
+            "calibration": dataclasses.asdict(self.calibration),
+            "engine": {
+                "path": "independent" if self.method.calibration_free else "engine",
+                "device": torch.device(self.engine.device).type,  # cuda:0 and cuda:1 compute alike
+                "hessian_dtype": self.engine.hessian_dtype,
+                "true_sequential": self.engine.true_sequential,
+                "world_size": self.world,
+            },
+            "activations": dataclasses.asdict(self.activations),
+            "versions": {"binq": __version__, "torch": torch.__version__},
+        }
+
+    def equivalent_command(self) -> list[str]:
+        """The ``binq quantize`` command line of a run made through the API (for its report)."""
+        command = ["binq", "quantize", "--model", self.spec, "--method", self.method.name]
+        defaults = self.method.config_class()
+        for item in dataclasses.fields(self.config):
+            value = getattr(self.config, item.name)
+            if value != getattr(defaults, item.name):
+                option = "--" + item.name.replace("_", "-")
+                if isinstance(value, bool):
+                    command.append(option if value else "--no-" + option[2:])
+                else:
+                    command += [option, str(value)]
+        calibration, evaluation, engine, activations = self.calibration, self.evaluation, self.engine, self.activations
+        command += ["--calib", calibration.source, "--nsamples", str(calibration.nsamples)]
+        command += ["--seqlen", str(evaluation.seqlen if evaluation.sets else calibration.seqlen)]
+        command += ["--seed", str(calibration.seed), "--eval", ",".join(evaluation.sets) or "none"]
+        if evaluation.windows is not None:
+            command += ["--eval-windows", str(evaluation.windows)]
+        command += ["--device", engine.device, "--label", self.label]
+        if engine.hessian_dtype != "float32":
+            command += ["--hessian-dtype", engine.hessian_dtype]
+        if engine.true_sequential:
+            command.append("--true-sequential")
+        if activations.enabled:
+            command += ["--act-bits", str(activations.bits), "--act-clip", activations.clip]
+            command += ["--smooth", activations.smooth, "--smooth-proxy", activations.smooth_proxy]
+            command += ["--act-calib-tokens", str(activations.calib_tokens)]
+            if activations.sym:
+                command.append("--act-sym")
+        return command
 
 
 def quantize(
@@ -333,129 +376,151 @@ def quantize(
     >>> result.report["ppl"]                                                     # doctest: +SKIP
     """
     started = time.perf_counter()
-    calibration = calibration or FULL_CALIBRATION
-    evaluation = evaluation or FULL_EVALUATION
-    engine = engine or EngineConfig()
-    activations = activations or ActivationConfig()
     method, config = _method_and_config(method, config)
-    label = label or default_label(method, config, activations)
+    activations = activations or ActivationConfig()
     if workers is not None and workers < 1:
         raise BinqError(f"--workers must be at least 1, got {workers}")
     rank, world = distributed.rank_and_world()
     if world > 1 and workers not in (None, 1):
         raise BinqError("--workers does not combine with several processes: the processes share the linears")
+    calibration = calibration or FULL_CALIBRATION
     if world > 1 and not method.calibration_free and calibration.nsamples < world:
         raise BinqError(f"--nsamples {calibration.nsamples} is fewer than the {world} processes that share them")
-    progress = progress and rank == 0
+    engine = engine or EngineConfig()
     if world > 1:  # each rank computes on its own GPU, cuda:LOCAL_RANK
         engine = dataclasses.replace(engine, device=distributed.rank_device(engine.device))
-    world_size = {"world_size": world} if world > 1 else {}  # in the report's engine section
+    run = _Run(
+        model, method, config, calibration, evaluation or FULL_EVALUATION, engine, activations, workers, out,
+        label or default_label(method, config, activations), progress and rank == 0, on_layer, command, started,
+        rank, world,
+    )  # fmt: skip
     resume = None
     if out is not None:
-        fingerprint = _fingerprint(model, method, config, calibration, engine, activations, world)
-        resume = _on_rank0(lambda: _open_progress(out, fingerprint, world, method.calibration_free))
+        resume = _on_rank0(lambda: _open_progress(out, run.fingerprint(), world, method.calibration_free))
     try:
-        return _quantize(
-            model, method, config, calibration, evaluation, engine, activations, workers, out, label, progress,
-            on_layer, command, started, rank, world, world_size, resume,
-        )  # fmt: skip
+        return _quantize(run, resume)
     finally:
         if resume is not None:
             resume.close()
 
 
-def _quantize(
-    model: str | LoadedModel,
-    method: Method,
-    config: Any,
-    calibration: CalibrationConfig,
-    evaluation: EvaluationConfig,
-    engine: EngineConfig,
-    activations: ActivationConfig,
-    workers: int | None,
-    out: str | Path | None,
-    label: str,
-    progress: bool,
-    on_layer: Callable[[LayerRecord], None] | None,
-    command: list[str] | None,
-    started: float,
-    rank: int,
-    world: int,
-    world_size: dict[str, int],
-    resume: Progress | None,
-) -> QuantizationResult:
+def _quantize(run: _Run, resume: Progress | None) -> QuantizationResult:
     """:func:`quantize` once its arguments are checked and its progress folder (``resume``) is open."""
-    loaded = _load(model, engine.device)
+    method, calibration, evaluation = run.method, run.calibration, run.evaluation
+    loaded = _load(run.model, run.engine.device)
     arch = get_architecture(loaded.model)
-    inventory = parameter_inventory(loaded.model, arch)
-    stored_bits = torch.finfo(source_dtype(loaded)).bits
     check_seqlen(loaded.model, max(calibration.seqlen, evaluation.seqlen if evaluation.sets else 0))
     windows = None
-    if not method.calibration_free or activations.needs_calibration:
+    if not method.calibration_free or run.activations.needs_calibration:
         windows = calibration_windows(
             loaded.tokenizer, calibration.source, calibration.nsamples, calibration.seqlen, calibration.seed
         )
     eval_tokens = _evaluation_tokens(loaded, evaluation)
-    if out is not None and (world == 1 or not method.calibration_free):  # every rank joins rank 0's check
-
-        def start() -> None:  # the whole fingerprint, before smoothing changes the model
-            assert resume is not None
-            fingerprint = _fingerprint(model, method, config, calibration, engine, activations, world)
-            fingerprint["model"] |= model_identity(loaded.model, get_blocks(loaded.model, arch), loaded.path)
-            fingerprint["calibration"]["windows_sha256"] = windows_digest(windows)
-            fingerprint["info"] = {"model_path": loaded.path, "started": now_utc()}
-            resume.start(fingerprint)
-
-        _on_rank0(start)
+    if resume is not None or (run.out is not None and run.world > 1 and not method.calibration_free):
+        # Every rank joins rank 0's check; the whole fingerprint, before smoothing changes the model.
+        _on_rank0(lambda: _start_progress(run, resume, loaded, arch, windows))
     # Smoothing is folded into the fp model first: the weights are quantized, and kept for KL, smoothed.
-    plan = calibrate_activations(loaded.model, arch, windows, activations, calibration.seed, progress)
+    plan = calibrate_activations(loaded.model, arch, windows, run.activations, calibration.seed, run.progress)
     originals = {item.linear: item.linear.weight.data for item in named_linears(loaded.model, arch)}
 
-    if world > 1:
-        engine_result = _quantize_share(loaded, arch, windows, method, config, engine, progress, resume)
-        gathered = distributed.gather_result(engine_result, loaded.model, arch, fill_weights=method.calibration_free)
-        if gathered is None:  # not rank 0: its part is done
-            return QuantizationResult(
-                loaded, method, config, engine_result.weights, engine_result.records, {}, plan, {}, rank
-            )
-        engine_result = gathered
-        if on_layer is not None:
-            for record in engine_result.records:
-                on_layer(record)
-    elif method.calibration_free:
-        engine_result = quantize_independent(
-            loaded.model, arch, method, config, workers, on_layer, progress, resume=resume
-        )
-    else:
-        engine_result = quantize_model(
-            loaded.model, arch, windows, method, config, engine, on_layer, progress, resume=resume
+    engine_result, whole = _quantize_linears(run, loaded, arch, windows, resume)
+    if not whole:  # another rank than 0 of a multi-process run: its part went to rank 0
+        return QuantizationResult(
+            loaded, method, run.config, engine_result.weights, engine_result.records, {}, plan, {}, run.rank
         )
 
     eval_started = time.perf_counter()
     with quantized_activations(loaded.model, arch, plan) as hooks:
         swap = ActivationSwap(WeightSwap(originals), hooks)
-        evaluations = _run_evaluations(loaded, eval_tokens, evaluation, engine.device, swap, progress)
+        evaluations = _run_evaluations(loaded, eval_tokens, evaluation, run.engine.device, swap, run.progress)
     eval_s = time.perf_counter() - eval_started
+    report = _report(run, loaded, arch, windows, engine_result, evaluations, eval_s, plan)
+    if resume is not None and resume.resumed_from is not None:
+        report["resumed_from_block"] = resume.resumed_from
+    result = QuantizationResult(
+        loaded, method, run.config, engine_result.weights, engine_result.records, evaluations, plan, report
+    )
+    if run.out is not None:
+        log.info("wrote %s", result.save(run.out))
+        if resume is not None:
+            resume.remove()  # the checkpoint is whole: nothing left to resume
+    return result
+
+
+def _start_progress(
+    run: _Run, resume: Progress | None, loaded: LoadedModel, arch: Any, windows: torch.Tensor | None
+) -> None:
+    """Record (or check, when resuming) the whole fingerprint: the model's identity and the windows' hash too."""
+    assert resume is not None
+    fingerprint = run.fingerprint()
+    fingerprint["model"] |= model_identity(loaded.model, get_blocks(loaded.model, arch), loaded.path)
+    fingerprint["calibration"]["windows_sha256"] = windows_digest(windows)
+    fingerprint["info"] = {"model_path": loaded.path, "started": now_utc()}
+    resume.start(fingerprint)
+
+
+def _quantize_linears(
+    run: _Run, loaded: LoadedModel, arch: Any, windows: torch.Tensor | None, resume: Progress | None
+) -> tuple[EngineResult, bool]:
+    """Every declared linear quantized in place: by the engine, by the calibration-free path, or, in a
+    multi-process run, this rank's share gathered to rank 0. Also says whether the result is whole
+    (not on the other ranks of a multi-process run, which return their own share)."""
+    method, config, engine = run.method, run.config, run.engine
+    if run.world > 1:
+        share = _quantize_share(loaded, arch, windows, method, config, engine, run.progress, resume)
+        gathered = distributed.gather_result(share, loaded.model, arch, fill_weights=method.calibration_free)
+        if gathered is None:
+            return share, False
+        if run.on_layer is not None:
+            for record in gathered.records:
+                run.on_layer(record)
+        return gathered, True
+    if method.calibration_free:
+        result = quantize_independent(
+            loaded.model, arch, method, config, run.workers, run.on_layer, run.progress, resume=resume
+        )
+    else:
+        result = quantize_model(
+            loaded.model, arch, windows, method, config, engine, run.on_layer, run.progress, resume=resume
+        )
+    return result, True
+
+
+def _report(
+    run: _Run,
+    loaded: LoadedModel,
+    arch: Any,
+    windows: torch.Tensor | None,
+    engine_result: EngineResult,
+    evaluations: dict[str, dict[str, Any]],
+    eval_s: float,
+    plan: ActivationPlan,
+) -> dict[str, Any]:
+    """The run's ``report.json`` (docs/REPORT.md)."""
+    inventory = parameter_inventory(loaded.model, arch)
+    stored_bits = torch.finfo(source_dtype(loaded)).bits
     memory, memory_kind = peak_memory()
-    if command is None:
-        command = equivalent_command(model, method, config, calibration, evaluation, engine, activations, label)
     report: dict[str, Any] = {
         "schema": REPORT_SCHEMA,
-        "label": label,
+        "label": run.label,
         "created": now_utc(),
-        "command": command,
-        "model": _model_section(loaded, model, arch.name, engine.device),
-        "method": {"name": method.name, "config": dataclasses.asdict(config)},
-        "engine": dataclasses.asdict(engine) | world_size,
+        "command": run.command or run.equivalent_command(),
+        "model": _model_section(loaded, run.model, arch.name, run.engine.device),
+        "method": {"name": run.method.name, "config": dataclasses.asdict(run.config)},
+        "engine": dataclasses.asdict(run.engine) | run.world_size,
         "calibration": {
-            **dataclasses.asdict(calibration),
+            **dataclasses.asdict(run.calibration),
             "tokens": 0 if windows is None else int(windows.numel()),
         },
-        "seed": calibration.seed,
+        "seed": run.calibration.seed,
         "bits": summarize_bits(inventory, engine_result.weights, stored_bits).to_dict(),
         "bits_original": unquantized_bits(inventory, stored_bits).to_dict(),
         "eval": evaluations,
-        "time_s": {"quantize": engine_result.time_s, "eval": eval_s, "total": time.perf_counter() - started},
+        "time_s": {
+            "quantize": engine_result.time_s,
+            "eval": eval_s,
+            "total": time.perf_counter() - run.started,
+        },
         "peak_memory_bytes": memory,
         "peak_memory_kind": memory_kind,
         "versions": library_versions(),
@@ -465,54 +530,15 @@ def _quantize(
     report["compute_bits"] = report["bits"]["linear"]["compute_bits"]
     report["storage_bits"] = {k: report["bits"][k]["storage_bits"] for k in ("linear", "model")}
     _evaluation_shortcuts(report, evaluations)
-    if activations.enabled:
+    if run.activations.enabled:
         report["activations"] = plan.summary(loaded.model.config.hidden_size)
-    if method.calibration_free:
-        workers = 1 if world > 1 else workers or default_workers()  # several ranks: one process each
-        report["engine"] = {"path": "independent", "workers": workers} | world_size
+    if run.method.calibration_free:
+        workers = 1 if run.world > 1 else run.workers or default_workers()  # several ranks: one process each
+        report["engine"] = {"path": "independent", "workers": workers} | run.world_size
     extra_bits = extra_bit_summary(engine_result.weights)
     if extra_bits:
         report["extra_bits"] = extra_bits
-    if resume is not None and resume.resumed_from is not None:
-        report["resumed_from_block"] = resume.resumed_from
-    result = QuantizationResult(
-        loaded, method, config, engine_result.weights, engine_result.records, evaluations, plan, report
-    )
-    if out is not None:
-        log.info("wrote %s", result.save(out))
-        if resume is not None:
-            resume.remove()  # the checkpoint is whole: nothing left to resume
-    return result
-
-
-def _fingerprint(
-    model: str | LoadedModel,
-    method: Method,
-    config: Any,
-    calibration: CalibrationConfig,
-    engine: EngineConfig,
-    activations: ActivationConfig,
-    world: int,
-) -> dict[str, Any]:
-    """What a run's progress must agree on to be resumed (``run.json``, docs/RESUME.md): the fields known
-    before the model is loaded (the pipeline adds the model's identity and the windows' hash)."""
-    from binq import __version__
-
-    return {
-        "schema": SCHEMA,
-        "model": {"spec": model if isinstance(model, str) else model.path},
-        "method": {"name": method.name, "config": dataclasses.asdict(config)},
-        "calibration": dataclasses.asdict(calibration),
-        "engine": {
-            "path": "independent" if method.calibration_free else "engine",
-            "device": torch.device(engine.device).type,  # cuda:0 and cuda:1 compute alike
-            "hessian_dtype": engine.hessian_dtype,
-            "true_sequential": engine.true_sequential,
-            "world_size": world,
-        },
-        "activations": dataclasses.asdict(activations),
-        "versions": {"binq": __version__, "torch": torch.__version__},
-    }
+    return report
 
 
 def _open_progress(out: str | Path, fingerprint: dict[str, Any], world: int, calibration_free: bool) -> Progress | None:
@@ -668,8 +694,3 @@ def load_checkpoint(folder: Path, dtype: torch.dtype, fp16_embeddings: bool = Fa
     model.config.use_cache = False
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     return LoadedModel(model=model, tokenizer=tokenizer, name=folder.resolve().name, path=str(folder.resolve()))
-
-
-def command_line(command: list[str]) -> str:
-    """A report's command as one shell line."""
-    return shlex.join(command)
