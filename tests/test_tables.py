@@ -48,7 +48,8 @@ def test_committed_reports_are_catalogue_runs() -> None:
     for label, report in reports.quick.items():
         assert same_run(report["command"], label)
         assert "--quick" in report["command"]
-        assert "layers" not in report and report["collected"]["layers_dropped"] > 0
+        assert "layers" not in report
+        assert report["collected"]["layers_dropped"] > 0 or report.get("kind") == "eval"  # eval: no layers
     for name, records in reports.bench:
         assert records and all("kind" in r and "command" in r for r in records), name
 

@@ -671,6 +671,7 @@ def evaluate(
     }
     if plan is not None:
         report["calibration"] = dataclasses.asdict(calibration)
+        report["seed"] = calibration.seed
         report["activations"] = plan.summary(loaded.model.config.hidden_size)
     _evaluation_shortcuts(report, evaluations)
     result = EvaluationResult(loaded, evaluations, report)

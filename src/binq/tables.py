@@ -149,9 +149,10 @@ def mean_kl(report: Report) -> float | None:
 
 def protocol_of(report: Report) -> tuple:
     """What makes two runs' figures comparable: calibration windows and each evaluation's windows."""
-    calibration = report["calibration"]
+    calibration = report.get("calibration", {})  # a `binq eval` report without activations has none
     windows = tuple((name, e["protocol"]["windows"], e["protocol"]["seqlen"]) for name, e in report["eval"].items())
-    return calibration["source"], calibration["nsamples"], calibration["seqlen"], report["seed"], windows
+    seed = calibration.get("seed")
+    return calibration.get("source"), calibration.get("nsamples"), calibration.get("seqlen"), seed, windows
 
 
 def frontier(reports: Sequence[Report]) -> list[bool]:
@@ -212,16 +213,19 @@ def _environment_key(report: Report) -> tuple:
 
 
 def _protocol_text(report: Report) -> str:
-    calibration = report["calibration"]
+    calibration = report.get("calibration")
     evaluations = "; ".join(
         f"`{name}` first {e['protocol']['windows']} of {e['protocol']['windows_available']} windows of "
         f"{e['protocol']['seqlen']} tokens"
         for name, e in report["eval"].items()
     )
-    return (
-        f"calibration {calibration['nsamples']} x {calibration['seqlen']} tokens of `{calibration['source']}`, "
-        f"seed {report['seed']}; evaluation {evaluations}; evaluation dtype {report['model']['dtype']}"
+    calibrated = (
+        "no calibration"
+        if calibration is None
+        else f"calibration {calibration['nsamples']} x {calibration['seqlen']} tokens of `{calibration['source']}`, "
+        f"seed {calibration['seed']}"
     )
+    return f"{calibrated}; evaluation {evaluations}; evaluation dtype {report['model']['dtype']}"
 
 
 def _provenance(reports: Sequence[Report], timed: bool) -> list[str]:
