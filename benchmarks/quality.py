@@ -57,7 +57,8 @@ def main() -> int:
             continue
         out.mkdir(parents=True, exist_ok=True)
         with (out / f"{run.slug}.log").open("w") as log:
-            child = [sys.executable, "-m", "binq.cli", *command[1:], "--no-layer-table", "--no-progress"]
+            quiet = ["--no-layer-table"] if run.quantizes else []  # binq eval prints no layer table
+            child = [sys.executable, "-m", "binq.cli", *command[1:], *quiet, "--no-progress"]
             completed = subprocess.run(child, stdout=log, stderr=subprocess.STDOUT, check=False)
         if completed.returncode != 0:
             print(f"failed ({completed.returncode}): {label}; see {out / run.slug}.log", flush=True)
