@@ -23,7 +23,6 @@ cannot be compared and the tests say so and skip (record this machine's own with
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -31,6 +30,8 @@ from typing import Any
 
 import pytest
 import torch
+
+from binq.engine.resume import tensor_digest
 
 GOLDEN = Path(__file__).with_name("golden_weights.json")
 
@@ -91,16 +92,6 @@ PIPELINE_CASES: dict[str, list[str]] = {
 
 SMOLLM2_METHODS = ("rtn", "gptq", "billm", "arb", "arb-x", "arb-rc", "arb-llm-x", "arb-llm-rc", "arb-group")
 SMOLLM2_METHODS += ("msb-hessian", "w11")
-
-
-def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
-    """sha256 over every tensor's name, dtype, shape and bytes, in name order."""
-    digest = hashlib.sha256()
-    for name in sorted(tensors):
-        tensor = tensors[name].detach().contiguous().cpu()
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def numerics_fingerprint(threads: int) -> str:

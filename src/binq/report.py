@@ -90,11 +90,11 @@ def read_report(path: Path) -> dict:
     return report
 
 
-def _fmt(value: float | None, spec: str) -> str:
+def fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def _ppl(value: float | None) -> str:
+def fmt_ppl(value: float | None) -> str:
     """Perplexities span 10 to 1e9 here: scientific notation past 10^4 keeps table columns narrow."""
     if value is None:
         return "-"
@@ -121,7 +121,7 @@ def comparison_rows(reports: list[dict]) -> tuple[list[str], list[list[str]]]:
             f"{original['linear']['storage_bits']:.2f}",
             f"{original['model']['storage_bits']:.2f}",
             f"{original['model']['storage_bytes'] / 2**20:.1f}",
-            *[_ppl(reports[0]["eval"][s]["ppl_original"]) for s in eval_sets],
+            *[fmt_ppl(reports[0]["eval"][s]["ppl_original"]) for s in eval_sets],
             *["0" for _ in eval_sets],
             "-",
             "-",
@@ -136,8 +136,8 @@ def comparison_rows(reports: list[dict]) -> tuple[list[str], list[list[str]]]:
                 f"{bits['linear']['storage_bits']:.3f}",
                 f"{bits['model']['storage_bits']:.3f}",
                 f"{bits['model']['storage_bytes'] / 2**20:.1f}",
-                *[_ppl(report["eval"][s]["ppl"]) for s in eval_sets],
-                *[_fmt(report["eval"][s]["kl"], ".3f") for s in eval_sets],
+                *[fmt_ppl(report["eval"][s]["ppl"]) for s in eval_sets],
+                *[fmt(report["eval"][s]["kl"], ".3f") for s in eval_sets],
                 f"{report['time_s']['quantize']:.0f} s",
                 _mib(report["peak_memory_bytes"]),
             ]

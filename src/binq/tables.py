@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from binq.report import REPORT_SCHEMA, comparison_rows, extra_bit_line, markdown_grid, write_section
+from binq.report import REPORT_SCHEMA, comparison_rows, extra_bit_line, fmt, fmt_ppl, markdown_grid, write_section
 from binq.runs import CATALOGUE, DEMO_DEFAULT, Run, get_run, run_command, same_run
 
 QUICK_DIR = Path("docs/reports/quick")
@@ -129,17 +129,6 @@ def _write_json(path: Path, value: Any) -> None:
 
 # ---------------------------------------------------------------------------------------------------------
 # Number formatting and the pieces every quality section shares
-
-
-def fmt_ppl(value: float | None) -> str:
-    """Perplexities span 10 to 1e9: two decimals below 10^4, three significant digits above."""
-    if value is None:
-        return "-"
-    return f"{value:.2f}" if value < 1e4 else f"{value:.3g}"
-
-
-def fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
 
 
 def mean_kl(report: Report) -> float | None:
