@@ -22,7 +22,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 import binq
-from binq.checkpoint import FORMAT_VERSION, WEIGHTS_FILE, read_header, save_checkpoint
+from binq.checkpoint import FORMAT_VERSION, WEIGHTS_FILE, checkpoint_entries, read_header, save_checkpoint
 from binq.cli import main
 from binq.engine.calibrate import EngineResult, quantize_model
 from binq.errors import BinqError
@@ -214,7 +214,8 @@ def test_cli_checkpoint_sizes_and_perplexity(
     assert quantization["binq_version"] == binq.__version__
     assert (out / "tokenizer.json").is_file()
 
-    header = read_header(out / WEIGHTS_FILE)
+    # The CLI streams: shards and an index; the entries of every shard together.
+    header = {name: entry for name, (_, entry) in checkpoint_entries(out).items()}
     modules = set(quantization["modules"])
     linear_bytes = sum(e.nbytes for n, e in header.items() if n.rpartition(".")[0] in modules)
     params = report["bits"]["linear"]["parameters"]

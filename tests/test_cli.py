@@ -133,7 +133,7 @@ def test_calibration_free_method_reads_no_calibration(
     assert code == 0, err
     report = json.loads((out / "report.json").read_text())
     assert report["calibration"]["tokens"] == 0
-    assert report["engine"] == {"path": "independent", "workers": 1}
+    assert report["engine"] == {"path": "independent", "workers": 1, "streamed": True}
 
 
 def test_missing_evaluation_file(

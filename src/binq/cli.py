@@ -118,6 +118,10 @@ def _base_parser() -> argparse.ArgumentParser:
         "--workers", type=int, default=None, help="processes of calibration-free methods (default: all cores)"
     )
     quantize.add_argument(
+        "--in-memory", action="store_true",
+        help="load the whole model instead of reading its blocks one at a time (docs/MEMORY.md); the same results",
+    )  # fmt: skip
+    quantize.add_argument(
         "--nproc", type=int, default=None, metavar="N",
         help="run on N processes of this machine through torchrun (docs/DISTRIBUTED.md); under torchrun, leave it out",
     )  # fmt: skip

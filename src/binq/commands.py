@@ -80,7 +80,7 @@ def run_quantize(
         args.model, method, method.make_config(**method_options), calibration=calibration, evaluation=evaluation,
         engine=EngineConfig(device=args.device, hessian_dtype=args.hessian_dtype, true_sequential=args.true_sequential),
         activations=_activation_config(args), workers=args.workers, out=args.out, label=args.label,
-        progress=not args.no_progress, on_layer=on_layer, command=["binq", *argv],
+        progress=not args.no_progress, on_layer=on_layer, command=["binq", *argv], stream=not args.in_memory,
     )  # fmt: skip
     if result.rank != 0:
         return 0

@@ -28,6 +28,7 @@ Everything a run decides is in its typed configs: the method's config class, :cl
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -47,15 +48,19 @@ from binq.activations import (
     quantized_activations,
 )
 from binq.bits import summarize_bits, unquantized_bits
+from binq.checkpoint.sharded import ShardedCheckpoint
 from binq.data import calibration_windows, describe_eval, evaluation_tokens
 from binq.engine import distributed
 from binq.engine.calibrate import EngineConfig, EngineResult, LayerRecord, quantize_model
 from binq.engine.independent import default_workers, quantize_independent
 from binq.engine.resume import RUN_FILE, SCHEMA, Progress, model_identity, progress_folder, windows_digest
+from binq.engine.streamed import StreamedRun, quantize_free_streamed
 from binq.errors import BinqError
 from binq.evaluation import Protocol, WeightSwap, evaluate_perplexity
+from binq.evaluation.layerwise import LayerwiseEvaluation
 from binq.methods import Method, get_method
 from binq.models import LoadedModel, get_architecture, get_blocks, load_model, named_linears, parameter_inventory
+from binq.models.streaming import block_store
 from binq.quant.structured import QuantizedWeight
 from binq.report import (
     REPORT_SCHEMA,
@@ -131,6 +136,7 @@ class QuantizationResult:
     activation_plan: ActivationPlan
     report: dict[str, Any] = field(default_factory=dict)
     rank: int = 0
+    checkpoint: ShardedCheckpoint | None = None  # a streamed run's, its blocks already written
 
     def save(self, out: str | Path) -> Path:
         """``report.json`` and the packed checkpoint (docs/FORMAT.md) in ``out``; returns the report's path."""
@@ -139,6 +145,14 @@ class QuantizationResult:
         if self.rank != 0:
             raise BinqError(f"rank {self.rank} of a multi-process run holds part of the result: save on rank 0")
         out = Path(out)
+        if self.model.streamed:
+            if self.checkpoint is None or out.resolve() != self.checkpoint.out.resolve():
+                raise BinqError("a streamed run writes its checkpoint block by block to its own out folder only")
+            path = write_report(self.report, out)
+            self.checkpoint.finish(
+                tokenizer=self.model.tokenizer, method=self.method.name, method_config=dataclasses.asdict(self.config)
+            )
+            return path
         path = write_report(self.report, out)
         # Unquantized tensors go back at the source's precision: the same bits the report counts. The
         # activation plan goes along, so the loaded model quantizes inputs as evaluated here.
@@ -196,8 +210,10 @@ def check_seqlen(model: torch.nn.Module, seqlen: int) -> None:
         raise BinqError(f"--seqlen {seqlen} is longer than the model's context ({limit} positions)")
 
 
-def _load(model: str | LoadedModel, device: str) -> LoadedModel:
-    return model if isinstance(model, LoadedModel) else load_model(model, dtype=compute_dtype(device))
+def _load(model: str | LoadedModel, device: str, stream: bool = False) -> LoadedModel:
+    if isinstance(model, LoadedModel):
+        return model
+    return load_model(model, dtype=compute_dtype(device), stream=stream)
 
 
 def _method_and_config(method: str | Method, config: Any) -> tuple[Method, Any]:
@@ -226,9 +242,8 @@ def _run_evaluations(
     results = {}
     model = loaded.model
     model.to(device)
-    tokenizer = f"{type(loaded.tokenizer).__name__}({loaded.name})"
     for name, ids in tokens.items():
-        protocol = Protocol(name, describe_eval(name), tokenizer, evaluation.seqlen, 0, 0, 0)
+        protocol = _protocol(loaded, name, evaluation)
         result = evaluate_perplexity(
             model, ids, evaluation.seqlen, protocol, evaluation.windows, swap, device, progress
         )
@@ -272,6 +287,7 @@ class _Run:
     started: float
     rank: int = 0
     world: int = 1
+    stream: bool = False
 
     @property
     def spec(self) -> str:
@@ -323,6 +339,8 @@ class _Run:
         if evaluation.windows is not None:
             command += ["--eval-windows", str(evaluation.windows)]
         command += ["--device", engine.device, "--label", self.label]
+        if not self.stream:
+            command.append("--in-memory")
         if engine.hessian_dtype != "float32":
             command += ["--hessian-dtype", engine.hessian_dtype]
         if engine.true_sequential:
@@ -351,6 +369,7 @@ def quantize(
     progress: bool = True,
     on_layer: Callable[[LayerRecord], None] | None = None,
     command: list[str] | None = None,
+    stream: bool = False,
 ) -> QuantizationResult:
     """Quantize ``model`` with ``method`` and evaluate it; with ``out``, write ``report.json`` and the checkpoint.
 
@@ -370,6 +389,14 @@ def quantize(
     ``windows[rank::N]`` and quantizes its share of the linears; rank 0 gathers the weights and records,
     evaluates and saves; the other ranks return their part (``result.rank`` > 0) without a report.
     ``on_layer`` then sees every record on rank 0 after the gather.
+
+    ``stream``: never hold the whole model (docs/MEMORY.md). The source's blocks are read one at a time,
+    each is quantized, evaluated layer-wise and written to its checkpoint shard while in memory, and
+    only then dropped: peak memory does not grow with depth. The weights, records, evaluation and
+    report are the in-memory run's; the checkpoint is sharded (``model.safetensors.index.json``); the
+    result's ``weights`` are :class:`~binq.quant.structured.WeightSummary` objects and its model keeps no
+    block. Needs a local safetensors folder (or the embedded model), one process, and no ``--act-bits``;
+    otherwise the run says why and loads the model whole.
 
     >>> result = binq.quantize("smollm2-135m", "gptq", {"bits": 4}, calibration=QUICK_CALIBRATION,
     ...                        evaluation=QUICK_EVALUATION, out="runs/gptq4")   # doctest: +SKIP
@@ -392,7 +419,7 @@ def quantize(
     run = _Run(
         model, method, config, calibration, evaluation or FULL_EVALUATION, engine, activations, workers, out,
         label or default_label(method, config, activations), progress and rank == 0, on_layer, command, started,
-        rank, world,
+        rank, world, _can_stream(stream, activations, world),
     )  # fmt: skip
     resume = None
     if out is not None:
@@ -407,7 +434,7 @@ def quantize(
 def _quantize(run: _Run, resume: Progress | None) -> QuantizationResult:
     """:func:`quantize` once its arguments are checked and its progress folder (``resume``) is open."""
     method, calibration, evaluation = run.method, run.calibration, run.evaluation
-    loaded = _load(run.model, run.engine.device)
+    loaded = _load(run.model, run.engine.device, run.stream)
     arch = get_architecture(loaded.model)
     check_seqlen(loaded.model, max(calibration.seqlen, evaluation.seqlen if evaluation.sets else 0))
     windows = None
@@ -423,6 +450,8 @@ def _quantize(run: _Run, resume: Progress | None) -> QuantizationResult:
     plan = calibrate_activations(loaded.model, arch, windows, run.activations, calibration.seed, run.progress)
     originals = {item.linear: item.linear.weight.data for item in named_linears(loaded.model, arch)}
 
+    if loaded.streamed:
+        return _quantize_streamed(run, resume, loaded, arch, windows, eval_tokens, plan)
     engine_result, whole = _quantize_linears(run, loaded, arch, windows, resume)
     if not whole:  # another rank than 0 of a multi-process run: its part went to rank 0
         return QuantizationResult(
@@ -434,17 +463,86 @@ def _quantize(run: _Run, resume: Progress | None) -> QuantizationResult:
         swap = ActivationSwap(WeightSwap(originals), hooks)
         evaluations = _run_evaluations(loaded, eval_tokens, evaluation, run.engine.device, swap, run.progress)
     eval_s = time.perf_counter() - eval_started
+    return _finish(run, resume, loaded, arch, windows, engine_result, evaluations, eval_s, plan)
+
+
+def _finish(
+    run: _Run,
+    resume: Progress | None,
+    loaded: LoadedModel,
+    arch: Any,
+    windows: torch.Tensor | None,
+    engine_result: EngineResult,
+    evaluations: dict[str, dict[str, Any]],
+    eval_s: float,
+    plan: ActivationPlan,
+    checkpoint: ShardedCheckpoint | None = None,
+) -> QuantizationResult:
+    """The report, the result, and with ``out`` the files written and the progress folder removed."""
     report = _report(run, loaded, arch, windows, engine_result, evaluations, eval_s, plan)
     if resume is not None and resume.resumed_from is not None:
         report["resumed_from_block"] = resume.resumed_from
     result = QuantizationResult(
-        loaded, method, run.config, engine_result.weights, engine_result.records, evaluations, plan, report
-    )
+        loaded, run.method, run.config, engine_result.weights, engine_result.records, evaluations, plan, report,
+        checkpoint=checkpoint,
+    )  # fmt: skip
     if run.out is not None:
         log.info("wrote %s", result.save(run.out))
         if resume is not None:
             resume.remove()  # the checkpoint is whole: nothing left to resume
     return result
+
+
+def _can_stream(stream: bool, activations: ActivationConfig, world: int) -> bool:
+    """Whether a run asked to stream can: not with activation quantization (its calibration changes
+    the whole model first) nor across processes; the run then says why and loads the model whole."""
+    if stream and activations.enabled:
+        log.info("--act-bits needs the whole model in memory: it is loaded whole")
+    elif stream and world > 1:
+        log.info("a multi-process run holds the whole model in each process: it is loaded whole")
+    return stream and not activations.enabled and world == 1
+
+
+def _quantize_streamed(
+    run: _Run,
+    resume: Progress | None,
+    loaded: LoadedModel,
+    arch: Any,
+    windows: torch.Tensor | None,
+    eval_tokens: dict[str, torch.Tensor],
+    plan: ActivationPlan,
+) -> QuantizationResult:
+    """:func:`_quantize` for a streamed model: every block quantized, evaluated layer-wise and written to
+    its shard while it is in memory (:mod:`binq.engine.streamed`)."""
+    evaluation = None
+    if eval_tokens:
+        protocols = {name: _protocol(loaded, name, run.evaluation) for name in eval_tokens}
+        evaluation = LayerwiseEvaluation(
+            loaded.model, arch, eval_tokens, protocols, run.evaluation.seqlen, run.evaluation.windows,
+            run.engine.device,
+        )  # fmt: skip
+    checkpoint = None
+    if run.out is not None:
+        checkpoint = ShardedCheckpoint(run.out, loaded.model, arch, source_dtype(loaded))
+    observer = StreamedRun(evaluation, checkpoint)
+    if run.method.calibration_free:
+        engine_result = quantize_free_streamed(
+            loaded.model, arch, run.method, run.config, observer, run.on_layer, run.progress, resume
+        )
+    else:
+        engine_result = quantize_model(
+            loaded.model, arch, windows, run.method, run.config, run.engine, run.on_layer, run.progress,
+            resume=resume, observer=observer,
+        )  # fmt: skip
+    eval_started = time.perf_counter()
+    evaluations = evaluation.finish(run.progress) if evaluation is not None else {}
+    eval_s = time.perf_counter() - eval_started
+    return _finish(run, resume, loaded, arch, windows, engine_result, evaluations, eval_s, plan, checkpoint)
+
+
+def _protocol(loaded: LoadedModel, name: str, evaluation: EvaluationConfig) -> Protocol:
+    tokenizer = f"{type(loaded.tokenizer).__name__}({loaded.name})"
+    return Protocol(name, describe_eval(name), tokenizer, evaluation.seqlen, 0, 0, 0)
 
 
 def _start_progress(
@@ -453,7 +551,13 @@ def _start_progress(
     """Record (or check, when resuming) the whole fingerprint: the model's identity and the windows' hash too."""
     assert resume is not None
     fingerprint = run.fingerprint()
-    fingerprint["model"] |= model_identity(loaded.model, get_blocks(loaded.model, arch), loaded.path)
+    blocks = get_blocks(loaded.model, arch)
+    store = block_store(loaded.model)
+    with contextlib.ExitStack() as held:  # a streamed model's first and last blocks, read for the identity
+        if store is not None:
+            for index in {0, len(blocks) - 1}:
+                held.enter_context(store.block(index))
+        fingerprint["model"] |= model_identity(loaded.model, blocks, loaded.path)
     fingerprint["calibration"]["windows_sha256"] = windows_digest(windows)
     fingerprint["info"] = {"model_path": loaded.path, "started": now_utc()}
     resume.start(fingerprint)
@@ -533,8 +637,10 @@ def _report(
     if run.activations.enabled:
         report["activations"] = plan.summary(loaded.model.config.hidden_size)
     if run.method.calibration_free:
-        workers = 1 if run.world > 1 else run.workers or default_workers()  # several ranks: one process each
+        workers = 1 if run.world > 1 or loaded.streamed else run.workers or default_workers()
         report["engine"] = {"path": "independent", "workers": workers} | run.world_size
+    if loaded.streamed:
+        report["engine"]["streamed"] = True
     extra_bits = extra_bit_summary(engine_result.weights)
     if extra_bits:
         report["extra_bits"] = extra_bits

@@ -2,7 +2,9 @@
 
 A checkpoint is a Hugging Face model folder (docs/FORMAT.md is the full specification):
 
-- ``model.safetensors``: for every quantized linear ``M``, its layout's packed tensors as ``M.<tensor>``
+- ``model.safetensors`` (or, written block by block, shards ``model-0000k-of-0000n.safetensors`` and
+  ``model.safetensors.index.json``, as transformers writes them): for every quantized linear ``M``, its
+  layout's packed tensors as ``M.<tensor>``
   (``QuantizedWeight.packed_tensors()``, stored exactly) and ``M.bias`` if it has one; every other
   tensor (embeddings, norms, LM head) under its usual name, tied tensors once;
 - ``config.json``: the model's config plus ``quantization_config`` (below), with an ``activations``
@@ -23,6 +25,7 @@ if TYPE_CHECKING:
 QUANT_METHOD = "binq"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"  # a checkpoint written block by block: shards and this index
 
 
 def packed_key(module: str, tensor: str) -> str:

@@ -9,8 +9,9 @@ from typing import Any
 
 import torch
 
-from binq.checkpoint.format import QUANT_METHOD, WEIGHTS_FILE, check_quantization_config
-from binq.checkpoint.header import TensorEntry, read_header
+from binq.checkpoint.files import checkpoint_entries
+from binq.checkpoint.format import QUANT_METHOD, check_quantization_config
+from binq.checkpoint.header import TensorEntry
 from binq.errors import BinqError
 
 log = logging.getLogger(__name__)
@@ -100,10 +101,8 @@ def load(
 
     folder = Path(folder)
     modules = set(read_quantization_config(folder)["modules"])
-    file = folder / WEIGHTS_FILE
-    if not file.is_file():
-        raise BinqError(f"'{folder}' has no {WEIGHTS_FILE}; a binq checkpoint keeps its tensors there")
-    entries = read_header(file)  # every tensor's byte range checked before any loader maps the file
+    # every tensor's byte range checked before any loader maps a file
+    entries = {name: entry for name, (_, entry) in checkpoint_entries(folder).items()}
     _check_model_config(folder)
     register()
     direct = fp16_embeddings and dtype == torch.float32 and device == "cpu" and _unquantized_all_fp16(entries, modules)

@@ -15,7 +15,13 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from binq.checkpoint.format import WEIGHTS_FILE, build_activations_config, build_quantization_config, packed_key
+from binq.checkpoint.format import (
+    INDEX_FILE,
+    WEIGHTS_FILE,
+    build_activations_config,
+    build_quantization_config,
+    packed_key,
+)
 from binq.errors import BinqError
 from binq.quant.structured import QuantizedWeight
 
@@ -26,17 +32,22 @@ log = logging.getLogger(__name__)
 
 
 def _unquantized_tensors(
-    model: nn.Module, quantized: set[str], dtype: torch.dtype | None, exact_modules: frozenset[str] = frozenset()
+    model: nn.Module,
+    quantized: set[str],
+    dtype: torch.dtype | None,
+    exact_modules: frozenset[str] = frozenset(),
+    skip_prefix: str | None = None,
 ) -> dict[str, torch.Tensor]:
     """Every other state-dict tensor once (tied ones under their first name), floats cast to ``dtype``.
 
-    The tensors of ``exact_modules`` keep their in-memory dtype (norms that channel smoothing changed).
+    The tensors of ``exact_modules`` keep their in-memory dtype (norms that channel smoothing changed);
+    names starting with ``skip_prefix`` are left out (the blocks, written shard by shard).
     """
     tensors: dict[str, torch.Tensor] = {}
     seen: set[tuple[int, tuple[int, ...]]] = set()
     for name, tensor in model.state_dict().items():
         module = name.rpartition(".")[0]
-        if module in quantized:
+        if module in quantized or (skip_prefix is not None and name.startswith(skip_prefix)):
             continue
         key = (tensor.data_ptr(), tuple(tensor.shape))
         if key in seen:  # tied to a tensor already stored (SmolLM2's lm_head is its embedding)
@@ -125,13 +136,46 @@ def save_checkpoint(
     tensors = _unquantized_tensors(model, set(weights), dtype, exact_modules)
     tensors.update(_quantized_tensors(model, weights, dtype))
     path = out / WEIGHTS_FILE
-    partial = out / (WEIGHTS_FILE + ".partial")
+    write_tensors(path, tensors)
+    remove_stale_files(out, keep={WEIGHTS_FILE})
+    modules = {name: (w.layout, w.metadata()) for name, w in weights.items()}
+    write_config(out, model, modules, method, method_config, dtype, activation_entry, tokenizer)
+    log.info("wrote checkpoint %s (%.1f MiB)", out, path.stat().st_size / 2**20)
+    return path
+
+
+def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """One safetensors file, atomically (a crash mid-write never leaves a file that looks complete),
+    with the mode the user's umask gives new files."""
+    partial = path.with_name(path.name + ".partial")
     mode = _umask_mode(partial)
     save_file(tensors, str(partial), metadata={"format": "pt"})
     with contextlib.suppress(OSError):  # a file system without modes keeps its own
         partial.chmod(mode)  # safetensors writes 0600 whatever the umask; the other files follow the umask
-    partial.replace(path)  # a crash mid-write never leaves a file that looks complete
+    partial.replace(path)
 
+
+def remove_stale_files(out: Path, keep: set[str]) -> None:
+    """Remove the weight files of an earlier checkpoint in ``out`` that are not in ``keep``: a single
+    file, shards, or a shard index, any of which a loader would otherwise read."""
+    candidates = [out / WEIGHTS_FILE, out / INDEX_FILE, *out.glob("model-*-of-*.safetensors")]
+    for file in candidates:
+        if file.name not in keep:
+            file.unlink(missing_ok=True)
+
+
+def write_config(
+    out: Path,
+    model: nn.Module,
+    modules: dict[str, tuple[str, dict[str, Any]]],
+    method: str | None,
+    method_config: dict[str, Any] | None,
+    dtype: torch.dtype | None,
+    activation_entry: dict[str, Any] | None,
+    tokenizer: Any,
+) -> None:
+    """config.json with ``quantization_config`` (``modules``: module name -> (layout, layout metadata)),
+    the generation config and the tokenizer."""
     config = copy.deepcopy(model.config)
     config.use_cache = True
     if dtype is not None:
@@ -141,7 +185,6 @@ def save_checkpoint(
     config.save_pretrained(out)
     config_file = out / "config.json"
     data = json.loads(config_file.read_text(encoding="utf-8"))
-    modules = {name: (w.layout, w.metadata()) for name, w in weights.items()}
     data["quantization_config"] = build_quantization_config(modules, method, method_config, activation_entry)
     config_file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     generation_config = getattr(model, "generation_config", None)
@@ -149,5 +192,3 @@ def save_checkpoint(
         generation_config.save_pretrained(out)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
-    log.info("wrote checkpoint %s (%.1f MiB)", out, path.stat().st_size / 2**20)
-    return path

@@ -18,7 +18,10 @@ def tokenize_once(tokenizer: PreTrainedTokenizerBase, text: str) -> torch.Tensor
     This is GPTQ's ``tokenizer(text, return_tensors="pt").input_ids``; the call is kept identical (BOS
     included where the tokenizer adds one) so windows and perplexities match the published protocol.
     """
+    from binq.memory import trim_free_memory
+
     ids = tokenizer(text, return_tensors="pt")["input_ids"]
+    trim_free_memory()  # the tokenizer's transient buffers are hundreds of MB on a long text
     # An empty text gives a float tensor of shape [1, 0]; ids are always int64 downstream.
     return ids.to(torch.long).reshape(1, -1)
 

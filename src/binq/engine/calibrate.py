@@ -33,7 +33,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -44,7 +44,7 @@ from binq.errors import BinqError
 from binq.methods.registry import Method
 from binq.models.architectures import Architecture, block_linears, get_blocks, module_name
 from binq.quant.hessian import relative_output_error
-from binq.quant.structured import QuantizedWeight
+from binq.quant.structured import QuantizedWeight, WeightSummary
 
 if TYPE_CHECKING:
     from binq.engine.resume import BlockItem, Progress
@@ -176,12 +176,16 @@ def quantize_model(
     on_layer: Callable[[LayerRecord], None] | None = None,
     progress: bool = True,
     resume: Progress | None = None,
+    observer: BlockObserver | None = None,
 ) -> EngineResult:
     """Quantize every declared linear of every block of ``model`` (on the CPU) in place.
 
     ``calibration`` is ``[N, L]`` token ids. Returns the structured weights by full module name and a
     record per linear; ``on_layer`` sees each record as soon as it exists. ``resume`` (rank 0's, in a
     multi-process run; ``None`` on the other ranks): where finished blocks are recorded and taken from.
+    ``observer`` (one process only) sees each block before the method touches it and once its quantized
+    weights are in place; when its ``keeps_weights`` is false the result keeps a
+    :class:`~binq.quant.structured.WeightSummary` of each weight, not the weight (a streamed run).
     """
     engine = engine or EngineConfig()
     device = torch.device(engine.device)
@@ -207,10 +211,13 @@ def quantize_model(
     try:
         for step in walk:
             index = step.index
+            if observer is not None:
+                observer.before(index, step.block)
             if index < resume_from:
                 loaded = preloaded.pop(index) if index in preloaded else _load_block(resume, model, arch, index, device)
                 if loaded is not None:
                     position = _put_block(step, loaded, order, position, result, on_layer)
+                    _observe_after(observer, step, loaded[0], result)
                     loaded_blocks += 1
                     if resume_from == count:  # every later block is finished too: no need to feed it
                         following = index + 1
@@ -254,6 +261,7 @@ def quantize_model(
                     _share_weight(step.linears[name], owner)
             if recording:
                 _record_block(resume, index, made, [step.full_name(name) for name in order])
+            _observe_after(observer, step, {name: weight for name, (_, weight) in made.items()}, result)
     except torch.cuda.OutOfMemoryError as err:
         raise BinqError(
             f"out of memory on {device} in block {index}: use fewer or shorter calibration samples, "
@@ -263,6 +271,29 @@ def quantize_model(
         resume.resumed_from = loaded_blocks
     result.time_s = time.perf_counter() - started
     return result
+
+
+class BlockObserver(Protocol):
+    """What a streamed run does with each block while it is in memory (:mod:`binq.streamed`)."""
+
+    keeps_weights: bool
+
+    def before(self, index: int, block: nn.Module) -> None:
+        """Block ``index`` as read from the source, before the method changes it."""
+
+    def after(self, index: int, block: nn.Module, weights: dict[str, QuantizedWeight]) -> None:
+        """Block ``index`` with its quantized weights in place (``weights`` by full module name)."""
+
+
+def _observe_after(
+    observer: BlockObserver | None, step: Any, weights: dict[str, QuantizedWeight], result: EngineResult
+) -> None:
+    if observer is None:
+        return
+    observer.after(step.index, step.block, weights)
+    if not observer.keeps_weights:
+        for name in weights:
+            result.weights[name] = WeightSummary.of(weights[name])  # type: ignore[assignment]
 
 
 def _resume_point(resume: Progress | None, count: int) -> tuple[bool, int]:

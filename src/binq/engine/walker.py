@@ -25,7 +25,9 @@ from tqdm.auto import tqdm
 
 from binq.engine.capture import BlockInputs, block_output, capture_block_inputs, to_device
 from binq.engine.hessian import HessianAccumulator
+from binq.memory import trim_free_memory
 from binq.models.architectures import Architecture, block_linears, get_blocks, module_name
+from binq.models.streaming import block_store
 
 
 @dataclass
@@ -111,16 +113,21 @@ def walk_blocks(
 ) -> Iterator[BlockStep]:
     """Yield every block (up to ``last_block``) of ``model`` with its inputs for ``calibration`` (``[N, L]``).
 
-    The model stays on the CPU; each block moves to ``device`` for its step and back afterwards. The
-    calibration activations stay on the CPU unless ``activations_on_device`` (``None``: if they fit).
+    The model stays on the CPU; each block moves to ``device`` for its step and back afterwards (a
+    streamed model's block is read from its files first and dropped afterwards,
+    :mod:`binq.models.streaming`). The calibration activations stay on the CPU unless
+    ``activations_on_device`` (``None``: if they fit).
     """
     device = torch.device(device)
     blocks = get_blocks(model, arch)
+    store = block_store(model)  # a streamed model: each block is read from disk for its step, then dropped
     inputs = capture_block_inputs(model, blocks, calibration)
     on_device = activations_fit(inputs, device) if activations_on_device is None else activations_on_device
     hidden = [x.to(device) if on_device else x for x in inputs.hidden_states]
     count = len(blocks) if last_block is None else last_block + 1
     for index in tqdm(range(count), desc=desc, unit="block", disable=not progress):
+        if store is not None:
+            store.load(index)
         block = blocks[index].to(device)
         step = BlockStep(
             index=index,
@@ -137,6 +144,9 @@ def walk_blocks(
             hidden = step.outputs if step.outputs is not None else step.run()
         finally:
             blocks[index] = block.to("cpu")
+            if store is not None:
+                store.release(index)
+            trim_free_memory()
 
 
 def block_hessians(

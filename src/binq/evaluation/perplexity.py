@@ -15,7 +15,7 @@ original weights of the quantized linears in and out around each window.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
@@ -74,10 +74,17 @@ class EvalResult:
         return {**asdict(self), "protocol": asdict(self.protocol)}
 
 
-def _window_stats(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
-    nll = -logp.gather(-1, targets[:, 1:].unsqueeze(-1)).squeeze(-1).mean()
-    return nll, logp
+ROWS = 64  # positions whose log-probabilities are alive at once while a window is scored
+
+
+def _log_probs(logits: torch.Tensor, rows: slice) -> torch.Tensor:
+    """Log-probabilities of the next token at positions ``rows`` (of the ``L - 1`` that predict one)."""
+    return F.log_softmax(logits[:, rows].float(), dim=-1)
+
+
+def _target_nll(logp: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Each position's negative log-likelihood of its target, ``[1, rows]``."""
+    return -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
 @torch.no_grad()
@@ -92,26 +99,71 @@ def evaluate_perplexity(
     progress: bool = True,
 ) -> EvalResult:
     """Evaluate ``model`` (and, with ``swap``, the original model and the KL) on ``tokens`` ``[1, T]``."""
+    windows = check_windows(tokens, seqlen, protocol, max_windows)
+    scores = WindowScores(protocol, windows)
+    for i in tqdm(range(windows), desc=f"eval {protocol.text}", unit="window", disable=not progress):
+        x = tokens[:, i * seqlen : (i + 1) * seqlen].to(device)
+
+        def original(x: torch.Tensor = x) -> torch.Tensor:
+            assert swap is not None
+            with swap.original():
+                return model(x, use_cache=False).logits
+
+        scores.add(x, lambda x=x: model(x, use_cache=False).logits, original if swap is not None else None)
+    return scores.result()
+
+
+def check_windows(tokens: torch.Tensor, seqlen: int, protocol: Protocol, max_windows: int | None) -> int:
+    """The number of windows of ``seqlen`` evaluated on ``tokens`` ``[1, T]`` (recorded in ``protocol``)."""
     available = tokens.shape[1] // seqlen
     if available < 1:
         raise BinqError(f"{protocol.text}: {tokens.shape[1]} tokens, fewer than one window of {seqlen}")
     windows = available if max_windows is None else min(max_windows, available)
     protocol.windows, protocol.windows_available, protocol.tokens = windows, available, tokens.shape[1]
-    nll_sum = nll_original_sum = kl_sum = 0.0
-    for i in tqdm(range(windows), desc=f"eval {protocol.text}", unit="window", disable=not progress):
-        x = tokens[:, i * seqlen : (i + 1) * seqlen].to(device)
-        nll, logp = _window_stats(model(x, use_cache=False).logits, x)
-        nll_sum += float(nll)
-        if swap is not None:
-            with swap.original():
-                nll_original, logp_original = _window_stats(model(x, use_cache=False).logits, x)
-            nll_original_sum += float(nll_original)
-            kl = (logp_original.exp() * (logp_original - logp)).sum(-1).mean()
-            kl_sum += float(kl)
-            del logp_original
-        del logp
-    result = EvalResult(protocol=protocol, ppl=math.exp(nll_sum / windows))
-    if swap is not None:
-        result.ppl_original = math.exp(nll_original_sum / windows)
-        result.kl = kl_sum / windows
-    return result
+    return windows
+
+
+class WindowScores:
+    """The running sums of one evaluation: NLL per window, and with the original's logits its NLL and the KL."""
+
+    def __init__(self, protocol: Protocol, windows: int) -> None:
+        self.protocol, self.windows = protocol, windows
+        self.nll_sum = self.nll_original_sum = self.kl_sum = 0.0
+        self.with_original = False
+
+    def add(
+        self,
+        x: torch.Tensor,
+        logits: Callable[[], torch.Tensor],
+        original: Callable[[], torch.Tensor] | None = None,
+    ) -> None:
+        """Score window ``x`` (``[1, L]``): ``logits()`` are the model's, ``original()`` the original's.
+
+        The log-probabilities are computed :data:`ROWS` positions at a time: every position's value is
+        what the whole window's computation gives (row by row), and the means are taken over all
+        positions at once, so the numbers are the same while only the two sets of logits and one slice
+        of log-probabilities are ever alive."""
+        quantized = logits()
+        reference = original() if original is not None else None
+        targets = x[:, 1:]
+        nll_rows, nll_original_rows, kl_rows = [], [], []
+        for start in range(0, targets.shape[1], ROWS):
+            rows = slice(start, min(start + ROWS, targets.shape[1]))
+            logp = _log_probs(quantized, rows)
+            nll_rows.append(_target_nll(logp, targets[:, rows]))
+            if reference is not None:
+                logp_original = _log_probs(reference, rows)
+                nll_original_rows.append(_target_nll(logp_original, targets[:, rows]))
+                kl_rows.append((logp_original.exp() * (logp_original - logp)).sum(-1))
+        self.nll_sum += float(torch.cat(nll_rows, dim=1).mean())
+        if reference is not None:
+            self.with_original = True
+            self.nll_original_sum += float(torch.cat(nll_original_rows, dim=1).mean())
+            self.kl_sum += float(torch.cat(kl_rows, dim=1).mean())
+
+    def result(self) -> EvalResult:
+        result = EvalResult(protocol=self.protocol, ppl=math.exp(self.nll_sum / self.windows))
+        if self.with_original:
+            result.ppl_original = math.exp(self.nll_original_sum / self.windows)
+            result.kl = self.kl_sum / self.windows
+        return result

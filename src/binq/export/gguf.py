@@ -30,10 +30,9 @@ from typing import Any
 import gguf
 import numpy as np
 import torch
-from safetensors import safe_open
 
-from binq.checkpoint.format import WEIGHTS_FILE, packed_key
-from binq.checkpoint.header import read_header
+from binq.checkpoint.files import open_tensors
+from binq.checkpoint.format import packed_key
 from binq.checkpoint.load import read_quantization_config
 from binq.errors import BinqError
 from binq.export.q1_0 import QK1_0, q1_0_form_problem, q1_0_rows
@@ -204,14 +203,12 @@ def export_gguf(folder: Path | str, out: Path | str, like: Path | str | None = N
         raise BinqError(f"exporting {config['model_type']} needs --like: a GGUF of the same model for its metadata")
 
     modules = {name: (entry["layout"], entry["metadata"]) for name, entry in quantization["modules"].items()}
-    file = folder / WEIGHTS_FILE
-    entries = read_header(file)
     weights: dict[str, QuantizedWeight] = {}
-    with safe_open(str(file), framework="pt") as handle:
+    with open_tensors(folder) as (entries, get_tensor):
         for module, (layout, metadata) in modules.items():
             prefix = module + "."
             tensors = {
-                n[len(prefix) :]: handle.get_tensor(n)
+                n[len(prefix) :]: get_tensor(n)
                 for n in entries
                 if n.startswith(prefix) and n[len(prefix) :] != "bias" and "." not in n[len(prefix) :]
             }
@@ -223,9 +220,9 @@ def export_gguf(folder: Path | str, out: Path | str, like: Path | str | None = N
             if problem is not None:
                 method = quantization.get("method") or "this method"
                 raise BinqError(f"cannot export {method} to GGUF Q1_0: {module}: {problem}. {REFUSAL_HINT}")
-        plain = {n: handle.get_tensor(n) for n in entries if n.rpartition(".")[0] not in modules}
+        plain = {n: get_tensor(n) for n in entries if n.rpartition(".")[0] not in modules}
         biases = [packed_key(m, "bias") for m in modules if packed_key(m, "bias") in entries]
-        plain.update({n: handle.get_tensor(n) for n in biases})
+        plain.update({n: get_tensor(n) for n in biases})
 
     name_map = gguf.TensorNameMap(arch.gguf_arch, config["num_hidden_layers"])
     writer = gguf.GGUFWriter(str(out), gguf.MODEL_ARCH_NAMES[arch.gguf_arch])

@@ -121,7 +121,9 @@ def run_torch(job: dict[str, Any]) -> dict[str, Any]:
         "loop": decoded.loop,
     }
     if job["task"] == "binq":
-        result["file_bytes"] = (Path(job["model"]) / "model.safetensors").stat().st_size
+        from binq.checkpoint.files import weight_files
+
+        result["file_bytes"] = sum(file.stat().st_size for file in weight_files(job["model"]))
         from binq.nn.cpu_kernels import kernel_state_bytes
 
         result["kernel_bytes"] = kernel_state_bytes(model)

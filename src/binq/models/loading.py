@@ -33,6 +33,7 @@ from binq.models.architectures import (
     get_blocks,
 )
 from binq.models.embedded import EMBEDDED_MODELS, read_gguf, require_gguf_support
+from binq.models.streaming import can_stream, open_streamed
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ class LoadedModel:
     tokenizer: PreTrainedTokenizerBase
     name: str  # short name for reports: the embedded name, folder name, GGUF stem or Hub id
     path: str  # where it was read from: folder, .gguf file or Hub id
+    streamed: bool = False  # the blocks stay on disk until the walker reads them (binq.models.streaming)
 
     @property
     def architecture(self) -> Architecture:
@@ -84,7 +86,11 @@ def _folder_architecture(folder: Path) -> Architecture:
 
 def _read(source: str, dtype: torch.dtype, **kwargs: Any) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+    model, info = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, output_loading_info=True, **kwargs)
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:  # transformers fills them with random values: a silent wrong answer
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise BinqError(f"'{source}' does not hold the model's tensor {missing[0]}{more}")
     return model, tokenizer
 
 
@@ -128,15 +134,37 @@ def check_finite(model: torch.nn.Module, name: str) -> None:
             raise BinqError(f"model '{name}' has NaN or Inf values in {param_name}; binq needs finite weights")
 
 
-def load_model(spec: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load ``spec``: an embedded name (``smollm2-135m``), a model folder, a ``.gguf`` file, or a Hub id."""
+def _open_folder(
+    spec: str, folder: Path, dtype: torch.dtype, stream: bool
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, bool]:
+    """A folder's model, streamed (its blocks left on disk) when asked and its files allow it."""
+    if stream and can_stream(folder):
+        _folder_architecture(folder)
+        try:
+            model = open_streamed(folder, dtype)
+            if model is not None:
+                return model, AutoTokenizer.from_pretrained(str(folder)), True
+        except (OSError, ValueError, KeyError, RuntimeError) as error:
+            raise BinqError(f"cannot load model '{spec}' from {folder} ({_short(error)})") from error
+    return *_load_folder(spec, folder, dtype), False
+
+
+def load_model(spec: str, dtype: torch.dtype = torch.float32, stream: bool = False) -> LoadedModel:
+    """Load ``spec``: an embedded name (``smollm2-135m``), a model folder, a ``.gguf`` file, or a Hub id.
+
+    ``stream``: leave the decoder blocks on disk, to be read one at a time by the block walker
+    (:mod:`binq.models.streaming`), where the source is a local safetensors folder whose tensor names
+    are the model's; otherwise (and for .gguf files and Hub ids) the model is loaded whole.
+    ``LoadedModel.streamed`` says which happened.
+    """
     path = Path(spec).expanduser()
+    streamed = False
     if spec in EMBEDDED_MODELS:
         folder = EMBEDDED_MODELS[spec]()
-        model, tokenizer = _load_folder(spec, folder, dtype)
+        model, tokenizer, streamed = _open_folder(spec, folder, dtype, stream)
         name, where = spec, str(folder)
     elif path.is_dir():
-        model, tokenizer = _load_folder(spec, path, dtype)
+        model, tokenizer, streamed = _open_folder(spec, path, dtype, stream)
         name, where = path.resolve().name, str(path.resolve())
     elif path.is_file():
         if path.suffix.lower() != ".gguf":
@@ -149,12 +177,16 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
         model, tokenizer = _load_hub(spec, dtype)
         name, where = spec, spec
 
-    model = model.to("cpu").eval()
+    if not streamed:
+        model = model.to("cpu")
+    model = model.eval()
     model.config.use_cache = False
     arch = get_architecture(model)
     for block in get_blocks(model, arch):
         block_linears(block, arch)  # the declared layout must match the real modules, in every block
-    check_finite(model, name)
+    if not streamed:  # a streamed model's blocks are checked as they are read
+        check_finite(model, name)
     n_params = sum(p.numel() for p in model.parameters())
-    logger.info("loaded %s (%s, %.1f M parameters, %s) from %s", name, arch.name, n_params / 1e6, dtype, where)
-    return LoadedModel(model=model, tokenizer=tokenizer, name=name, path=where)
+    how = "blocks read one at a time" if streamed else "in memory"
+    logger.info("loaded %s (%s, %.1f M parameters, %s, %s) from %s", name, arch.name, n_params / 1e6, dtype, how, where)
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name, path=where, streamed=streamed)

@@ -78,6 +78,40 @@ class QuantizedWeight(ABC):
         return {}
 
 
+@dataclass(frozen=True)
+class WeightSummary:
+    """What the report needs of a quantized weight once its tensors are on disk (a streamed run keeps
+    these, not the weights): the same bit figures as the :class:`QuantizedWeight` it was made from."""
+
+    layout: str
+    shape: tuple[int, int]
+    compute_bits: float
+    storage_bits_total: int
+    layout_metadata: dict[str, Any]
+    extra_figures: dict[str, float]
+
+    @classmethod
+    def of(cls, weight: QuantizedWeight) -> WeightSummary:
+        return cls(
+            weight.layout, tuple(weight.shape), weight.compute_bits, weight.storage_bits_total,
+            weight.metadata(), weight.extra_bit_figures(),
+        )  # fmt: skip
+
+    @property
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    @property
+    def storage_bits(self) -> float:
+        return self.storage_bits_total / self.numel
+
+    def metadata(self) -> dict[str, Any]:
+        return self.layout_metadata
+
+    def extra_bit_figures(self) -> dict[str, float]:
+        return self.extra_figures
+
+
 _LAYOUTS: dict[str, type[QuantizedWeight]] = {}
 
 

@@ -1,0 +1,287 @@
+"""Streamed runs: one block in memory at a time, the in-memory run's results bit for bit, a sharded checkpoint.
+
+Tiny random folders (four blocks, fp16 on disk like real checkpoints) and local word texts. Every claim
+of docs/MEMORY.md is checked here: the weights, records, evaluation and checkpoint tensors of a streamed
+run equal the in-memory run's, the model never holds more than one block's weights, the sharded
+checkpoint loads (binq and transformers) to the same logits, and bad sources and damaged indexes are
+one-line errors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import binq
+from binq.checkpoint import INDEX_FILE, WEIGHTS_FILE, checkpoint_entries, load, open_tensors
+from binq.cli import main
+from binq.engine.resume import tensor_digest
+from binq.errors import BinqError
+from binq.models import load_model
+from binq.models.streaming import BlockStore
+from binq.pipeline import CalibrationConfig, EvaluationConfig
+
+LAYERS = 4
+
+
+@pytest.fixture(scope="module")
+def texts(text_file: Callable[[int, int], Path]) -> tuple[Path, Path]:
+    return text_file(2000, 1), text_file(300, 2)
+
+
+@pytest.fixture
+def folder(save_tiny_model: Callable[..., Path]) -> Path:
+    """A four-block tiny llama stored in fp16, as checkpoints usually are."""
+    return save_tiny_model("llama", edit=lambda model: model.half(), num_hidden_layers=LAYERS)
+
+
+def run(folder: Path, texts: tuple[Path, Path], method: str, config, stream: bool, out: Path | None, **kwargs):
+    calibration = CalibrationConfig(source=str(texts[0]), nsamples=4, seqlen=24)
+    evaluation = EvaluationConfig(sets=(str(texts[1]), str(texts[0])), seqlen=24, windows=3)
+    return binq.quantize(
+        str(folder), method, config, calibration=calibration, evaluation=evaluation, progress=False,
+        out=out, stream=stream, **kwargs,
+    )  # fmt: skip
+
+
+def records(result) -> list[dict]:
+    """The records less their timing."""
+    return [{k: v for k, v in dataclasses.asdict(r).items() if k != "time_s"} for r in result.records]
+
+
+def checkpoint_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    with open_tensors(folder) as (entries, get):
+        return {name: get(name) for name in entries}
+
+
+METHODS = [
+    ("gptq", {"bits": 3, "group_size": 32}),
+    ("billm", None),
+    ("arb-group", None),
+    ("w11", None),
+    ("rtn", {"bits": 2}),  # calibration-free: its own streamed path
+    ("msb", None),
+]
+
+
+@pytest.mark.parametrize(("method", "config"), METHODS, ids=[m for m, _ in METHODS])
+def test_a_streamed_run_is_the_in_memory_run_bit_for_bit(
+    folder: Path, texts: tuple[Path, Path], tmp_path: Path, method: str, config
+) -> None:
+    streamed = run(folder, texts, method, config, True, tmp_path / "streamed")
+    whole = run(folder, texts, method, config, False, tmp_path / "whole")
+    assert streamed.model.streamed and not whole.model.streamed
+    assert records(streamed) == records(whole)
+    assert streamed.evaluations == whole.evaluations  # PPL and KL to the last bit
+    for key in ("bits", "bits_original", "ppl", "kl", "compute_bits", "storage_bits"):
+        assert streamed.report[key] == whole.report[key], key
+    assert streamed.report["engine"]["streamed"] is True and "streamed" not in whole.report["engine"]
+    a, b = checkpoint_tensors(tmp_path / "streamed"), checkpoint_tensors(tmp_path / "whole")
+    assert set(a) == set(b) and tensor_digest(a) == tensor_digest(b)
+    config_a = json.loads((tmp_path / "streamed" / "config.json").read_text())
+    config_b = json.loads((tmp_path / "whole" / "config.json").read_text())
+    assert config_a == config_b
+    # Blocks go to shards 1..4, everything else to shard 5; no single file is left beside them.
+    index = json.loads((tmp_path / "streamed" / INDEX_FILE).read_text())
+    assert not (tmp_path / "streamed" / WEIGHTS_FILE).exists()
+    assert sorted(set(index["weight_map"].values())) == [f"model-{k:05d}-of-00005.safetensors" for k in range(1, 6)]
+    assert all(
+        file == f"model-{int(name.split('.')[2]) + 1:05d}-of-00005.safetensors"
+        for name, file in index["weight_map"].items()
+        if name.startswith("model.layers.")
+    )
+    sizes = sum(t.numel() * t.element_size() for t in a.values())
+    assert index["metadata"]["total_size"] == sizes
+    assert not (tmp_path / "streamed" / "progress").exists()  # the run finished: nothing to resume
+
+
+def test_the_model_never_holds_more_than_one_block(
+    folder: Path, texts: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    most = []
+    original_load = BlockStore.load
+
+    def counting_load(self: BlockStore, index: int) -> None:
+        original_load(self, index)
+        most.append(len(self.loaded))
+
+    monkeypatch.setattr(BlockStore, "load", counting_load)
+    result = run(folder, texts, "gptq", {"bits": 4}, True, None)
+    assert most and max(most) == 1
+    blocks = result.model.model.model.layers
+    assert all(p.is_meta for block in blocks for p in block.parameters())  # every block dropped again
+    assert not any(p.is_meta for n, p in result.model.model.named_parameters() if not n.startswith("model.layers."))
+
+
+def test_the_sharded_checkpoint_loads_to_the_same_logits(
+    folder: Path, texts: tuple[Path, Path], tmp_path: Path, make_ids
+) -> None:
+    run(folder, texts, "gptq", {"bits": 4, "group_size": 32}, True, tmp_path / "streamed")
+    run(folder, texts, "gptq", {"bits": 4, "group_size": 32}, False, tmp_path / "whole")
+    ids = make_ids(2, 16)
+    with torch.no_grad():
+        streamed = load(tmp_path / "streamed")(ids).logits
+        whole = load(tmp_path / "whole")(ids).logits
+    assert torch.equal(streamed, whole)
+    from transformers import AutoModelForCausalLM
+
+    with torch.no_grad():
+        auto = AutoModelForCausalLM.from_pretrained(str(tmp_path / "streamed"), dtype=torch.float32)(ids).logits
+    assert torch.equal(auto, whole)
+
+
+def test_the_cli_streams_by_default_and_in_memory_on_request(
+    folder: Path, texts: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    common = ["--model", str(folder), "--method", "rtn", "--bits", "4", "--calib", str(texts[0]), "--nsamples", "4"]
+    common += ["--seqlen", "24", "--eval", str(texts[1]), "--eval-windows", "2", "--no-progress", "--no-layer-table"]
+    assert main(["quantize", *common, "--out", str(tmp_path / "s")]) == 0
+    assert main(["quantize", *common, "--out", str(tmp_path / "m"), "--in-memory"]) == 0
+    capsys.readouterr()
+    assert (tmp_path / "s" / INDEX_FILE).is_file() and (tmp_path / "m" / WEIGHTS_FILE).is_file()
+    streamed = json.loads((tmp_path / "s" / "report.json").read_text())
+    whole = json.loads((tmp_path / "m" / "report.json").read_text())
+    assert streamed["engine"]["streamed"] and streamed["ppl"] == whole["ppl"]
+    # A streamed checkpoint written over an in-memory one replaces it whole: no stale single file.
+    assert main(["quantize", *common, "--out", str(tmp_path / "m")]) == 0
+    assert not (tmp_path / "m" / WEIGHTS_FILE).exists() and (tmp_path / "m" / INDEX_FILE).is_file()
+    assert main(["quantize", *common, "--out", str(tmp_path / "m"), "--in-memory"]) == 0
+    assert (tmp_path / "m" / WEIGHTS_FILE).exists() and not (tmp_path / "m" / INDEX_FILE).exists()
+    assert not list((tmp_path / "m").glob("model-*-of-*.safetensors"))
+
+
+def test_a_streamed_run_resumes_to_the_same_checkpoint(
+    folder: Path, texts: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reference = run(folder, texts, "gptq", {"bits": 3}, True, tmp_path / "ref")
+    from binq.engine import resume as resume_module
+
+    def fail_after_block_1(self, index: int, items) -> None:
+        original_save(self, index, items)
+        if index == 1:
+            raise KeyboardInterrupt  # the process dies after block 1's progress file is written
+
+    original_save = resume_module.Progress.save
+    monkeypatch.setattr(resume_module.Progress, "save", fail_after_block_1)
+    with pytest.raises(KeyboardInterrupt):
+        run(folder, texts, "gptq", {"bits": 3}, True, tmp_path / "run")
+    monkeypatch.setattr(resume_module.Progress, "save", original_save)
+    assert not (tmp_path / "run" / INDEX_FILE).exists()  # no index: not a checkpoint yet
+    resumed = run(folder, texts, "gptq", {"bits": 3}, True, tmp_path / "run")
+    assert resumed.report["resumed_from_block"] == 2
+    assert resumed.evaluations == reference.evaluations
+    assert tensor_digest(checkpoint_tensors(tmp_path / "run")) == tensor_digest(checkpoint_tensors(tmp_path / "ref"))
+
+
+def test_activation_quantization_and_gguf_sources_load_whole(folder: Path, texts: tuple[Path, Path]) -> None:
+    from binq.activations import ActivationConfig
+
+    result = run(folder, texts, "gptq", {"bits": 4}, True, None, activations=ActivationConfig(bits=4))
+    assert not result.model.streamed and "streamed" not in result.report["engine"]
+
+
+def test_a_source_without_the_models_tensor_names_is_refused(folder: Path) -> None:
+    tensors = load_file(str(folder / WEIGHTS_FILE))
+    renamed = {name.replace("model.", "transformer.", 1): t for name, t in tensors.items()}
+    save_file(renamed, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    # Streaming falls back to the whole load, which refuses a folder that does not hold the model's
+    # tensors (transformers would fill them with random values).
+    for stream in (True, False):
+        message = r"does not hold the model's tensor model\.embed_tokens\.weight and \d+ more"
+        with pytest.raises(BinqError, match=message):
+            load_model(str(folder), stream=stream)
+
+
+def test_a_nan_in_a_later_block_is_named_when_that_block_is_read(folder: Path, texts: tuple[Path, Path]) -> None:
+    tensors = load_file(str(folder / WEIGHTS_FILE))
+    tensors["model.layers.2.mlp.up_proj.weight"][0, 0] = float("nan")
+    save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    loaded = load_model(str(folder), stream=True)  # nothing of block 2 is read yet
+    assert loaded.streamed
+    with pytest.raises(BinqError, match=r"model\.layers\.2\.mlp\.up_proj\.weight"):
+        run(folder, texts, "gptq", {"bits": 4}, True, None)
+
+
+def test_a_sharded_source_streams(folder: Path, texts: tuple[Path, Path], tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    sharded = tmp_path / "sharded"
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float16)
+    model.save_pretrained(sharded, max_shard_size="40KB")
+    for file in folder.iterdir():
+        if file.name.startswith("tokenizer") or file.name == "special_tokens_map.json":
+            (sharded / file.name).write_bytes(file.read_bytes())
+    assert (sharded / INDEX_FILE).is_file()
+    a = run(sharded, texts, "gptq", {"bits": 4}, True, None)
+    b = run(folder, texts, "gptq", {"bits": 4}, True, None)
+    assert a.model.streamed and records(a) == records(b)
+    assert a.report["ppl"] == b.report["ppl"] and a.report["kl"] == b.report["kl"]
+
+
+SHARD_1 = "model-00001-of-00005.safetensors"
+
+
+def _remove_a_shard(folder: Path, index: dict) -> None:
+    (folder / index["weight_map"]["model.norm.weight"]).unlink()
+
+
+def _map_to_a_list(folder: Path, index: dict) -> None:
+    _rewrite(folder, {**index, "weight_map": []})
+
+
+def _escape_the_folder(folder: Path, index: dict) -> None:
+    _rewrite(folder, {**index, "weight_map": {**index["weight_map"], "x": "../x.safetensors"}})
+
+
+def _move_one_tensor(folder: Path, index: dict) -> None:
+    _rewrite(folder, {**index, "weight_map": {**index["weight_map"], "model.norm.weight": SHARD_1}})
+
+
+def _name_a_tensor_no_shard_holds(folder: Path, index: dict) -> None:
+    _rewrite(folder, {**index, "weight_map": {**index["weight_map"], "x": SHARD_1}})
+
+
+def _point_a_block_to_another_shard(folder: Path, index: dict) -> None:
+    second = "model-00002-of-00005.safetensors"
+    moved = {n: (second if n.startswith("model.layers.0.") else f) for n, f in index["weight_map"].items()}
+    _rewrite(folder, {**index, "weight_map": moved})
+
+
+def _write_bad_json(folder: Path, index: dict) -> None:
+    (folder / INDEX_FILE).write_text("{not json")
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (_remove_a_shard, "missing"),
+        (_map_to_a_list, "no weight_map"),
+        (_escape_the_folder, "not a .safetensors file of the folder"),
+        (_name_a_tensor_no_shard_holds, "does not hold it"),
+        (_point_a_block_to_another_shard, "to model-00002-of-00005.safetensors, which does not hold it"),
+        (_move_one_tensor, "holds tensor 'model.norm.weight' but model.safetensors.index.json maps it to"),
+        (_write_bad_json, "cannot read"),
+    ],
+)
+def test_a_damaged_index_is_a_one_line_error(
+    folder: Path, texts: tuple[Path, Path], tmp_path: Path, damage, message: str
+) -> None:
+    out = tmp_path / "q"
+    run(folder, texts, "rtn", {"bits": 4}, True, out)
+    index = json.loads((out / INDEX_FILE).read_text())
+    damage(out, index)
+    with pytest.raises(BinqError, match=message) as caught:
+        checkpoint_entries(out)
+    assert "\n" not in str(caught.value)
+    with pytest.raises(BinqError):
+        load(out)
+
+
+def _rewrite(folder: Path, index: object) -> None:
+    (folder / INDEX_FILE).write_text(json.dumps(index))
