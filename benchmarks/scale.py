@@ -131,6 +131,7 @@ def _quantize_command(args: argparse.Namespace, out: Path, nproc: int | None = N
 
 def _timed(command: list[str], threads: int, log: Path) -> tuple[float, int, int]:
     """Run ``command`` (``binq ...`` as ``python -m binq ...``): wall seconds, sampled peak, exit code."""
+    log.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     started = time.perf_counter()
     with log.open("w") as sink:
