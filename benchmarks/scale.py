@@ -187,7 +187,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def nproc(args: argparse.Namespace) -> int:
-    """The quantization stage in one process (1 and 2 threads) and in two processes of one thread each."""
+    """The quantization stage in one process (1 and 2 threads) and in two processes of one thread each.
+
+    Every lane holds the model whole (``--in-memory``): a multi-process run does, and a streamed run's
+    quantization stage also advances the layer-wise evaluation, which would not compare."""
+    args.in_memory = True
     reports = Path(args.out)
     reports.mkdir(parents=True, exist_ok=True)
     facts = _model_facts(args.model)
