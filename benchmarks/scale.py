@@ -174,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
     result = {
         "kind": "scale", "name": name, "model": facts, "method": args.method, "bits": args.bits,
         "streamed": bool(report["engine"].get("streamed")), "threads": args.threads,
-        "calibration": {"nsamples": args.nsamples, "seqlen": args.seqlen},
+        "calibration": {"nsamples": args.nsamples, "seqlen": args.seqlen}, "beside": args.beside,
         "evaluation": {"sets": args.eval, "windows": args.eval_windows},
         "command": command, "wall_s": wall, "time_s": report["time_s"],
         "peak_rss_sampled_bytes": sampled, "peak_memory_bytes": report["peak_memory_bytes"],
@@ -242,6 +242,10 @@ def main() -> int:
         lane.add_argument("--eval-windows", type=int, default=4)
         lane.add_argument("--threads", type=int, default=2)
         lane.add_argument("--in-memory", action="store_true")
+        lane.add_argument(
+            "--beside", default=None,
+            help="what else ran on the machine meanwhile (recorded; the tables then show no times for the lane)",
+        )  # fmt: skip
         lane.add_argument("--out", default="docs/reports/scale", help="folder of the result files")
         lane.add_argument("--work", default="runs/scale", help="folder of the runs' checkpoints and logs")
     args = parser.parse_args()

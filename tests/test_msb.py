@@ -262,7 +262,7 @@ def test_cli_runs_msb_without_calibration(
     assert code == 0, err
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["calibration"]["tokens"] == 0  # the calibration file is never read
-    assert report["engine"] == {"path": "independent", "workers": 1}
+    assert report["engine"] == {"path": "independent", "workers": 1, "streamed": True}
     assert report["method"]["config"]["groups"] == 8
     assert report["compute_bits"] == 4.0 and 4.0 < report["storage_bits"]["linear"] < 4.05  # + 8 scales a matrix
     extra = report["extra_bits"]["linear"]

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
@@ -285,3 +287,16 @@ def test_a_damaged_index_is_a_one_line_error(
 
 def _rewrite(folder: Path, index: object) -> None:
     (folder / INDEX_FILE).write_text(json.dumps(index))
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_shards_and_index_follow_the_umask(folder: Path, texts: tuple[Path, Path], tmp_path: Path, umask: int) -> None:
+    previous = os.umask(umask)
+    try:
+        run(folder, texts, "rtn", {"bits": 4}, True, tmp_path / "q")
+    finally:
+        os.umask(previous)
+    files = [*(tmp_path / "q").glob("model-*-of-*.safetensors"), tmp_path / "q" / INDEX_FILE]
+    assert len(files) == LAYERS + 2
+    assert {stat.S_IMODE(f.stat().st_mode) for f in files} == {0o666 & ~umask}
+    assert not list((tmp_path / "q").glob("*.partial"))

@@ -463,7 +463,18 @@ def _quantize(run: _Run, resume: Progress | None) -> QuantizationResult:
         swap = ActivationSwap(WeightSwap(originals), hooks)
         evaluations = _run_evaluations(loaded, eval_tokens, evaluation, run.engine.device, swap, run.progress)
     eval_s = time.perf_counter() - eval_started
-    return _finish(run, resume, loaded, arch, windows, engine_result, evaluations, eval_s, plan)
+    return _finish(run, resume, loaded, arch, _Outcome(windows, engine_result, evaluations, eval_s, plan))
+
+
+@dataclass
+class _Outcome:
+    """What the quantization and evaluation steps of one run made, for its report."""
+
+    windows: torch.Tensor | None
+    engine_result: EngineResult
+    evaluations: dict[str, dict[str, Any]]
+    eval_s: float
+    plan: ActivationPlan
 
 
 def _finish(
@@ -471,15 +482,12 @@ def _finish(
     resume: Progress | None,
     loaded: LoadedModel,
     arch: Any,
-    windows: torch.Tensor | None,
-    engine_result: EngineResult,
-    evaluations: dict[str, dict[str, Any]],
-    eval_s: float,
-    plan: ActivationPlan,
+    outcome: _Outcome,
     checkpoint: ShardedCheckpoint | None = None,
 ) -> QuantizationResult:
     """The report, the result, and with ``out`` the files written and the progress folder removed."""
-    report = _report(run, loaded, arch, windows, engine_result, evaluations, eval_s, plan)
+    report = _report(run, loaded, arch, outcome)
+    engine_result, evaluations, plan = outcome.engine_result, outcome.evaluations, outcome.plan
     if resume is not None and resume.resumed_from is not None:
         report["resumed_from_block"] = resume.resumed_from
     result = QuantizationResult(
@@ -523,7 +531,8 @@ def _quantize_streamed(
         )  # fmt: skip
     checkpoint = None
     if run.out is not None:
-        checkpoint = ShardedCheckpoint(run.out, loaded.model, arch, source_dtype(loaded))
+        blocks = len(get_blocks(loaded.model, arch))
+        checkpoint = ShardedCheckpoint(run.out, loaded.model, arch.blocks, blocks, source_dtype(loaded))
     observer = StreamedRun(evaluation, checkpoint)
     if run.method.calibration_free:
         engine_result = quantize_free_streamed(
@@ -537,7 +546,8 @@ def _quantize_streamed(
     eval_started = time.perf_counter()
     evaluations = evaluation.finish(run.progress) if evaluation is not None else {}
     eval_s = time.perf_counter() - eval_started
-    return _finish(run, resume, loaded, arch, windows, engine_result, evaluations, eval_s, plan, checkpoint)
+    outcome = _Outcome(windows, engine_result, evaluations, eval_s, plan)
+    return _finish(run, resume, loaded, arch, outcome, checkpoint)
 
 
 def _protocol(loaded: LoadedModel, name: str, evaluation: EvaluationConfig) -> Protocol:
@@ -590,17 +600,10 @@ def _quantize_linears(
     return result, True
 
 
-def _report(
-    run: _Run,
-    loaded: LoadedModel,
-    arch: Any,
-    windows: torch.Tensor | None,
-    engine_result: EngineResult,
-    evaluations: dict[str, dict[str, Any]],
-    eval_s: float,
-    plan: ActivationPlan,
-) -> dict[str, Any]:
+def _report(run: _Run, loaded: LoadedModel, arch: Any, outcome: _Outcome) -> dict[str, Any]:
     """The run's ``report.json`` (docs/REPORT.md)."""
+    windows, engine_result, evaluations = outcome.windows, outcome.engine_result, outcome.evaluations
+    eval_s, plan = outcome.eval_s, outcome.plan
     inventory = parameter_inventory(loaded.model, arch)
     stored_bits = torch.finfo(source_dtype(loaded)).bits
     memory, memory_kind = peak_memory()

@@ -31,7 +31,6 @@ from binq.checkpoint.save import (
     write_config,
     write_tensors,
 )
-from binq.models.architectures import Architecture, get_blocks
 from binq.quant.structured import QuantizedWeight
 
 log = logging.getLogger(__name__)
@@ -45,10 +44,11 @@ def shard_name(index: int, total: int) -> str:
 class ShardedCheckpoint:
     """Writes a checkpoint to ``out`` block by block (see the module docstring)."""
 
-    def __init__(self, out: Path | str, model: nn.Module, arch: Architecture, dtype: torch.dtype | None) -> None:
+    def __init__(self, out: Path | str, model: nn.Module, blocks: str, count: int, dtype: torch.dtype | None) -> None:
+        """``blocks``: the dotted path of the model's decoder blocks (``model.layers``), ``count`` of them."""
         self.out = Path(out)
-        self.model, self.arch, self.dtype = model, arch, dtype
-        self.blocks = len(get_blocks(model, arch))
+        self.model, self.prefix, self.dtype = model, blocks + ".", dtype
+        self.blocks = count
         self.total = self.blocks + 1
         self.weight_map: dict[str, str] = {}
         self.sizes: dict[str, int] = {}
@@ -58,7 +58,7 @@ class ShardedCheckpoint:
     def write_block(self, index: int, block: nn.Module, weights: dict[str, QuantizedWeight]) -> None:
         """Block ``index`` (in memory, its quantized linears ``weights`` by full module name) to its shard."""
         tensors = _quantized_tensors(self.model, weights, self.dtype)
-        prefix = f"{self.arch.blocks}.{index}."
+        prefix = f"{self.prefix}{index}."
         for name, tensor in block.state_dict().items():
             full = prefix + name
             if full.rpartition(".")[0] in weights:
@@ -88,7 +88,7 @@ class ShardedCheckpoint:
         if missing:
             raise RuntimeError(f"block {missing[0]} was never written")  # a bug, not a user error
         last = shard_name(self.blocks, self.total)
-        self._write(last, _unquantized_tensors(self.model, set(), self.dtype, skip_prefix=self.arch.blocks + "."))
+        self._write(last, _unquantized_tensors(self.model, set(), self.dtype, skip_prefix=self.prefix))
         index = {
             "metadata": {"total_size": sum(self.sizes.values())},
             "weight_map": dict(sorted(self.weight_map.items())),
