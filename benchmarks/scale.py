@@ -186,6 +186,16 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _commit() -> str | None:
+    """The commit of the binq that runs (the folder of the ``binq`` package imported here)."""
+    import binq
+
+    done = subprocess.run(
+        ["git", "-C", str(Path(binq.__file__).parent), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    )
+    return done.stdout.strip() or None
+
+
 def nproc(args: argparse.Namespace) -> int:
     """The quantization stage in one process (1 and 2 threads) and in two processes of one thread each.
 
@@ -196,7 +206,12 @@ def nproc(args: argparse.Namespace) -> int:
     reports.mkdir(parents=True, exist_ok=True)
     facts = _model_facts(args.model)
     lanes = [("1 process, 1 thread", 1, None), ("1 process, 2 threads", 2, None), ("2 processes, 1 thread each", 1, 2)]
-    rows = []
+    if args.lanes is not None:
+        lanes = [lanes[int(k) - 1] for k in args.lanes.split(",")]
+    name = f"{facts['name']}-{args.method}{args.bits or ''}-nproc"
+    earlier = reports / f"{name}.json"  # lanes not rerun keep their earlier measurement (with its time)
+    kept = json.loads(earlier.read_text())["lanes"] if args.lanes is not None and earlier.is_file() else []
+    rows = [lane for lane in kept if lane["lane"] not in {label for label, _, _ in lanes}]
     for label, threads, processes in lanes:
         work = Path(args.work) / f"nproc-{threads}-{processes or 1}"
         command = _quantize_command(args, work, processes)
@@ -209,11 +224,13 @@ def nproc(args: argparse.Namespace) -> int:
         rows.append({
             "lane": label, "threads": threads, "processes": processes or 1, "command": command,
             "quantize_s": report["time_s"]["quantize"], "wall_s": wall, "peak_rss_sampled_bytes": sampled,
-            "ppl": report["ppl"],
+            "ppl": report["ppl"], "created": report["created"], "binq_commit": _commit(),
         })  # fmt: skip
         print(json.dumps(rows[-1]["quantize_s"]))
+    order = ["1 process, 1 thread", "1 process, 2 threads", "2 processes, 1 thread each"]
+    rows.sort(key=lambda lane: order.index(lane["lane"]))
     result = {
-        "kind": "scale-nproc", "name": f"{facts['name']}-{args.method}{args.bits or ''}-nproc", "model": facts,
+        "kind": "scale-nproc", "name": name, "model": facts,
         "method": args.method, "bits": args.bits, "lanes": rows,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }  # fmt: skip
@@ -242,6 +259,10 @@ def main() -> int:
         lane.add_argument("--eval-windows", type=int, default=4)
         lane.add_argument("--threads", type=int, default=2)
         lane.add_argument("--in-memory", action="store_true")
+        if name == "nproc":
+            lane.add_argument(
+                "--lanes", default=None, help="rerun only these lanes (1, 2, 3, comma-separated); the others are kept"
+            )
         lane.add_argument(
             "--beside", default=None,
             help="what else ran on the machine meanwhile (recorded; the tables then show no times for the lane)",

@@ -89,10 +89,19 @@ def test_two_ranks_reproduce_one_process_on_all_samples(tmp_path):
         )
         for rank in range(WORLD)
     }
-    # The linears are spread over the ranks: each makes about half, together all of them, once.
+    # The linears are spread over the ranks by their cost: together all of them, once, and in every
+    # block neither rank has much more than half the work (n k^2 for n outputs, k inputs).
     made = [results[rank][1] for rank in range(WORLD)]
     assert made[0].isdisjoint(made[1]) and made[0] | made[1] == all_names
-    assert all(len(names) >= len(all_names) // WORLD for names in made)
+    model = build_tiny_model("llama", seed=0)
+    cost = {
+        name: module.out_features * module.in_features**2
+        for name in all_names
+        for module in [model.get_submodule(name)]
+    }
+    for index in range(LAYERS):
+        share = [sum(cost[n] for n in names if n.startswith(f"model.layers.{index}.")) for names in made]
+        assert max(share) <= 0.6 * sum(share), share
     for rank in range(WORLD):
         weights = results[rank][0]
         for name, weight in expected.items():
@@ -255,3 +264,22 @@ def test_without_nproc_drops_the_option_in_every_spelling() -> None:
     for spelling in (["--nproc", "2"], ["--nproc=2"], ["--npro", "2"], ["--np=2"]):
         assert _without_nproc(["quantize", *spelling, *tail]) == ["quantize", *tail]
     assert _without_nproc(["quantize", *tail, "--no-progress"]) == ["quantize", *tail, "--no-progress"]
+
+
+def test_a_llama_block_is_split_by_cost_not_by_count() -> None:
+    from binq.engine.calibrate import balance
+
+    hidden, ffn = 2560, 7168  # the synthetic LLaMA-3B-class block of benchmarks/scale.py
+    shapes = {"q": (hidden, hidden), "k": (hidden, hidden), "v": (hidden, hidden), "o": (hidden, hidden)}
+    shapes |= {"gate": (ffn, hidden), "up": (ffn, hidden), "down": (hidden, ffn)}
+    costs = {name: n * k**2 for name, (n, k) in shapes.items()}
+    for world in (2, 3, 4):
+        owners = balance(costs, world)
+        assert set(owners) == set(costs) and set(owners.values()) <= set(range(world))
+        load = [sum(c for name, c in costs.items() if owners[name] == r) for r in range(world)]
+        # No rank waits on another for more than the largest single linear (down_proj) forces.
+        assert max(load) <= max(sum(costs.values()) / world, costs["down"]) * 1.1, (world, load)
+    round_robin = [sum(c for i, c in enumerate(costs.values()) if i % 2 == r) for r in range(2)]
+    by_cost = [sum(c for name, c in costs.items() if balance(costs, 2)[name] == r) for r in range(2)]
+    assert max(by_cost) / sum(costs.values()) < 0.55 < 0.7 < max(round_robin) / sum(costs.values())
+    assert balance(costs, 2) == balance(dict(costs), 2)  # the same answer on every rank

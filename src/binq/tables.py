@@ -736,6 +736,12 @@ def _scale_comparisons(rows: Sequence[Report]) -> list[str]:
     return [*notes, ""] if notes else []
 
 
+def _measured(lane: Report, file: Report) -> str:
+    """When a lane ran (UTC) and on which binq commit."""
+    when = lane.get("created", file["created"])[:16].replace("T", " ")
+    return when + (f" ({lane['binq_commit']})" if lane.get("binq_commit") else "")
+
+
 def scale_nproc_section(reports: Reports) -> str:
     """``benchmarks/scale.py nproc``: the quantization stage in one and two processes."""
     files = [r for r in reports.scale if r.get("kind") == "scale-nproc"]
@@ -746,13 +752,14 @@ def scale_nproc_section(reports: Reports) -> str:
         anchors = {lane["lane"]: lane["quantize_s"] for lane in f["lanes"]}
         one, two_threads = anchors.get("1 process, 1 thread"), anchors.get("1 process, 2 threads")
         header = ["lane", "quantize s", "vs 1 process, 1 thread", "vs 1 process, 2 threads", "wall s"]
-        header += ["peak RSS MiB (all processes)", "PPL"]
+        header += ["peak RSS MiB (all processes)", "PPL", "measured"]
         body = [
             [
                 lane["lane"], fmt(lane["quantize_s"], ",.0f"), _ratio(lane["quantize_s"], one),
                 _ratio(lane["quantize_s"], two_threads), fmt(lane["wall_s"], ",.0f"),
                 fmt(_mib(lane["peak_rss_sampled_bytes"]), ",.0f"),
                 "; ".join(f"{k} {fmt_ppl(v['quantized'])}" for k, v in lane["ppl"].items()),
+                _measured(lane, f),
             ]
             for lane in f["lanes"]
         ]  # fmt: skip

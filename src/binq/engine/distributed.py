@@ -4,9 +4,10 @@ What a run of N ranks splits and what it gathers:
 
 - every rank reads the same calibration windows and keeps its share ``windows[rank::N]``
   (:func:`share_windows`); the engine sums each Hessian over the ranks (an all-reduce) and spreads a
-  block's linears over them round-robin, each quantized weight broadcast from the rank that made it
-  (:mod:`binq.engine.calibrate`);
-- a calibration-free method splits the linears the same way (:func:`quantize_independent_share`);
+  block's linears over them by their cost (:func:`~binq.engine.calibrate.stage_owners`), each
+  quantized weight broadcast from the rank that made it (:mod:`binq.engine.calibrate`);
+- a calibration-free method deals the model's linears out round-robin, ``linears[rank::N]``, with no
+  wait between blocks (:func:`quantize_independent_share`);
 - :func:`gather_result` sends every rank's structured weights (their packed tensors and metadata, as a
   checkpoint stores them) and records to rank 0, which rebuilds them in model order; rank 0 alone
   evaluates and writes the report and the checkpoint.
