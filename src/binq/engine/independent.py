@@ -56,11 +56,15 @@ def default_workers() -> int:
         return os.cpu_count() or 1
 
 
-def relative_weight_error(weight: torch.Tensor, dequantized: torch.Tensor) -> float:
-    """``||W - Q||^2 / ||W||^2`` in float64."""
-    w = weight.to(torch.float64)
-    den = float(w.square().sum())
-    return float((w - dequantized.to(torch.float64)).square().sum() / den) if den > 0 else float("nan")
+def relative_weight_error(weight: torch.Tensor, dequantized: torch.Tensor, rows: int = 256) -> float:
+    """``||W - Q||^2 / ||W||^2`` in float64, ``rows`` rows at a time (so a large matrix never has a
+    float64 copy in memory)."""
+    num = den = 0.0
+    for start in range(0, weight.shape[0], rows):
+        w = weight[start : start + rows].to(torch.float64)
+        den += float(w.square().sum())
+        num += float((w - dequantized[start : start + rows].to(torch.float64)).square().sum())
+    return num / den if den > 0 else float("nan")
 
 
 def quantize_weight(method_name: str, config: Any, weight: torch.Tensor) -> tuple[QuantizedWeight, float, float]:

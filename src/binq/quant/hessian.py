@@ -69,14 +69,20 @@ def factor_hessian(hessian: torch.Tensor, percdamp: float = 0.01) -> HessianFact
     )
 
 
-def relative_output_error(weight: torch.Tensor, quantized: torch.Tensor, hessian: torch.Tensor) -> float:
-    """``||(W - Q) X||^2 / ||W X||^2`` on the calibration inputs, exactly, from the undamped Hessian."""
+def relative_output_error(
+    weight: torch.Tensor, quantized: torch.Tensor, hessian: torch.Tensor, rows: int = 256
+) -> float:
+    """``||(W - Q) X||^2 / ||W X||^2`` on the calibration inputs, exactly, from the undamped Hessian.
+
+    In float64, ``rows`` rows at a time: the float64 Hessian is the only large copy."""
     h = hessian.to(torch.float64)
-    delta = (weight - quantized).to(torch.float64)
-    w = weight.to(torch.float64)
-    num = (delta @ h * delta).sum()
-    den = (w @ h * w).sum()
-    return float(num / den) if den > 0 else float("nan")
+    num = den = 0.0
+    for start in range(0, weight.shape[0], rows):
+        w = weight[start : start + rows].to(torch.float64)
+        delta = w - quantized[start : start + rows].to(torch.float64)
+        num += float((delta @ h * delta).sum())
+        den += float((w @ h * w).sum())
+    return num / den if den > 0 else float("nan")
 
 
 def prepare_weight(weight: torch.Tensor, hessian: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -36,12 +36,27 @@ def pack_uint(values: torch.Tensor, bits: int) -> torch.Tensor:
     if not 1 <= bits <= 8:
         raise ValueError(f"bits must be in 1..8, got {bits}")
     rows, k = values.shape
-    v = values.to(torch.int32).cpu()
-    if v.numel() and (int(v.min()) < 0 or int(v.max()) >= 2**bits):
+    values = values.cpu()
+    if values.numel() and (int(values.min()) < 0 or int(values.max()) >= 2**bits):
         raise ValueError(f"values out of range for {bits}-bit packing")
+    nbytes = packed_row_bytes(k, bits)
+    out = torch.empty(rows, nbytes, dtype=torch.uint8)
+    step = _rows_per_chunk(k * bits)
+    for start in range(0, rows, step):  # rows are packed independently: chunks bound the int32 expansion
+        out[start : start + step] = _pack_rows(values[start : start + step], bits, nbytes)
+    return out
+
+
+def _rows_per_chunk(bits_per_row: int) -> int:
+    """Rows whose int32 bit stream stays near 16 MB, at least one."""
+    return max(1, (1 << 22) // max(1, bits_per_row))
+
+
+def _pack_rows(values: torch.Tensor, bits: int, nbytes: int) -> torch.Tensor:
+    rows, k = values.shape
+    v = values.to(torch.int32)
     shifts = torch.arange(bits, dtype=torch.int32)
     stream = ((v.unsqueeze(-1) >> shifts) & 1).reshape(rows, k * bits)
-    nbytes = packed_row_bytes(k, bits)
     padded = torch.zeros(rows, nbytes * 8, dtype=torch.int32)
     padded[:, : k * bits] = stream
     return (padded.reshape(rows, nbytes, 8) * _BIT_WEIGHTS).sum(-1).to(torch.uint8)
@@ -52,6 +67,16 @@ def unpack_uint(packed: torch.Tensor, k: int, bits: int) -> torch.Tensor:
     rows, nbytes = packed.shape
     if nbytes != packed_row_bytes(k, bits):
         raise ValueError(f"packed rows have {nbytes} bytes, expected {packed_row_bytes(k, bits)} for k={k}")
-    stream = ((packed.to(torch.int32).unsqueeze(-1) >> torch.arange(8, dtype=torch.int32)) & 1).reshape(rows, -1)
+    out = torch.empty(rows, k, dtype=torch.uint8, device=packed.device)
+    step = _rows_per_chunk(nbytes * 8)
+    for start in range(0, rows, step):
+        out[start : start + step] = _unpack_rows(packed[start : start + step], k, bits)
+    return out
+
+
+def _unpack_rows(packed: torch.Tensor, k: int, bits: int) -> torch.Tensor:
+    rows = packed.shape[0]
+    eight = torch.arange(8, dtype=torch.int32, device=packed.device)
+    stream = ((packed.to(torch.int32).unsqueeze(-1) >> eight) & 1).reshape(rows, -1)
     stream = stream[:, : k * bits].reshape(rows, k, bits)
-    return (stream << torch.arange(bits, dtype=torch.int32)).sum(-1).to(torch.uint8)
+    return (stream << torch.arange(bits, dtype=torch.int32, device=packed.device)).sum(-1).to(torch.uint8)
