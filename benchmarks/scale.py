@@ -179,6 +179,7 @@ def run(args: argparse.Namespace) -> int:
         "command": command, "wall_s": wall, "time_s": report["time_s"],
         "peak_rss_sampled_bytes": sampled, "peak_memory_bytes": report["peak_memory_bytes"],
         "ppl": report["ppl"], "storage_bits": report["storage_bits"], "created": report["created"],
+        "binq_commit": _commit(),
         "machine": report["machine"],
     }  # fmt: skip
     (reports / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")

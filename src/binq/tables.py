@@ -680,7 +680,7 @@ def scale_memory_section(reports: Reports) -> str:
         "peak RSS MiB (sampled)",
         "peak RSS MiB (report)",
     ]
-    header += ["quantize s", "eval s", "wall s", "threads", "PPL (original)", "linear storage bits"]
+    header += ["quantize s", "eval s", "wall s", "threads", "PPL (original)", "linear storage bits", "measured"]
     body = []
     for r in rows:
         ppl = "; ".join(f"{k} {fmt_ppl(v['quantized'])} ({fmt_ppl(v['original'])})" for k, v in r["ppl"].items())
@@ -689,7 +689,7 @@ def scale_memory_section(reports: Reports) -> str:
             r["method"] + (f" {r['bits']}-bit" if r.get("bits") else ""),
             "one block at a time" if r["streamed"] else "whole", fmt(_mib(r["peak_rss_sampled_bytes"]), ",.0f"),
             fmt(_mib(r["peak_memory_bytes"]), ",.0f"), *_scale_times(r), str(r["threads"]), ppl,
-            fmt(r["storage_bits"]["linear"], ".3f"),
+            fmt(r["storage_bits"]["linear"], ".3f"), _measured(r, r),
         ])  # fmt: skip
     lines = [markdown_grid(header, body), ""]
     beside = [r for r in rows if r.get("beside")]
