@@ -115,12 +115,19 @@ class Sampler:
         return self.peak
 
 
+def _here(path: str | Path) -> str:
+    """``path`` relative to the working folder when it is inside it (the commands the tables show)."""
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(Path.cwd())) if resolved.is_relative_to(Path.cwd()) else str(path)
+
+
 def _quantize_command(args: argparse.Namespace, out: Path, nproc: int | None = None) -> list[str]:
-    command = ["binq", "quantize", "--model", str(args.model), "--method", args.method]
+    model = args.model if not Path(args.model).exists() else _here(args.model)
+    command = ["binq", "quantize", "--model", model, "--method", args.method]
     if args.bits is not None:
         command += ["--bits", str(args.bits)]
     command += ["--calib", "austen", "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen)]
-    command += ["--eval", args.eval, "--eval-windows", str(args.eval_windows), "--out", str(out)]
+    command += ["--eval", args.eval, "--eval-windows", str(args.eval_windows), "--out", _here(out)]
     command += ["--no-layer-table", "--no-progress"]
     if args.in_memory:
         command.append("--in-memory")
