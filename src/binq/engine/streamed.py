@@ -31,6 +31,7 @@ from binq.engine.independent import quantize_weight
 from binq.engine.resume import Progress, block_item
 from binq.errors import BinqError
 from binq.evaluation.layerwise import LayerwiseEvaluation
+from binq.memory import trim_free_memory
 from binq.methods.registry import Method
 from binq.models.architectures import Architecture, block_linears, get_blocks, module_name
 from binq.models.streaming import block_store
@@ -116,6 +117,7 @@ def quantize_free_streamed(
             observer.after(index, block, weights)
             for name, weight in weights.items():
                 result.weights[name] = WeightSummary.of(weight)  # type: ignore[assignment]
+        trim_free_memory()  # as the walker does after each block
     if resume is not None and loaded_blocks:
         resume.resumed_from = loaded_blocks
     result.time_s = time.perf_counter() - started

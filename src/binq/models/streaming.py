@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from binq.errors import BinqError
+from binq.memory import trim_free_memory
 from binq.models.architectures import Architecture, get_architecture, get_blocks
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,12 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
 _STORES: weakref.WeakKeyDictionary[nn.Module, BlockStore] = weakref.WeakKeyDictionary()
+
+
+def all_finite(tensor: torch.Tensor, rows: int = 4096) -> bool:
+    """Whether every entry is finite, checked ``rows`` rows at a time (no tensor-sized mask at once)."""
+    flat = tensor.reshape(tensor.shape[0], -1) if tensor.dim() > 1 else tensor.reshape(1, -1)
+    return all(bool(torch.isfinite(flat[i : i + rows]).all()) for i in range(0, flat.shape[0], rows))
 
 
 def block_store(model: nn.Module) -> BlockStore | None:
@@ -78,13 +85,15 @@ class SourceTensors:
             by_file.setdefault(self.files[name], []).append(name)
         tensors: dict[str, torch.Tensor] = {}
         for file, wanted in by_file.items():
-            try:
-                with safe_open(str(file), framework="pt") as handle:
-                    for name in wanted:
+            for name in wanted:
+                try:
+                    # One tensor per opening: the file's mapped pages are let go before the next one.
+                    with safe_open(str(file), framework="pt") as handle:
                         tensor = handle.get_tensor(name)
-                        tensors[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
-            except (OSError, RuntimeError, ValueError) as error:
-                raise BinqError(f"cannot read {name} from {file} ({error})") from None
+                        tensor = tensor.to(dtype) if tensor.is_floating_point() else tensor.clone()
+                except (OSError, RuntimeError, ValueError) as error:
+                    raise BinqError(f"cannot read {name} from {file} ({error})") from None
+                tensors[name] = tensor
         return tensors
 
 
@@ -111,7 +120,7 @@ class BlockStore:
         block = self.blocks[index]
         for name, key in names.items():
             tensor = tensors[key]
-            if not torch.isfinite(tensor).all():
+            if tensor.is_floating_point() and not all_finite(tensor):
                 raise BinqError(f"model has NaN or Inf values in {key}; binq needs finite weights")
             module_path, _, attribute = name.rpartition(".")
             module = block.get_submodule(module_path) if module_path else block
@@ -171,7 +180,7 @@ def open_streamed(folder: Path, dtype: torch.dtype) -> nn.Module | None:
         return None
     tensors = source.read([name for name in other_keys if name not in tied], dtype)
     for name, tensor in tensors.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        if tensor.is_floating_point() and not all_finite(tensor):
             raise BinqError(f"model '{folder.name}' has NaN or Inf values in {name}; binq needs finite weights")
     model.load_state_dict(tensors, strict=False, assign=True)
     model.tie_weights()
@@ -182,6 +191,8 @@ def open_streamed(folder: Path, dtype: torch.dtype) -> nn.Module | None:
     model.eval()
     model.config.use_cache = False
     _STORES[model] = BlockStore(model, arch, source, dtype)
+    del tensors
+    trim_free_memory()  # the source's pages and the cast's transients
     return model
 
 

@@ -70,18 +70,20 @@ def factor_hessian(hessian: torch.Tensor, percdamp: float = 0.01) -> HessianFact
 
 
 def relative_output_error(
-    weight: torch.Tensor, quantized: torch.Tensor, hessian: torch.Tensor, rows: int = 256
+    weight: torch.Tensor, quantized: torch.Tensor, hessian: torch.Tensor, rows: int = 256, cols: int = 1024
 ) -> float:
     """``||(W - Q) X||^2 / ||W X||^2`` on the calibration inputs, exactly, from the undamped Hessian.
 
-    In float64, ``rows`` rows at a time: the float64 Hessian is the only large copy."""
-    h = hessian.to(torch.float64)
+    In float64, ``rows`` rows of the weight and ``cols`` columns of the Hessian at a time, so that no
+    full-size float64 copy of either is ever made (``sum_i d_i H d_i^T`` summed over blocks)."""
     num = den = 0.0
-    for start in range(0, weight.shape[0], rows):
-        w = weight[start : start + rows].to(torch.float64)
-        delta = w - quantized[start : start + rows].to(torch.float64)
-        num += float((delta @ h * delta).sum())
-        den += float((w @ h * w).sum())
+    for col in range(0, hessian.shape[1], cols):
+        h = hessian[:, col : col + cols].to(torch.float64)
+        for start in range(0, weight.shape[0], rows):
+            w = weight[start : start + rows].to(torch.float64)
+            delta = w - quantized[start : start + rows].to(torch.float64)
+            num += float((delta @ h * delta[:, col : col + cols]).sum())
+            den += float((w @ h * w[:, col : col + cols]).sum())
     return num / den if den > 0 else float("nan")
 
 
