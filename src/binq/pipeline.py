@@ -28,7 +28,6 @@ Everything a run decides is in its typed configs: the method's config class, :cl
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -561,13 +560,9 @@ def _start_progress(
     """Record (or check, when resuming) the whole fingerprint: the model's identity and the windows' hash too."""
     assert resume is not None
     fingerprint = run.fingerprint()
-    blocks = get_blocks(loaded.model, arch)
     store = block_store(loaded.model)
-    with contextlib.ExitStack() as held:  # a streamed model's first and last blocks, read for the identity
-        if store is not None:
-            for index in {0, len(blocks) - 1}:
-                held.enter_context(store.block(index))
-        fingerprint["model"] |= model_identity(loaded.model, blocks, loaded.path)
+    held = store.block if store is not None else None  # a streamed model's blocks, read one at a time
+    fingerprint["model"] |= model_identity(loaded.model, get_blocks(loaded.model, arch), loaded.path, held)
     fingerprint["calibration"]["windows_sha256"] = windows_digest(windows)
     fingerprint["info"] = {"model_path": loaded.path, "started": now_utc()}
     resume.start(fingerprint)

@@ -38,7 +38,7 @@ import os
 import re
 import shutil
 import signal
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -137,7 +137,9 @@ def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
 
 
-def model_identity(model: nn.Module, blocks: list[nn.Module], path: str) -> dict[str, Any]:
+def model_identity(
+    model: nn.Module, blocks: list[nn.Module], path: str, held: Callable[[int], Any] | None = None
+) -> dict[str, Any]:
     """A cheap identity of a loaded model: its config.json's sha256 and its weight files' names and sizes
     (when ``path`` is a folder or file), the number of blocks, and a sha256 of the first and last blocks'
     tensors as loaded (float32 for floats, so the compute dtype does not change it). Taken before
@@ -156,13 +158,15 @@ def model_identity(model: nn.Module, blocks: list[nn.Module], path: str) -> dict
         files[source.name] = source.stat().st_size
     digest = hashlib.sha256()
     for index in sorted({0, len(blocks) - 1}):
-        for name, tensor in blocks[index].state_dict().items():
-            tensor = tensor.detach().cpu()
-            if tensor.is_floating_point():
-                tensor = tensor.to(torch.float32)
-            tensor = tensor.contiguous()
-            digest.update(f"{index}.{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        # ``held``: a streamed model's block, read for the digest and dropped again, one at a time.
+        with held(index) if held is not None else contextlib.nullcontext():
+            for name, tensor in blocks[index].state_dict().items():
+                tensor = tensor.detach().cpu()
+                if tensor.is_floating_point():
+                    tensor = tensor.to(torch.float32)
+                tensor = tensor.contiguous()
+                digest.update(f"{index}.{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+                digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return {
         "config_sha256": config_sha256,
         "files": files,
