@@ -260,9 +260,11 @@ def quantize_model(
                 for group in stage:
                     group_owners = [owner_of[name] for name in group]
                     owners += zip(group, group_owners, strict=True)
+                    accumulator = accumulators.pop(group)  # freed with its group, not at the stage's end
                     if rank not in group_owners:
                         continue
-                    hessian = accumulators[group].hessian()
+                    hessian = accumulator.hessian()
+                    del accumulator
                     for name, owner in zip(group, group_owners, strict=True):
                         if owner != rank:
                             continue
