@@ -103,14 +103,15 @@ class LayerRecord:
 
     @classmethod
     def of(cls, block: int, name: str, quantized: QuantizedWeight, error: float, time_s: float) -> LayerRecord:
+        total = quantized.storage_bits_total  # packs the weight: once, not once per figure
         return cls(
             block=block,
             name=name,
             shape=quantized.shape,
             relative_error=error,
             compute_bits=quantized.compute_bits,
-            storage_bits=quantized.storage_bits,
-            storage_bits_total=quantized.storage_bits_total,
+            storage_bits=total / quantized.numel,
+            storage_bits_total=total,
             numel=quantized.numel,
             time_s=time_s,
         )
