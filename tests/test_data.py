@@ -463,3 +463,57 @@ def test_wrong_dataset_shape_is_a_binq_error(words: PreTrainedTokenizerFast) -> 
     fake = FakeHub({("ptb_text_only", "test"): [{"text": "w1 w2"}]})
     with pytest.raises(BinqError, match="no 'sentence' field"):
         evaluation_tokens(words, "ptb", seqlen=2, loader=fake)
+
+
+# ------------------------------------------------------------------------------------ chunked tokenizing
+
+
+def _metaspace() -> PreTrainedTokenizerFast:
+    """SentencePiece's convention: a leading space marks the start of every text, so no cut is safe."""
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="always")
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "[UNK]"], show_progress=False)
+    tok.train_from_iterator([load_text("emma")[:50_000]], trainer)
+    return _with_bos(tok)
+
+
+def _with_eos(tok: PreTrainedTokenizerFast) -> PreTrainedTokenizerFast:
+    """The byte-level BPE with BOS before and an end marker after every text."""
+    inner = Tokenizer.from_str(tok.backend_tokenizer.to_str())
+    bos, unk = inner.token_to_id("<s>"), inner.token_to_id("[UNK]")
+    inner.post_processor = processors.TemplateProcessing(
+        single="<s> $A [UNK]", special_tokens=[("<s>", bos), ("[UNK]", unk)]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=inner, bos_token="<s>", unk_token="[UNK]")
+
+
+@pytest.mark.parametrize("kind", ["bpe", "words", "eos", "metaspace"])
+def test_long_text_tokenized_in_chunks_gives_the_whole_texts_ids(
+    kind: str, bpe: PreTrainedTokenizerFast, words: PreTrainedTokenizerFast, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cut only where the tokenizer cuts by itself: the ids, special tokens included, are the whole call's."""
+    from binq.data import _tokens
+
+    tokenizer = {"bpe": bpe, "words": words, "eos": _with_eos(bpe), "metaspace": _metaspace()}[kind]
+    text = load_text("emma")[:60_000] if kind != "words" else "\n".join(f"w{k % 997} w{k % 13}" for k in range(9000))
+    monkeypatch.setattr(_tokens, "CHUNK_CHARS", 4096)
+    splits = _tokens.safe_splits(tokenizer, text)
+    if kind == "metaspace":
+        assert splits == []  # every text starts with its own marker: never cut
+    else:
+        assert len(splits) >= 8 and all(text[s - 1] == "\n" for s in splits)
+    assert torch.equal(_tokens.tokenize_once(tokenizer, text), ids_of(tokenizer, text).long())
+
+
+def test_smollm2_tokenizes_the_protocol_texts_in_chunks_exactly() -> None:
+    """The real tokenizer on the calibration and evaluation texts: cut, and the same ids as one call."""
+    from transformers import AutoTokenizer
+
+    from binq.data import _tokens
+    from binq.models import ensure_smollm2
+
+    tokenizer = AutoTokenizer.from_pretrained(str(ensure_smollm2()))
+    for name in ("austen", "brit1911", "persuasion"):
+        text = load_text(name)
+        assert len(_tokens.safe_splits(tokenizer, text)) == (12 if name == "austen" else 0)  # 3.6 MB, 0.4, 0.5
+        assert torch.equal(_tokens.tokenize_once(tokenizer, text), ids_of(tokenizer, text).long()), name
