@@ -103,6 +103,34 @@ def test_a_streamed_run_is_the_in_memory_run_bit_for_bit(
     assert not (tmp_path / "streamed" / "progress").exists()  # the run finished: nothing to resume
 
 
+EMBEDDINGS = [  # (architecture, tied head, whether the input embedding stays fp16)
+    ("llama", False, True),
+    ("llama", True, True),
+    ("mistral", True, True),
+    ("gemma", True, False),  # scaled embedding: the scale would be applied in fp16, so it is widened on load
+]
+
+
+@pytest.mark.parametrize(("arch", "tied", "narrow"), EMBEDDINGS, ids=[f"{a}-tied{t}" for a, t, _ in EMBEDDINGS])
+def test_embeddings_stay_fp16_and_give_the_in_memory_results(
+    save_tiny_model: Callable[..., Path], texts: tuple[Path, Path], arch: str, tied: bool, narrow: bool
+) -> None:
+    """A plain embedding and head are held as stored (half the memory) and widened per use: same numbers."""
+    folder = save_tiny_model(arch, edit=lambda model: model.half(), num_hidden_layers=2, tie_word_embeddings=tied)
+    loaded = load_model(str(folder), stream=True)
+    embedding, head = loaded.model.get_input_embeddings(), loaded.model.get_output_embeddings()
+    assert embedding.weight.dtype == (torch.float16 if narrow else torch.float32)
+    assert (head.weight is embedding.weight) == tied
+    if not tied:
+        assert head.weight.dtype == torch.float16
+    ids = torch.randint(0, embedding.num_embeddings, (1, 7), generator=torch.Generator().manual_seed(0))
+    assert embedding(ids).dtype == torch.float32
+    assert head(torch.randn(1, 3, embedding.embedding_dim)).dtype == torch.float32
+    streamed = run(folder, texts, "gptq", {"bits": 4}, True, None)
+    whole = run(folder, texts, "gptq", {"bits": 4}, False, None)
+    assert records(streamed) == records(whole) and streamed.evaluations == whole.evaluations
+
+
 def test_the_model_never_holds_more_than_one_block(
     folder: Path, texts: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -128,7 +128,7 @@ def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
     for name in sorted(tensors):
         tensor = tensors[name].detach().cpu().contiguous()
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))  # no copy
     return digest.hexdigest()
 
 
@@ -166,7 +166,7 @@ def model_identity(
                     tensor = tensor.to(torch.float32)
                 tensor = tensor.contiguous()
                 digest.update(f"{index}.{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-                digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+                digest.update(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))  # no copy
     return {
         "config_sha256": config_sha256,
         "files": files,

@@ -76,8 +76,8 @@ class SourceTensors:
         if missing:
             raise BinqError(f"{folder}: the shard {missing[0]} named by {INDEX_FILE} is missing")
 
-    def read(self, names: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """The tensors ``names``, floats cast to ``dtype`` (each file opened once)."""
+    def read(self, names: list[str], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+        """The tensors ``names``, floats cast to ``dtype`` (``None``: as stored)."""
         from safetensors import safe_open
 
         by_file: dict[Path, list[str]] = {}
@@ -90,7 +90,10 @@ class SourceTensors:
                     # One tensor per opening: the file's mapped pages are let go before the next one.
                     with safe_open(str(file), framework="pt") as handle:
                         tensor = handle.get_tensor(name)
-                        tensor = tensor.to(dtype) if tensor.is_floating_point() else tensor.clone()
+                        if tensor.is_floating_point() and dtype is not None:
+                            tensor = tensor.to(dtype)
+                        else:
+                            tensor = tensor.clone()
                 except (OSError, RuntimeError, ValueError) as error:
                     raise BinqError(f"cannot read {name} from {file} ({error})") from None
                 tensors[name] = tensor
@@ -178,12 +181,16 @@ def open_streamed(folder: Path, dtype: torch.dtype) -> nn.Module | None:
     if absent:
         log.info("%s does not name the tensor %s as the model does: loading it whole", folder, absent[0])
         return None
-    tensors = source.read([name for name in other_keys if name not in tied], dtype)
+    narrow = _narrowable(model, dtype)
+    tensors = source.read([name for name in other_keys if name not in tied], None)
     for name, tensor in tensors.items():
         if tensor.is_floating_point() and not all_finite(tensor):
             raise BinqError(f"model '{folder.name}' has NaN or Inf values in {name}; binq needs finite weights")
+        if tensor.is_floating_point() and not (name in narrow and tensor.itemsize < dtype.itemsize):
+            tensors[name] = tensor.to(dtype)
     model.load_state_dict(tensors, strict=False, assign=True)
     model.tie_weights()
+    _widen_on_use(model, dtype)
     for name, param in model.named_parameters():
         param.requires_grad_(False)
         if not name.startswith(prefix) and param.is_meta:
@@ -194,6 +201,55 @@ def open_streamed(folder: Path, dtype: torch.dtype) -> nn.Module | None:
     del tensors
     trim_free_memory()  # the source's pages and the cast's transients
     return model
+
+
+class _WideningEmbedding(nn.Embedding):
+    """An embedding table kept in the source's narrower float type; the rows it returns are widened to
+    the compute type: exactly the rows a widened table gives (widening a float loses nothing)."""
+
+    compute_dtype: torch.dtype
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 (nn.Embedding's name)
+        return super().forward(input).to(self.compute_dtype)
+
+
+class _WideningLinear(nn.Linear):
+    """An output head kept in the source's narrower float type, widened for each call (the same logits)."""
+
+    compute_dtype: torch.dtype
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 (nn.Linear's name)
+        bias = None if self.bias is None else self.bias.to(self.compute_dtype)
+        return nn.functional.linear(input, self.weight.to(self.compute_dtype), bias)
+
+
+def _narrowable(model: nn.Module, dtype: torch.dtype) -> set[str]:
+    """The embedding weights a streamed model may keep as stored: plain ``nn.Embedding`` and ``nn.Linear``
+    only, whose forward is just the lookup or the product (a scaled embedding, Gemma's, is widened on
+    load: its scale would be applied in the narrow type)."""
+    if not dtype.is_floating_point:
+        return set()
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    plain_head = head is not None and type(head) is nn.Linear
+    tied = head is not None and bool(getattr(model.config, "tie_word_embeddings", False))
+    names = set()
+    if type(embedding) is nn.Embedding and (plain_head or not tied):
+        names.add(_name_of(model, embedding) + ".weight")
+    if plain_head and not tied:  # a tied head's weight is the embedding's
+        names.add(_name_of(model, head) + ".weight")
+    return names
+
+
+def _widen_on_use(model: nn.Module, dtype: torch.dtype) -> None:
+    """Give the embeddings kept narrow (:func:`_narrowable`) their widening forward."""
+    for module, widening in (
+        (model.get_input_embeddings(), _WideningEmbedding),
+        (model.get_output_embeddings(), _WideningLinear),
+    ):
+        if module is None or module.weight.dtype == dtype or type(module) not in (nn.Embedding, nn.Linear):
+            continue
+        module.__class__ = widening
+        module.compute_dtype = dtype
 
 
 def _tied_away(model: nn.Module, name: str) -> bool:

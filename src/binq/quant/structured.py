@@ -489,12 +489,18 @@ class UniformWeight(QuantizedWeight):
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         group = self._groups()
-        scale = self.scales.float()[:, group]
-        if self.zeros is None:
-            zero = torch.full_like(scale, 2 ** (self.bits - 1))
-        else:
-            zero = self.zeros.float()[:, group]
-        return (scale * (self.codes.float() - zero)).to(dtype)
+        out = torch.empty(self.shape, dtype=dtype, device=self.codes.device)
+        # Row by row block: the expanded scales and zeros are each as large as the matrix.
+        step = max(1, (1 << 22) // max(1, self.shape[1]))
+        for start in range(0, self.shape[0], step):
+            rows = slice(start, start + step)
+            scale = self.scales[rows].float()[:, group]
+            if self.zeros is None:
+                zero = torch.full_like(scale, 2 ** (self.bits - 1))
+            else:
+                zero = self.zeros[rows].float()[:, group]
+            out[rows] = scale * (self.codes[rows].float() - zero)
+        return out
 
     def packed_tensors(self) -> dict[str, torch.Tensor]:
         tensors = {"codes": pack_uint(self.codes, self.bits), "scales": self.scales.to(torch.float16)}
