@@ -264,7 +264,7 @@ def quantize_model(
                     accumulator = accumulators.pop(group)  # freed with its group, not at the stage's end
                     if rank not in group_owners:
                         continue
-                    hessian = accumulator.hessian()
+                    hessian = accumulator.take_hessian()
                     del accumulator
                     for name, owner in zip(group, group_owners, strict=True):
                         if owner != rank:

@@ -35,3 +35,10 @@ class HessianAccumulator:
         if self.tokens == 0:
             raise RuntimeError("no calibration tokens reached this layer")
         return self.sum * (2.0 / self.tokens)
+
+    def take_hessian(self) -> torch.Tensor:
+        """:meth:`hessian` made in place of the running sum (no second matrix): the accumulator is spent."""
+        if self.tokens == 0:
+            raise RuntimeError("no calibration tokens reached this layer")
+        hessian, self.sum = self.sum.mul_(2.0 / self.tokens), None  # type: ignore[assignment]
+        return hessian

@@ -56,12 +56,13 @@ def quantize_gptq(weight: torch.Tensor, hessian: torch.Tensor, config: GPTQConfi
     else:
         perm = torch.arange(cols, device=hessian.device)
     # GPTQ factors the permuted Hessian: U of a permuted H is not a permutation of U.
-    factor = factor_hessian(hessian[perm][:, perm], config.percdamp)
+    factor = factor_hessian(hessian[perm][:, perm] if config.act_order else hessian, config.percdamp)
     u = factor.inverse_cholesky_upper
     w = weight.to(u.dtype).clone()
     w[:, dead_columns(hessian)] = 0
     static = _fit_static_grids(w, config, group_size) if config.static_groups else None
-    w = w[:, perm]
+    if config.act_order:
+        w = w[:, perm]
     # Group of each column, in the layer's own column order: by position in quantization order,
     # except static groups, which are fixed on the original columns.
     group_of_original = torch.arange(cols, device=w.device) // group_size
@@ -69,7 +70,7 @@ def quantize_gptq(weight: torch.Tensor, hessian: torch.Tensor, config: GPTQConfi
         group_of_original = torch.empty_like(perm)
         group_of_original[perm] = torch.arange(cols, device=w.device) // group_size
 
-    codes = torch.zeros(rows, cols, dtype=w.dtype, device=w.device)
+    codes = torch.zeros(rows, cols, dtype=torch.uint8, device=w.device)  # whole numbers 0..2^bits-1
     scales = torch.zeros(rows, groups, dtype=w.dtype, device=w.device)
     zeros = torch.zeros(rows, groups, dtype=w.dtype, device=w.device)
     # One grid per group, indexed like the scales: static ones fitted now, the others as the sweep
@@ -91,8 +92,10 @@ def quantize_gptq(weight: torch.Tensor, hessian: torch.Tensor, config: GPTQConfi
     dynamic = None if config.static_groups else fit_group
     sweep_columns(w, u, quantize_column, config.block_size, group_size=group_size, fit_group=dynamic)
 
-    original_codes = torch.empty_like(codes)
-    original_codes[:, perm] = codes
+    original_codes = codes
+    if config.act_order:
+        original_codes = torch.empty_like(codes)
+        original_codes[:, perm] = codes
     return UniformWeight(
         codes=original_codes.to(torch.uint8).cpu(),
         scales=scales.half().cpu(),

@@ -51,12 +51,19 @@ def factor_hessian(hessian: torch.Tensor, percdamp: float = 0.01) -> HessianFact
     dead = dead_columns(h)
     h[dead, dead] = 1.0
     mean_diag = torch.diagonal(h).mean()
-    eye = torch.eye(h.shape[0], dtype=work_dtype, device=h.device)
     damp = percdamp
     for attempt in range(DAMPING_ATTEMPTS):
-        lower, info = torch.linalg.cholesky_ex(h + damp * mean_diag * eye)
+        # H + lambda I with lambda added to the diagonal of a copy: the same sums as adding lambda times
+        # an identity matrix, without two more matrices of H's size.
+        damped = h.clone()
+        damped.diagonal().add_(damp * mean_diag)
+        lower, info = torch.linalg.cholesky_ex(damped)
+        del damped
         if int(info) == 0:
-            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+            inverse = torch.cholesky_inverse(lower)
+            del lower
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            del inverse
             if int(info) == 0 and torch.isfinite(upper).all():
                 if attempt:
                     log.warning("Hessian factored only with damping %.3g (asked %.3g)", damp, percdamp)
