@@ -3,8 +3,11 @@
 glibc's allocator keeps freed blocks of its heaps for reuse; a run that allocates and frees many
 megabyte-sized tensors (one block's activations after another) ends up resident at several times what
 it holds. :func:`trim_free_memory` asks glibc to return every free page (``malloc_trim(0)``); it is
-called once per block by the block walker and after the tokenizer's large transient allocations. A
-no-op on other C libraries.
+called once per block by the block walker and after the tokenizer's large transient allocations.
+Within a block, :func:`map_large_allocations` has glibc serve every allocation of 4 MB or more
+from its own mapping, given back the moment it is freed (glibc's default threshold climbs to 32 MB as
+large blocks are freed, and every smaller activation then stays in the heap until the next trim).
+Both are no-ops on other C libraries.
 """
 
 from __future__ import annotations
@@ -16,15 +19,30 @@ import sys
 from collections.abc import Callable
 
 
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+LARGE_ALLOCATION = 4 << 20  # above GPTQ's per-column temporaries of 7168-row layers (3.5 MB)
+
+
 @functools.cache
-def _malloc_trim() -> Callable[[int], int] | None:
+def _libc_function(name: str) -> Callable[..., int] | None:
     if not sys.platform.startswith("linux"):
         return None
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc.malloc_trim
-    except (OSError, AttributeError):  # musl and others have no malloc_trim
+        return getattr(libc, name)
+    except (OSError, AttributeError):  # musl and others have neither malloc_trim nor mallopt's parameters
         return None
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    return _libc_function("malloc_trim")
+
+
+def map_large_allocations(threshold: int = LARGE_ALLOCATION) -> bool:
+    """Have glibc map allocations of ``threshold`` bytes or more on their own, returned to the operating
+    system when freed (for the rest of the process). Whether the setting took."""
+    mallopt = _libc_function("mallopt")
+    return mallopt is not None and mallopt(M_MMAP_THRESHOLD, threshold) == 1
 
 
 def trim_free_memory() -> None:

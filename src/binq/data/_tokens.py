@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import TYPE_CHECKING
 
 import torch
@@ -35,7 +36,7 @@ def tokenize_once(tokenizer: PreTrainedTokenizerBase, text: str) -> torch.Tensor
         prefix, suffix = affixes  # type: ignore[misc]
         bounds = [0, *splits, len(text)]
         parts = [torch.tensor(prefix, dtype=torch.long)]
-        for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+        for start, end in itertools.pairwise(bounds):
             parts.append(torch.tensor(_plain_ids(tokenizer, text[start:end]), dtype=torch.long))
             trim_free_memory()
         parts.append(torch.tensor(suffix, dtype=torch.long))
@@ -66,14 +67,16 @@ def safe_splits(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
 
 
 def _split_near(tokenizer: PreTrainedTokenizerBase, text: str, start: int, stop: int) -> int | None:
-    for attempt in range(16):  # the first few line starts after ``start``
+    for _ in range(16):  # the first few line starts after ``start``
         newline = text.find("\n", start, stop)
         if newline < 0:
             return None
         split = newline + 1
         left, right = text[max(0, split - _CONTEXT) : split], text[split : split + _CONTEXT]
-        if left and right and _plain_ids(tokenizer, left + right) == _plain_ids(tokenizer, left) + _plain_ids(
-            tokenizer, right
+        if (
+            left
+            and right
+            and _plain_ids(tokenizer, left + right) == _plain_ids(tokenizer, left) + _plain_ids(tokenizer, right)
         ):
             return split
         start = split

@@ -209,7 +209,7 @@ class _WideningEmbedding(nn.Embedding):
 
     compute_dtype: torch.dtype
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 (nn.Embedding's name)
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
         return super().forward(input).to(self.compute_dtype)
 
 
@@ -218,7 +218,7 @@ class _WideningLinear(nn.Linear):
 
     compute_dtype: torch.dtype
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 (nn.Linear's name)
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
         return nn.functional.linear(input, self.weight.to(self.compute_dtype), bias)
 

@@ -44,18 +44,19 @@ def factor_hessian(hessian: torch.Tensor, percdamp: float = 0.01) -> HessianFact
     Works in at least fp32 (fp64 if the Hessian is fp64). TF32 must be off for reproducible factors;
     the engine turns it off.
     """
-    if not torch.isfinite(hessian).all():
+    if not _finite(hessian):
         raise HessianError("the Hessian has non-finite entries (NaN/Inf activations in calibration?)")
     work_dtype = torch.float64 if hessian.dtype == torch.float64 else torch.float32
-    h = hessian.to(work_dtype).clone()
-    dead = dead_columns(h)
-    h[dead, dead] = 1.0
-    mean_diag = torch.diagonal(h).mean()
+    dead = dead_columns(hessian)
+    mean_diag = None
     damp = percdamp
     for attempt in range(DAMPING_ATTEMPTS):
-        # H + lambda I with lambda added to the diagonal of a copy: the same sums as adding lambda times
-        # an identity matrix, without two more matrices of H's size.
-        damped = h.clone()
+        # H + lambda I, made afresh from H on each attempt with lambda added to the diagonal: the same
+        # sums as adding lambda times an identity matrix, and at most two matrices of H's size at once.
+        damped = hessian.to(work_dtype, copy=True)
+        damped[dead, dead] = 1.0
+        if mean_diag is None:
+            mean_diag = torch.diagonal(damped).mean()
         damped.diagonal().add_(damp * mean_diag)
         lower, info = torch.linalg.cholesky_ex(damped)
         del damped
@@ -64,7 +65,7 @@ def factor_hessian(hessian: torch.Tensor, percdamp: float = 0.01) -> HessianFact
             del lower
             upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
             del inverse
-            if int(info) == 0 and torch.isfinite(upper).all():
+            if int(info) == 0 and _finite(upper):
                 if attempt:
                     log.warning("Hessian factored only with damping %.3g (asked %.3g)", damp, percdamp)
                 return HessianFactor(upper, dead, damp)
@@ -74,6 +75,11 @@ def factor_hessian(hessian: torch.Tensor, percdamp: float = 0.01) -> HessianFact
         f"the Hessian is not positive definite even with damping {damp / DAMPING_GROWTH:.3g}: "
         "use more calibration samples or a larger --percdamp"
     )
+
+
+def _finite(matrix: torch.Tensor, rows: int = 1024) -> bool:
+    """Whether every entry is finite, ``rows`` rows at a time (no matrix-sized mask)."""
+    return all(bool(torch.isfinite(matrix[i : i + rows]).all()) for i in range(0, matrix.shape[0], rows))
 
 
 def relative_output_error(
