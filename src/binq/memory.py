@@ -18,7 +18,6 @@ import functools
 import sys
 from collections.abc import Callable
 
-
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 LARGE_ALLOCATION = 4 << 20  # above GPTQ's per-column temporaries of 7168-row layers (3.5 MB)
 

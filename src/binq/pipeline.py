@@ -57,8 +57,8 @@ from binq.engine.streamed import StreamedRun, quantize_free_streamed
 from binq.errors import BinqError
 from binq.evaluation import Protocol, WeightSwap, evaluate_perplexity
 from binq.evaluation.layerwise import LayerwiseEvaluation
-from binq.methods import Method, get_method
 from binq.memory import map_large_allocations
+from binq.methods import Method, get_method
 from binq.models import LoadedModel, get_architecture, get_blocks, load_model, named_linears, parameter_inventory
 from binq.models.streaming import block_store
 from binq.quant.structured import QuantizedWeight
