@@ -1,4 +1,4 @@
-"""The ``binq`` command line: quantize, eval, export, methods, demo, generate, bench.
+"""The ``binq`` command line: quantize, eval, export, methods, demo, generate, bench, plot.
 
 Every user error is one line on stderr and exit code 2; argparse already behaves that way for bad
 options, and :class:`BinqError` does for everything found later.
@@ -183,6 +183,24 @@ def _base_parser() -> argparse.ArgumentParser:
         "--loop", default="auto", choices=("auto", "lean", "hf"),
         help="decode loop of the binq and torch engines (original-hf always uses transformers' forward)",
     )  # fmt: skip
+
+    plot = sub.add_parser(
+        "plot", help="PPL against storage bits per linear weight from reports, with the Pareto frontier (matplotlib)"
+    )
+    plot.add_argument(
+        "reports", nargs="+", metavar="REPORT",
+        help="report.json files, run folders holding one, or folders of them (binq demo --out, docs/reports/quick)",
+    )  # fmt: skip
+    plot.add_argument("-o", "--output", required=True, help="the image to write: .png, .svg or .pdf")
+    plot.add_argument(
+        "--eval", default=None,
+        help="evaluation sets, comma-separated, one panel each, or 'all' (default: the first set of every report)",
+    )  # fmt: skip
+    plot.add_argument(
+        "--anchors", default=None, metavar="JSON",
+        help='points of other tools: a JSON list of {"label", "bits", "ppl": {set: value}, "series"?} '
+        "(series default llama.cpp)",
+    )  # fmt: skip
     return parser
 
 
@@ -326,6 +344,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             from binq.export.gguf import export_gguf
 
             path = export_gguf(args.checkpoint, args.gguf, like=args.like)
+            print(f"wrote {path}")
+            return 0
+        if args.command == "plot":
+            from binq.plot_figure import write_plot
+
+            path, _ = write_plot(args.reports, args.output, eval_sets=args.eval, anchors=args.anchors)
             print(f"wrote {path}")
             return 0
         if args.command == "demo":
