@@ -1,7 +1,9 @@
-"""Tests for the Q1_0 packer (against a block computed by hand) and the GGUF export of checkpoints."""
+"""Tests for the Q1_0 and 32-weight block packers (blocks computed by hand, gguf's dequantizer as the
+reference), the choice of an exact type for uniform grids, and the GGUF export of checkpoints."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import gguf
@@ -13,12 +15,17 @@ from binq.checkpoint import save_checkpoint
 from binq.cli import main
 from binq.engine.calibrate import quantize_model
 from binq.errors import BinqError
+from binq.export.ggml_blocks import BLOCK_TYPES, BlockType, pack_q4_0, pack_q5_0, pack_q8_0
 from binq.export.gguf import export_gguf, rope_row_order
 from binq.export.q1_0 import Q1_0_BLOCK_BYTES, QK1_0, dequantize_q1_0, pack_q1_0, q1_0_form_problem, q1_0_rows
+from binq.export.uniform import uniform_tensor
+from binq.inference.llamacpp import unavailable_reason
 from binq.methods import get_method
 from binq.methods.rtn import sign_binarize
 from binq.models import get_architecture
+from binq.quant.structured import UniformWeight
 from conftest import build_tiny_model, build_tiny_tokenizer, random_ids
+from test_models import write_tiny_gguf
 
 # Every linear of this llama is a multiple of 128 wide: all of them fit Q1_0.
 WIDE = {"hidden_size": 128, "intermediate_size": 256, "head_dim": 32}
@@ -107,6 +114,8 @@ def test_export_f16_fallback_for_narrow_rows(tmp_path: Path, capsys: pytest.Capt
     assert types["blk.0.attn_v.weight"] == gguf.GGMLQuantizationType.F16
     # down_proj reads the 128-wide MLP activations: Q1_0, as SmolLM2's down_proj (its other linears are 576 wide).
     assert types["blk.0.ffn_down.weight"] == gguf.GGMLQuantizationType.Q1_0
+    # Most weights are F16 here, but the file type names the block type, as llama.cpp's converter does.
+    assert reader.fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q1_0
     values = torch.from_numpy(np.array(gguf_tensor(reader, "blk.0.attn_v.weight").data)).float()
     assert torch.equal(values, weights["model.layers.0.self_attn.v_proj"].dequantize())
 
@@ -158,3 +167,278 @@ def test_export_gemma3_with_metadata_like(tmp_path: Path) -> None:
     q = torch.from_numpy(np.array(gguf_tensor(reader, "blk.0.attn_q.weight").data)).reshape(128, -1)
     # gemma3 uses NeoX rotary in llama.cpp: no row permutation.
     assert torch.equal(dequantize_q1_0(q, 128), result.weights["model.layers.0.self_attn.q_proj"].dequantize())
+
+
+Q = gguf.GGMLQuantizationType
+
+
+def as_bits(values: torch.Tensor) -> torch.Tensor:
+    """fp32 values as their bit patterns: equal means bit for bit (-0.0 is not +0.0)."""
+    return values.float().contiguous().view(torch.int32)
+
+
+def gguf_values(data: torch.Tensor, ggml_type: gguf.GGMLQuantizationType) -> torch.Tensor:
+    """gguf's own dequantization (the independent reference) of a tensor's stored data, as fp32."""
+    if ggml_type in (Q.F16, Q.F32):
+        return data.float()
+    return torch.from_numpy(gguf.quants.dequantize(data.contiguous().numpy(), ggml_type)).reshape(data.shape[0], -1)
+
+
+@pytest.mark.parametrize("block", BLOCK_TYPES, ids=lambda block: block.name)
+def test_block_sizes_are_ggml_s(block: BlockType) -> None:
+    assert gguf.GGML_QUANT_SIZES[block.ggml_type] == (32, block.block_bytes)
+
+
+def test_q4_0_block_by_hand() -> None:
+    """The first 16 weights in the low nibbles, the last 16 in the high ones, each stored as x + 8."""
+    x = torch.cat([torch.arange(-8, 8), torch.arange(7, -9, -1)]).reshape(1, 32)
+    packed = pack_q4_0(x, torch.tensor([[1.0]], dtype=torch.float16))
+    # d = 1.0 is fp16 0x3C00, little-endian; byte k = (x[k] + 8) | (x[k + 16] + 8) << 4 = k | (15 - k) << 4.
+    assert bytes(packed[0].tolist()) == bytes([0x00, 0x3C] + [k | (15 - k) << 4 for k in range(16)])
+    assert torch.equal(gguf_values(packed, Q.Q4_0), x.float())
+
+
+def test_q5_0_and_q8_0_blocks_by_hand() -> None:
+    x = torch.full((1, 32), -16)
+    x[0, 1], x[0, 30] = 0, 15  # stored 16 and 31: bit 4 set at weights 1 and 30
+    packed = pack_q5_0(x, torch.tensor([[-2.0]], dtype=torch.float16))
+    qs = [0] * 16
+    qs[14] = 0xF0  # weight 30 = 14 + 16: the high nibble of byte 14; weight 1's low four bits are 0
+    assert bytes(packed[0].tolist()) == bytes([0x00, 0xC0, 0x02, 0x00, 0x00, 0x40, *qs])
+    assert torch.equal(gguf_values(packed, Q.Q5_0), x.float() * -2)
+    x8 = torch.arange(-128, 128, 8).reshape(1, 32)
+    packed = pack_q8_0(x8, torch.tensor([[0.5]], dtype=torch.float16))
+    assert bytes(packed[0, 2:].tolist()) == bytes((v & 0xFF) for v in x8[0].tolist())
+
+
+@pytest.mark.parametrize("block", BLOCK_TYPES, ids=lambda block: block.name)
+def test_block_packers_against_gguf_dequantize(block: BlockType) -> None:
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randint(block.lowest, block.highest + 1, (6, 96), generator=generator)
+    x[:, 0], x[:, 33] = block.lowest, block.highest  # the edge integers in every row
+    d = (torch.randn(6, 3, generator=generator) * 4).half()
+    d[0, 0], d[1, 1], d[2, 2] = 6e-6, 60000.0, -0.0  # a subnormal, a near-maximal and a signed-zero scale
+    m = (torch.randn(6, 3, generator=generator)).half() if block.has_min else None
+    packed = block.pack(x, d, m)
+    assert packed.shape == (6, 3 * block.block_bytes) and packed.dtype == torch.uint8
+    mine = block.values(x.float().reshape(6, 3, 32), d.unsqueeze(-1), None if m is None else m.unsqueeze(-1))
+    assert torch.equal(as_bits(gguf_values(packed, block.ggml_type)), as_bits(mine.reshape(6, 96)))
+
+
+def uniform_weight(bits: int, zeros: str | None, cols: int = 128, group_size: int = 32, seed: int = 0) -> UniformWeight:
+    """Random codes with both edge codes in every group; positive fp16 scales; zero points as named:
+    ``random`` (0..2**bits-1), ``pow2`` (0 and powers of two, so -zero * scale is an fp16 number),
+    ``mid`` (all 2**(bits-1)), or None (symmetric)."""
+    generator = torch.Generator().manual_seed(seed)
+    rows, groups, top = 8, -(-cols // group_size), 2**bits - 1
+    codes = torch.randint(0, top + 1, (rows, cols), generator=generator)
+    codes[:, ::group_size], codes[:, 1::group_size] = 0, top
+    scales = (torch.rand(rows, groups, generator=generator) * 0.05 + 1e-3).half()
+    zero_points = None
+    if zeros == "random":
+        zero_points = torch.randint(0, top + 1, (rows, groups), generator=generator)
+    elif zeros == "pow2":
+        choices = torch.tensor([0] + [2**k for k in range(bits)])
+        zero_points = choices[torch.randint(0, len(choices), (rows, groups), generator=generator)]
+    elif zeros == "mid":
+        zero_points = torch.full((rows, groups), 2 ** (bits - 1))
+    return UniformWeight(
+        codes=codes.to(torch.uint8),
+        scales=scales,
+        bits=bits,
+        group_size=group_size,
+        zeros=None if zero_points is None else zero_points.to(torch.uint8),
+    )
+
+
+@pytest.mark.parametrize(
+    ("bits", "zeros", "group_size", "expected", "own"),
+    [
+        (4, None, 32, Q.Q4_0, True),
+        (5, None, 32, Q.Q5_0, True),
+        (8, None, 32, Q.Q8_0, True),
+        (4, None, 128, Q.Q4_0, True),  # a group of 128 is four blocks with the same d
+        (2, None, 32, Q.Q4_0, False),
+        (3, None, 64, Q.Q4_0, False),
+        (6, None, 32, Q.Q8_0, False),
+        (7, None, 32, Q.Q8_0, False),
+        (4, "pow2", 32, Q.Q4_1, True),  # -zero * scale is an fp16 number in every grid
+        (4, "random", 32, Q.Q5_0, False),  # it is not in some: x = code - zero fits Q5_0's -16..15
+        (4, "mid", 32, Q.Q4_0, False),  # zero 8 everywhere: code - zero fits Q4_0, two bytes smaller
+        (5, "pow2", 64, Q.Q5_1, True),
+        (5, "random", 32, Q.Q8_0, False),
+        (1, "random", 32, Q.Q4_0, False),
+        (3, "random", 32, Q.Q4_0, False),
+        (7, "random", 32, Q.Q8_0, False),
+        (8, "mid", 32, Q.Q8_0, False),
+        (8, "random", 32, Q.F32, False),  # code - zero exceeds int8, scale * (code - zero) exceeds fp16
+    ],
+)
+def test_uniform_grids_get_the_smallest_exact_type(
+    bits: int, zeros: str | None, group_size: int, expected: gguf.GGMLQuantizationType, own: bool
+) -> None:
+    weight = uniform_weight(bits, zeros, group_size=group_size)
+    tensor = uniform_tensor(weight)
+    assert tensor.ggml_type == expected, tensor.note
+    assert (tensor.note is None) == own
+    assert torch.equal(as_bits(gguf_values(tensor.data, tensor.ggml_type)), as_bits(weight.dequantize()))
+
+
+def test_asymmetric_fallback_says_why() -> None:
+    tensor = uniform_tensor(uniform_weight(4, "random"))
+    assert tensor.note == (
+        "Q4_1 does not hold it exactly: some (row, group) grids would come out differently "
+        "(m = -zero*scale is not an fp16 number); Q5_0 is the smallest type that does"
+    )
+    assert uniform_tensor(uniform_weight(8, "random")).note == (
+        "Q8_0 does not hold it exactly: codes minus zero points exceed its -128..127, "
+        "and not all its values are fp16 numbers: F32"
+    )
+
+
+def test_uniform_without_blocks_of_32_goes_dense_and_exact() -> None:
+    ragged = uniform_weight(4, None, cols=80, group_size=16)  # neither the width nor the groups fit
+    tensor = uniform_tensor(ragged)
+    assert tensor.ggml_type in (Q.F16, Q.F32) and tensor.note.startswith("its rows are 80 wide, not a multiple of 32")
+    assert torch.equal(as_bits(tensor.data), as_bits(ragged.dequantize()))
+    narrow = uniform_weight(4, None, cols=64, group_size=16)
+    assert uniform_tensor(narrow).note.startswith("groups of 16 columns do not cover whole blocks of 32")
+    # Power-of-two scales: every value scale * (code - 8) is an fp16 number, so F16 holds it.
+    exact = UniformWeight(
+        codes=ragged.codes, scales=torch.full_like(ragged.scales, 2**-7), bits=4, group_size=16, zeros=None
+    )
+    tensor = uniform_tensor(exact)
+    assert tensor.ggml_type == Q.F16 and tensor.note.endswith("F16 holds its values exactly")
+    assert torch.equal(as_bits(tensor.data), as_bits(exact.dequantize()))
+
+
+def test_act_order_groups() -> None:
+    base = uniform_weight(4, None, cols=128)
+    shuffled = torch.randperm(128, generator=torch.Generator().manual_seed(0)) // 32
+    act_order = UniformWeight(
+        codes=base.codes, scales=base.scales, bits=4, group_size=32, zeros=None, group_index=shuffled
+    )
+    tensor = uniform_tensor(act_order)
+    assert tensor.ggml_type in (Q.F16, Q.F32)
+    assert tensor.note.startswith("act-order groups are not runs of 32 columns (quantize without --act-order")
+    assert torch.equal(as_bits(tensor.data), as_bits(act_order.dequantize()))
+    # A group index that is the plain one (GPTQ's --act-order --static-groups) is Q4_0 as without it.
+    plain = UniformWeight(
+        codes=base.codes, scales=base.scales, bits=4, group_size=32, zeros=None, group_index=torch.arange(128) // 32
+    )
+    assert uniform_tensor(plain).ggml_type == Q.Q4_0
+    assert torch.equal(uniform_tensor(plain).data, uniform_tensor(base).data)
+
+
+LINEARS = {
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+
+
+def read_linears(path: Path, weights: dict, heads: tuple[int, int]) -> dict[str, gguf.GGMLQuantizationType]:
+    """Every linear's GGUF type; checks each one's values (rows in llama.cpp's order) against binq's."""
+    reader = gguf.GGUFReader(path)
+    types = {}
+    for module, weight in weights.items():
+        block, part = module.split(".")[2], module.split(".", 3)[3]
+        stored = gguf_tensor(reader, f"blk.{block}.{LINEARS[part]}.weight")
+        rows = weight.shape[0]
+        values = gguf_values(torch.from_numpy(np.array(stored.data)).reshape(rows, -1), stored.tensor_type)
+        expected = weight.dequantize()
+        if part in ("self_attn.q_proj", "self_attn.k_proj"):
+            expected = expected[rope_row_order(rows, heads[part == "self_attn.k_proj"])]
+        assert torch.equal(as_bits(values), as_bits(expected)), module
+        types[module] = stored.tensor_type
+    return types
+
+
+def tiny_heads() -> tuple[int, int]:
+    config = build_tiny_model("llama").config
+    return config.num_attention_heads, config.num_key_value_heads
+
+
+def test_export_rtn_4bit_symmetric_as_q4_0(tmp_path: Path) -> None:
+    weights = saved_checkpoint(tmp_path / "ckpt", "rtn", bits=4, group_size=32, sym=True, wide=False)
+    out = export_gguf(tmp_path / "ckpt", tmp_path / "q4_0.gguf")
+    types = read_linears(out, weights, tiny_heads())
+    assert len(types) == 14 and set(types.values()) == {Q.Q4_0}
+    reader = gguf.GGUFReader(out)
+    assert reader.fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q4_0
+
+
+def test_export_rtn_4bit_asymmetric(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Q4_1 where every grid's -zero * scale is an fp16 number; random weights have grids where it is
+    not, so their linears go out as Q5_0, exactly, and the log says why."""
+    weights = saved_checkpoint(tmp_path / "ckpt", "rtn", bits=4, group_size=32, wide=False)
+    with caplog.at_level(logging.INFO, logger="binq.export.gguf"):
+        assert main(["export", str(tmp_path / "ckpt"), "--gguf", str(tmp_path / "m.gguf")]) == 0
+    types = read_linears(tmp_path / "m.gguf", weights, tiny_heads())
+    assert set(types.values()) <= {Q.Q4_1, Q.Q5_0}
+    fallbacks = sum(t == Q.Q5_0 for t in types.values())
+    assert fallbacks > 0
+    assert f"Q5_0 for {fallbacks} linear(s)" in caplog.text and "Q4_1 does not hold it exactly" in caplog.text
+    assert "every linear exact: " in caplog.text and " as Q5_0" in caplog.text
+
+
+@pytest.mark.parametrize(("static_groups", "expected"), [(False, {Q.F16, Q.F32}), (True, {Q.Q4_0})])
+def test_export_gptq_act_order(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, static_groups: bool, expected: set
+) -> None:
+    options = {"bits": 4, "group_size": 32, "sym": True, "act_order": True, "static_groups": static_groups}
+    weights = saved_checkpoint(tmp_path / "ckpt", "gptq", wide=False, **options)
+    with caplog.at_level(logging.INFO, logger="binq.export.gguf"):
+        out = export_gguf(tmp_path / "ckpt", tmp_path / "m.gguf")
+    assert set(read_linears(out, weights, tiny_heads()).values()) <= expected
+    assert ("act-order groups are not runs of 32 columns" in caplog.text) == (not static_groups)
+
+
+def test_export_refuses_layouts_without_a_ggml_type(tmp_path: Path) -> None:
+    saved_checkpoint(tmp_path / "ckpt", "msb", wide=False)
+    with pytest.raises(BinqError) as error:
+        export_gguf(tmp_path / "ckpt", tmp_path / "m.gguf")
+    message = str(error.value)
+    assert "\n" not in message
+    assert message.startswith("cannot export msb to GGUF: ") and "layout 'multiscale' has no llama.cpp type" in message
+    assert "`--bits 4 --group-size 32 --sym` for Q4_0" in message
+    assert not (tmp_path / "m.gguf").exists()
+
+
+@pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))
+@pytest.mark.parametrize(("sym", "expected"), [(True, Q.Q4_0), (False, Q.Q5_0)])
+def test_llama_cpp_runs_the_export(tmp_path: Path, sym: bool, expected: gguf.GGMLQuantizationType) -> None:
+    """llama.cpp loads the export and its logits follow binq's dequantized model, not the original one.
+
+    Not bit for bit: llama.cpp's CPU matmuls round the activations to Q8_0 blocks for these types.
+    """
+    from llama_cpp import Llama
+
+    model = write_tiny_gguf(tmp_path / "source.gguf")
+    ids = [5, 17, 40, 99, 120, 3, 60, 70]
+    with torch.no_grad():
+        original = model(torch.tensor([ids])).logits[0]
+    spec = get_method("rtn")
+    config = spec.make_config(bits=4, group_size=32, sym=sym)
+    result = quantize_model(model, get_architecture(model), random_ids(2, 8), spec, config, progress=False)
+    save_checkpoint(model, result.weights, tmp_path / "ckpt", tokenizer=build_tiny_tokenizer(), method="rtn")
+    out = export_gguf(tmp_path / "ckpt", tmp_path / "m.gguf", like=tmp_path / "source.gguf")
+    assert {t.tensor_type for t in gguf.GGUFReader(out).tensors if t.name.startswith("blk.0.attn_q")} == {expected}
+
+    with torch.no_grad():
+        for module, weight in result.weights.items():
+            model.get_submodule(module).weight.data = weight.dequantize()
+        quantized = model(torch.tensor([ids])).logits[0]
+    llm = Llama(model_path=str(out), n_ctx=16, n_batch=16, n_threads=1, logits_all=True, verbose=False)
+    try:
+        llm.eval(ids)
+        logits = torch.tensor(np.array(llm.scores[: len(ids)]), dtype=torch.float32)
+    finally:
+        llm.close()
+    error = (logits - quantized).abs().max().item()
+    assert error < 0.02 * quantized.abs().max().item()
+    assert error < (logits - original).abs().max().item() / 4

@@ -136,7 +136,7 @@ def _base_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("methods", help="list the methods and their options")
 
-    export = sub.add_parser("export", help="export a binq checkpoint (GGUF Q1_0 for llama.cpp)")
+    export = sub.add_parser("export", help="export a binq checkpoint (GGUF for llama.cpp, exact types)")
     export.add_argument("checkpoint", help="a folder written by `binq quantize --out`")
     export.add_argument("--gguf", required=True, help="the GGUF file to write")
     export.add_argument("--like", default=None, help="a GGUF of the same model to copy llama.cpp's metadata from")

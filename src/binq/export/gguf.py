@@ -1,21 +1,28 @@
-"""Export a binq checkpoint to GGUF, the quantized linears as Q1_0, for llama.cpp.
+"""Export a binq checkpoint to GGUF for llama.cpp, every quantized linear in a type that holds it exactly.
 
-What is written (docs/FORMAT.md, "GGUF export"):
+What is written (docs/FORMAT.md, "GGUF export"; one registry, :data:`LAYOUT_EXPORTS`, per layout):
 
-- every quantized linear in Q1_0's form (one fp16 scale per 128 weights of a row times a sign, see
-  :mod:`binq.export.q1_0`) whose width is a multiple of 128 as ``Q1_0``, bit for bit;
-- such a linear whose width is not a multiple of 128 as ``F16``, dequantized: still exact, since
-  its values are fp16 scales with a sign;
-- any other layout (means, bitmaps, salient residuals, column scales, integer grids) is refused,
+- a ``binary`` linear in Q1_0's form (one fp16 scale per 128 weights of a row times a sign, see
+  :mod:`binq.export.q1_0`) whose width is a multiple of 128 as ``Q1_0``, bit for bit; one whose width is
+  not as ``F16``, dequantized: still exact, since its values are fp16 scales with a sign;
+- a ``uniform`` linear (``rtn``/``gptq`` integer grids) as the smallest of ``Q4_0``, ``Q4_1``, ``Q5_0``,
+  ``Q5_1``, ``Q8_0`` that gives every code of every (row, group) grid binq's value bit for bit, its
+  codes written as they are (see :mod:`binq.export.uniform`): symmetric 4-bit g32 is Q4_0, 5-bit Q5_0,
+  8-bit Q8_0; asymmetric 4-bit is Q4_1 only where every ``-zero * scale`` is an fp16 number, else Q5_0.
+  Groups that are multiples of 32 map to several blocks with the same scale. Where no block type fits
+  (rows not a multiple of 32 wide, act-order groups, groups under 32), ``F16`` if every value is an fp16
+  number, else ``F32``; each such choice is logged with its reason;
+- any other layout (means, bitmaps, salient residuals, column scales, multiscale) is refused,
   naming the method that does fit;
 - 1-D tensors (norms, biases) as ``F32``; other unquantized tensors as ``F16`` when stored in fp16,
   else ``F32``;
+- the file type: that of the block type holding most of the linears' weights (F16/F32 where none has one);
 - llama.cpp's metadata: with ``like`` (a GGUF of the same model, e.g. the one binq quantized), every
   key-value pair of it but the file type; without, the hyperparameters from config.json and the
   tokenizer from tokenizer.json (llama only; gemma3 needs ``like``).
 
 Architecture differences handled here: llama.cpp's ``llama`` uses interleaved rotary pairs, so q/k
-rows are permuted as its converter does (a row permutation: Q1_0 blocks, which run along rows, stay
+rows are permuted as its converter does (a row permutation: blocks, which run along rows, stay
 whole); Gemma stores RMSNorm weights as ``w - 1``, llama.cpp as ``w``.
 """
 
@@ -23,6 +30,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,16 +44,46 @@ from binq.checkpoint.files import open_tensors
 from binq.checkpoint.format import packed_key
 from binq.checkpoint.load import read_quantization_config
 from binq.errors import BinqError
-from binq.export.q1_0 import QK1_0, q1_0_form_problem, q1_0_rows
-from binq.quant.structured import QuantizedWeight, layout_class
+from binq.export.ggml_blocks import GgmlTensor
+from binq.export.q1_0 import q1_0_form_problem, q1_0_tensor
+from binq.export.uniform import uniform_tensor
+from binq.quant.structured import BinaryWeight, QuantizedWeight, UniformWeight, layout_class
 
 log = logging.getLogger(__name__)
 
 REFUSAL_HINT = (
-    "GGUF Q1_0 holds one fp16 scale per 128 weights of a row times a sign; quantize with "
-    "`binq quantize --method rtn --bits 1 --group-size 128` (no --centred) or with the bitmap-free per-group "
-    "ARB variant (`--method arb-group`) for a Q1_0 export"
+    "GGUF holds a sign times one fp16 scale per 128 weights of a row (Q1_0) and integer grids (Q4_0 to Q8_0); "
+    "quantize with `binq quantize --method rtn --bits 1 --group-size 128` (no --centred) or with the bitmap-free "
+    "per-group ARB variant (`--method arb-group`) for Q1_0, or with `--method rtn` or `--method gptq` and "
+    "`--bits 4 --group-size 32 --sym` for Q4_0"
 )
+
+
+@dataclass(frozen=True)
+class LayoutExport:
+    """How the linears of one binq layout become GGUF tensors."""
+
+    types: str  # the ggml types the layout can become, for refusals
+    problem: Callable[[Any], str | None]  # why a weight of the layout cannot be exported, or None
+    tensor: Callable[[Any], GgmlTensor]  # the tensor of a weight that can
+
+
+LAYOUT_EXPORTS: dict[str, LayoutExport] = {
+    BinaryWeight.layout: LayoutExport("Q1_0", q1_0_form_problem, q1_0_tensor),
+    UniformWeight.layout: LayoutExport("Q4_0/Q4_1/Q5_0/Q5_1/Q8_0", lambda weight: None, uniform_tensor),
+}
+
+# llama.cpp's general.file_type for the block type that holds most of the linears' weights.
+FILE_TYPES: dict[gguf.GGMLQuantizationType, gguf.LlamaFileType] = {
+    gguf.GGMLQuantizationType.Q1_0: gguf.LlamaFileType.MOSTLY_Q1_0,
+    gguf.GGMLQuantizationType.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0,
+    gguf.GGMLQuantizationType.Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1,
+    gguf.GGMLQuantizationType.Q5_0: gguf.LlamaFileType.MOSTLY_Q5_0,
+    gguf.GGMLQuantizationType.Q5_1: gguf.LlamaFileType.MOSTLY_Q5_1,
+    gguf.GGMLQuantizationType.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0,
+    gguf.GGMLQuantizationType.F16: gguf.LlamaFileType.MOSTLY_F16,
+    gguf.GGMLQuantizationType.F32: gguf.LlamaFileType.ALL_F32,
+}
 
 
 @dataclass(frozen=True)
@@ -169,17 +208,38 @@ def _qk_heads(module: str, config: dict[str, Any]) -> int | None:
     return None
 
 
-def _weight_array(weight: QuantizedWeight, order: torch.Tensor | None) -> tuple[np.ndarray, Any]:
-    """(array, raw GGML type or None): Q1_0 bytes, or the exact dense weight in fp16."""
-    if weight.shape[1] % QK1_0 == 0:
-        data = q1_0_rows(weight)  # type: ignore[arg-type]
-        raw = gguf.GGMLQuantizationType.Q1_0
-    else:
-        data = weight.dequantize(torch.float32).to(torch.float16)
-        raw = None
-    if order is not None:
-        data = data[order]
-    return data.contiguous().numpy(), raw
+def _linear_tensor(module: str, weight: QuantizedWeight, method: str) -> GgmlTensor:
+    export = LAYOUT_EXPORTS.get(weight.layout)
+    if export is None:
+        raise BinqError(
+            f"cannot export {method} to GGUF: {module}: layout '{weight.layout}' has no llama.cpp type. {REFUSAL_HINT}"
+        )
+    problem = export.problem(weight)
+    if problem is not None:
+        raise BinqError(f"cannot export {method} to GGUF {export.types}: {module}: {problem}. {REFUSAL_HINT}")
+    return export.tensor(weight)
+
+
+def _log_choices(tensors: dict[str, GgmlTensor]) -> None:
+    """One line per (type, reason) for the linears not written in their layout's own type."""
+    noted: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for module, tensor in tensors.items():
+        if tensor.note is not None:
+            noted[(tensor.ggml_type.name, tensor.note)].append(module)
+    for (type_name, note), modules in noted.items():
+        shown = ", ".join(modules[:3]) + (f" and {len(modules) - 3} more" if len(modules) > 3 else "")
+        log.info("%s for %d linear(s) (%s): %s", type_name, len(modules), shown, note)
+
+
+def _file_type(tensors: dict[str, GgmlTensor], shapes: dict[str, tuple[int, int]]) -> gguf.LlamaFileType:
+    """The block type holding most of the linears' weights (F16/F32 only where no linear has one)."""
+    weights: dict[gguf.GGMLQuantizationType, int] = defaultdict(int)
+    for module, tensor in tensors.items():
+        weights[tensor.ggml_type] += shapes[module][0] * shapes[module][1]
+    blocks = [t for t in weights if t not in (gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.F32)]
+    if not weights:
+        return gguf.LlamaFileType.MOSTLY_F16
+    return FILE_TYPES[max(blocks or weights, key=lambda t: weights[t])]
 
 
 def _plain_array(name: str, tensor: torch.Tensor, norm_offset: float) -> np.ndarray:
@@ -203,7 +263,9 @@ def export_gguf(folder: Path | str, out: Path | str, like: Path | str | None = N
         raise BinqError(f"exporting {config['model_type']} needs --like: a GGUF of the same model for its metadata")
 
     modules = {name: (entry["layout"], entry["metadata"]) for name, entry in quantization["modules"].items()}
-    weights: dict[str, QuantizedWeight] = {}
+    method = quantization.get("method") or "this method"
+    linears: dict[str, GgmlTensor] = {}
+    shapes: dict[str, tuple[int, int]] = {}
     with open_tensors(folder) as (entries, get_tensor):
         for module, (layout, metadata) in modules.items():
             prefix = module + "."
@@ -213,13 +275,11 @@ def export_gguf(folder: Path | str, out: Path | str, like: Path | str | None = N
                 if n.startswith(prefix) and n[len(prefix) :] != "bias" and "." not in n[len(prefix) :]
             }
             try:
-                weights[module] = layout_class(layout).from_packed(tensors, metadata)
+                weight = layout_class(layout).from_packed(tensors, metadata)
             except BinqError as error:
                 raise BinqError(f"{module}: {error}") from None
-            problem = q1_0_form_problem(weights[module])
-            if problem is not None:
-                method = quantization.get("method") or "this method"
-                raise BinqError(f"cannot export {method} to GGUF Q1_0: {module}: {problem}. {REFUSAL_HINT}")
+            linears[module] = _linear_tensor(module, weight, method)
+            shapes[module] = weight.shape
         plain = {n: get_tensor(n) for n in entries if n.rpartition(".")[0] not in modules}
         biases = [packed_key(m, "bias") for m in modules if packed_key(m, "bias") in entries]
         plain.update({n: get_tensor(n) for n in biases})
@@ -232,16 +292,17 @@ def export_gguf(folder: Path | str, out: Path | str, like: Path | str | None = N
         writer.add_name(folder.resolve().name)
         llama_hparams(writer, config)
         hf_tokenizer_metadata(writer, folder)
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q1_0)
+    writer.add_file_type(_file_type(linears, shapes))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
-    counts = {"Q1_0": 0, "F16 (exact)": 0}
-    for module, weight in sorted(weights.items()):
+    _log_choices(linears)
+    counts: dict[str, int] = defaultdict(int)
+    for module, tensor in sorted(linears.items()):
         heads = _qk_heads(module, config) if arch.permute_qk else None
-        order = None if heads is None else rope_row_order(weight.shape[0], heads)
-        array, raw = _weight_array(weight, order)
-        counts["Q1_0" if raw is not None else "F16 (exact)"] += 1
-        writer.add_tensor(_gguf_name(name_map, packed_key(module, "weight")), array, raw_dtype=raw)
+        data = tensor.data if heads is None else tensor.data[rope_row_order(shapes[module][0], heads)]
+        counts[tensor.ggml_type.name] += 1
+        raw = tensor.ggml_type if data.dtype == torch.uint8 else None  # F16/F32 follow the array's dtype
+        writer.add_tensor(_gguf_name(name_map, packed_key(module, "weight")), data.contiguous().numpy(), raw_dtype=raw)
     for name, tensor in sorted(plain.items()):
         module = name.rpartition(".")[0]
         heads = _qk_heads(module, config) if arch.permute_qk and name.endswith(".bias") else None
@@ -253,5 +314,6 @@ def export_gguf(folder: Path | str, out: Path | str, like: Path | str | None = N
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    log.info("wrote %s: %d linears as Q1_0, %d as exact F16", out, counts["Q1_0"], counts["F16 (exact)"])
+    written = ", ".join(f"{count} as {name}" for name, count in sorted(counts.items()))
+    log.info("wrote %s, every linear exact: %s", out, written or "none")
     return out

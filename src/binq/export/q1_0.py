@@ -15,7 +15,9 @@ scale with its 16 sign bytes: no re-quantization, no rounding.
 from __future__ import annotations
 
 import torch
+from gguf import GGMLQuantizationType
 
+from binq.export.ggml_blocks import GgmlTensor, fp16_bytes
 from binq.quant.packing import pack_bits
 from binq.quant.structured import BinaryWeight, QuantizedWeight
 
@@ -60,10 +62,7 @@ def pack_q1_0(signs: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     if tuple(scales.shape) != (rows, blocks) or scales.dtype != torch.float16:
         raise ValueError(f"scales must be float16 ({rows}, {blocks}), got {scales.dtype} {tuple(scales.shape)}")
     sign_bytes = pack_bits(signs.cpu()).reshape(rows, blocks, QK1_0 // 8)
-    # fp16 -> its two bytes, little-endian (GGUF's byte order) whatever the host's.
-    bits = scales.cpu().contiguous().view(torch.int16).to(torch.int32) & 0xFFFF
-    scale_bytes = torch.stack([bits & 0xFF, bits >> 8], dim=-1).to(torch.uint8)
-    return torch.cat([scale_bytes, sign_bytes], dim=-1).reshape(rows, blocks * Q1_0_BLOCK_BYTES)
+    return torch.cat([fp16_bytes(scales), sign_bytes], dim=-1).reshape(rows, blocks * Q1_0_BLOCK_BYTES)
 
 
 def q1_0_rows(weight: BinaryWeight) -> torch.Tensor:
@@ -72,6 +71,15 @@ def q1_0_rows(weight: BinaryWeight) -> torch.Tensor:
     if problem is not None:
         raise ValueError(f"not a Q1_0 weight: {problem}")
     return pack_q1_0(weight.signs, weight.scales[:, :, 0].to(torch.float16))
+
+
+def q1_0_tensor(weight: BinaryWeight) -> GgmlTensor:
+    """The GGUF tensor of a weight in Q1_0's form: Q1_0, or F16 (exact) where rows are not 128-wide blocks."""
+    cols = weight.shape[1]
+    if cols % QK1_0 == 0:
+        return GgmlTensor(q1_0_rows(weight), GGMLQuantizationType.Q1_0)
+    note = f"its rows are {cols} wide, not a multiple of {QK1_0}; F16 holds its values (signed fp16 scales) exactly"
+    return GgmlTensor(weight.dequantize(torch.float32).to(torch.float16), GGMLQuantizationType.F16, note)
 
 
 def dequantize_q1_0(data: torch.Tensor, cols: int) -> torch.Tensor:
