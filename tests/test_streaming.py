@@ -413,3 +413,15 @@ def test_smollm2_gguf_unpacks_to_the_tensors_transformers_reads(tmp_path: Path) 
     folder.mkdir()
     unpack_gguf(file, folder)
     _unpacked_equals_transformers(file, folder)
+
+
+def test_the_mapping_threshold_covers_one_window_of_activations() -> None:
+    from binq.memory import LARGE_ALLOCATION, map_large_allocations, mapping_threshold
+
+    assert mapping_threshold(576 * 512 * 4) == 1 << 20  # SmolLM2's 1.1 MiB windows are mapped
+    assert mapping_threshold(2560 * 512 * 4) == LARGE_ALLOCATION == 4 << 20  # capped
+    assert mapping_threshold(100) == 1 << 17  # never below glibc's own default
+    for size in (3 << 17, 5 << 20, 1 << 20):
+        assert mapping_threshold(size) <= size
+    if os.uname().sysname == "Linux" and "glibc" in " ".join(os.confstr("CS_GNU_LIBC_VERSION").split()[:1]):
+        assert map_large_allocations(mapping_threshold(576 * 512 * 4))

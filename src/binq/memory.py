@@ -4,9 +4,10 @@ glibc's allocator keeps freed blocks of its heaps for reuse; a run that allocate
 megabyte-sized tensors (one block's activations after another) ends up resident at several times what
 it holds. :func:`trim_free_memory` asks glibc to return every free page (``malloc_trim(0)``); it is
 called once per block by the block walker and after the tokenizer's large transient allocations.
-Within a block, :func:`map_large_allocations` has glibc serve every allocation of 4 MB or more
-from its own mapping, given back the moment it is freed (glibc's default threshold climbs to 32 MB as
-large blocks are freed, and every smaller activation then stays in the heap until the next trim).
+Within a block, :func:`map_large_allocations` has glibc serve every allocation of one window's hidden
+states or more (:func:`mapping_threshold`) from its own mapping, given back the moment it is freed
+(glibc's default threshold climbs to 32 MB as large blocks are freed, and every smaller activation
+then stays in the heap until the next trim).
 Both are no-ops on other C libraries.
 """
 
@@ -35,6 +36,15 @@ def _libc_function(name: str) -> Callable[..., int] | None:
 
 def _malloc_trim() -> Callable[[int], int] | None:
     return _libc_function("malloc_trim")
+
+
+def mapping_threshold(activation_bytes: int) -> int:
+    """The threshold for :func:`map_large_allocations`: the largest power of two not above one window's
+    hidden states (``activation_bytes``), so that every activation is mapped, and at most
+    :data:`LARGE_ALLOCATION`, below which GPTQ's per-column temporaries of a 7168-row layer stay in the
+    heap (mapping them costs GPTQ some 5 % of its time); at least 128 KiB, glibc's own default."""
+    threshold = 1 << max(17, int(activation_bytes).bit_length() - 1)
+    return min(threshold, LARGE_ALLOCATION)
 
 
 def map_large_allocations(threshold: int = LARGE_ALLOCATION) -> bool:
