@@ -1,16 +1,23 @@
 """Tests for the Q1_0 and 32-weight block packers (blocks computed by hand, gguf's dequantizer as the
-reference), the choice of an exact type for uniform grids, and the GGUF export of checkpoints."""
+reference), the choice of an exact type for uniform grids, and the GGUF export of checkpoints: every
+architecture read back with gguf's reader and, where llama-cpp-python is installed, run by llama.cpp."""
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import gguf
 import numpy as np
 import pytest
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
 
+import binq
 from binq.checkpoint import save_checkpoint
 from binq.cli import main
 from binq.engine.calibrate import quantize_model
@@ -24,7 +31,7 @@ from binq.methods import get_method
 from binq.methods.rtn import sign_binarize
 from binq.models import get_architecture
 from binq.quant.structured import UniformWeight
-from conftest import build_tiny_model, build_tiny_tokenizer, random_ids
+from conftest import VOCAB, build_tiny_model, build_tiny_tokenizer, random_ids, word_text
 from test_models import write_tiny_gguf
 
 # Every linear of this llama is a multiple of 128 wide: all of them fit Q1_0.
@@ -67,12 +74,40 @@ def test_rope_row_order() -> None:
     assert rope_row_order(8, 2).tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
 
 
+SPECIALS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+
+
+def byte_level_bpe_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE (GPT-2's kind) trained on the tiny words, ``VOCAB`` tokens, the specials first."""
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=list(SPECIALS.values()), show_progress=False)
+    backend.train_from_iterator([word_text(400, seed) for seed in range(10)], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **SPECIALS)
+
+
+def sentencepiece_like_tokenizer() -> PreTrainedTokenizerFast:
+    """BPE with byte fallback and "▁" for spaces, the kind of Gemma's tokenizer.json. Its merges make "23"
+    before "12", so "w123" is ``▁w 1 23`` by merge rank but ``▁w 12 3`` left to right."""
+    pieces = [*SPECIALS.values(), "▁", "w", *"0123456789"]
+    merges = [("2", "3"), ("▁", "w"), ("1", "2")]
+    vocab = {piece: index for index, piece in enumerate(pieces + [a + b for a, b in merges])}
+    backend = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **SPECIALS)
+
+
 def saved_checkpoint(folder: Path, method: str, **options: object) -> dict:
     model = build_tiny_model("llama", **WIDE) if options.pop("wide", True) else build_tiny_model("llama")
     spec = get_method(method)
     config = spec.make_config(**options)
     result = quantize_model(model, get_architecture(model), random_ids(4, 16), spec, config, progress=False)
-    save_checkpoint(model, result.weights, folder, tokenizer=build_tiny_tokenizer(), method=method, dtype=torch.float16)
+    tokenizer = byte_level_bpe_tokenizer()
+    save_checkpoint(model, result.weights, folder, tokenizer=tokenizer, method=method, dtype=torch.float16)
     return result.weights
 
 
@@ -87,7 +122,9 @@ def test_export_q1_0_model(tmp_path: Path) -> None:
     assert reader.fields["general.architecture"].contents() == "llama"
     assert reader.fields["llama.block_count"].contents() == 2
     assert reader.fields["llama.embedding_length"].contents() == 128
-    assert reader.fields["tokenizer.ggml.tokens"].contents()[4] == "w0"
+    assert reader.fields["tokenizer.ggml.tokens"].contents() == byte_level_bpe_tokenizer().convert_ids_to_tokens(
+        list(range(VOCAB))
+    )
     assert reader.fields["tokenizer.ggml.bos_token_id"].contents() == 1
     names = {t.name: t.tensor_type for t in reader.tensors}
     for block in range(2):
@@ -142,9 +179,6 @@ def test_export_gemma3_with_metadata_like(tmp_path: Path) -> None:
         model, get_architecture(model), random_ids(4, 16), spec, spec.make_config(group_size=128), progress=False
     )
     save_checkpoint(model, result.weights, tmp_path / "ckpt", tokenizer=build_tiny_tokenizer(), method="rtn")
-    with pytest.raises(BinqError, match="needs --like"):
-        export_gguf(tmp_path / "ckpt", tmp_path / "m.gguf")
-
     like = gguf.GGUFWriter(str(tmp_path / "like.gguf"), "gemma3")
     like.add_block_count(2)
     like.add_file_type(15)
@@ -442,3 +476,293 @@ def test_llama_cpp_runs_the_export(tmp_path: Path, sym: bool, expected: gguf.GGM
     error = (logits - quantized).abs().max().item()
     assert error < 0.02 * quantized.abs().max().item()
     assert error < (logits - original).abs().max().item() / 4
+
+
+# Every architecture binq exports without --like: llama.cpp's name, whether q/k rows are permuted
+# (llama.cpp's llama interleaves rotary pairs; the others use HF's NeoX layout), the norm offset
+# (Gemma's norms store w - 1), and the tokenizer kind its tiny checkpoint gets.
+ARCHS = {
+    "llama": ("llama", True, 0.0, "gpt2"),
+    "mistral": ("llama", True, 0.0, "gpt2"),
+    "qwen2": ("qwen2", False, 0.0, "gpt2"),
+    "qwen3": ("qwen3", False, 0.0, "gpt2"),
+    "gemma": ("gemma", False, 1.0, "llama"),
+    "gemma2": ("gemma2", False, 1.0, "llama"),
+    "gemma3_text": ("gemma3", False, 1.0, "llama"),
+}
+TOKENIZERS = {"gpt2": byte_level_bpe_tokenizer, "llama": sentencepiece_like_tokenizer}
+
+# HF names (in a block, then outside) and llama.cpp's, written out here, not taken from gguf's map.
+HF_BLOCK_NAMES = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.bias": "attn_v.bias",
+    "self_attn.q_norm.weight": "attn_q_norm.weight",
+    "self_attn.k_norm.weight": "attn_k_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",  # the pre-MLP norm, but in Gemma 2/3
+    "pre_feedforward_layernorm.weight": "ffn_norm.weight",
+    "post_feedforward_layernorm.weight": "post_ffw_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+HF_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
+HF_NAMES["lm_head.weight"] = "output.weight"
+
+
+def llama_cpp_name(hf_name: str, arch: str) -> str:
+    if not hf_name.startswith("model.layers."):
+        return HF_NAMES[hf_name]
+    block, rest = hf_name.removeprefix("model.layers.").split(".", 1)
+    if rest == "post_attention_layernorm.weight" and arch in ("gemma2", "gemma3_text"):
+        return f"blk.{block}.post_attention_norm.weight"  # Gemma 2/3 normalize the attention output too
+    return f"blk.{block}.{HF_BLOCK_NAMES[rest]}"
+
+
+def noisy_tiny_model(arch: str) -> torch.nn.Module:
+    """A tiny model whose norms and biases are not their initial constants (so offsets and copies show);
+    Gemma 2/3 with llama.cpp's attention scale (their default query_pre_attn_scalar 256 is not head_dim)."""
+    overrides = {"query_pre_attn_scalar": 16} if arch in ("gemma2", "gemma3_text") else {}
+    model = build_tiny_model(arch, **overrides)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() == 1:
+                parameter.add_(0.1 * torch.randn(parameter.shape, generator=generator))
+    return model
+
+
+@pytest.fixture(scope="module")
+def arch_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., tuple]:
+    """``arch_checkpoint(arch, group_size, dtype) -> (folder, model, weights, tokenizer)``: the noisy tiny
+    model, ``rtn --bits 4 --sym`` at that group size, saved in ``dtype`` with its architecture's tiny
+    tokenizer; cached for the module."""
+    made: dict[tuple[str, int, torch.dtype], tuple] = {}
+
+    def make(arch: str, group_size: int = 32, dtype: torch.dtype = torch.float16) -> tuple:
+        if (arch, group_size, dtype) not in made:
+            model = noisy_tiny_model(arch)
+            spec = get_method("rtn")
+            config = spec.make_config(bits=4, group_size=group_size, sym=True)
+            result = quantize_model(model, get_architecture(model), random_ids(2, 8), spec, config, progress=False)
+            tokenizer = TOKENIZERS[ARCHS[arch][3]]()
+            folder = tmp_path_factory.mktemp(f"{arch}-g{group_size}")
+            save_checkpoint(model, result.weights, folder, tokenizer=tokenizer, method="rtn", dtype=dtype)
+            made[(arch, group_size, dtype)] = (folder, model, result.weights, tokenizer)
+        return made[(arch, group_size, dtype)]
+
+    return make
+
+
+def expected_hparams(arch: str, config: object) -> dict[str, object]:
+    """The ``{arch}.*`` keys llama.cpp needs, with the values of the HF config."""
+    theta = config.rope_parameters.get("full_attention", config.rope_parameters)["rope_theta"]
+    keys = {
+        "context_length": config.max_position_embeddings,
+        "embedding_length": config.hidden_size,
+        "block_count": config.num_hidden_layers,
+        "feed_forward_length": config.intermediate_size,
+        "attention.head_count": config.num_attention_heads,
+        "attention.head_count_kv": config.num_key_value_heads,
+        "attention.key_length": config.head_dim,
+        "attention.value_length": config.head_dim,
+        "attention.layer_norm_rms_epsilon": config.rms_norm_eps,
+        "rope.freq_base": theta,
+    }
+    if arch in ("gemma2", "gemma3_text"):
+        local = config.rope_parameters.get("sliding_attention", config.rope_parameters)["rope_theta"]
+        keys.update({"attention.sliding_window": config.sliding_window, "rope.freq_base_swa": local})
+    if arch == "gemma2":
+        keys["attn_logit_softcapping"] = config.attn_logit_softcapping
+        keys["final_logit_softcapping"] = config.final_logit_softcapping
+    if arch == "gemma3_text":
+        keys["attention.sliding_window_pattern"] = 6
+    return keys
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_export_architecture_without_like(arch: str, arch_checkpoint: Callable[..., tuple]) -> None:
+    """binq writes the whole file itself: names, shapes, types and values of every tensor, the
+    hyperparameters, norm offsets, q/k rows permuted only for llama.cpp's llama, the tokenizer."""
+    folder, model, weights, tokenizer = arch_checkpoint(arch)
+    name, permuted, offset, tokenizer_model = ARCHS[arch]
+    reader = gguf.GGUFReader(export_gguf(folder, folder / "m.gguf"))
+    assert reader.fields["general.architecture"].contents() == name
+
+    config = model.config
+    for key, value in expected_hparams(arch, config).items():
+        stored = reader.fields[f"{name}.{key}"].contents()
+        assert stored == pytest.approx(value, rel=1e-7), key
+
+    heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}
+    tensors = {t.name: t for t in reader.tensors}
+    expected_names = set()
+    for hf_name, hf_tensor in model.state_dict().items():
+        if hf_name == "lm_head.weight" and config.tie_word_embeddings:
+            continue  # llama.cpp reads the embedding
+        stored = tensors[llama_cpp_name(hf_name, arch)]
+        expected_names.add(stored.name)
+        assert list(stored.shape) == list(reversed(hf_tensor.shape)), stored.name  # ggml lists dims innermost first
+        module = hf_name.rpartition(".")[0]
+        head_count = heads.get(module.rpartition(".")[2]) if permuted else None
+        if module in weights and hf_name.endswith(".weight"):
+            assert stored.tensor_type == Q.Q4_0, stored.name
+            rows = hf_tensor.shape[0]
+            values = gguf_values(torch.from_numpy(np.array(stored.data)).reshape(rows, -1), Q.Q4_0)
+            expected = weights[module].dequantize()
+        elif hf_tensor.dim() == 1:
+            assert stored.tensor_type == Q.F32, stored.name
+            values = torch.from_numpy(np.array(stored.data))
+            expected = hf_tensor.half().float() + (offset if hf_name.endswith("norm.weight") else 0.0)
+        else:
+            assert stored.tensor_type == Q.F16, stored.name
+            values = torch.from_numpy(np.array(stored.data)).float().reshape(hf_tensor.shape)
+            expected = hf_tensor.half().float()
+        if head_count is not None:
+            expected = expected[rope_row_order(expected.shape[0], head_count)]
+        assert torch.equal(as_bits(values), as_bits(expected)), stored.name
+    assert set(tensors) == expected_names
+
+    tokens = reader.fields["tokenizer.ggml.tokens"].contents()
+    assert reader.fields["tokenizer.ggml.model"].contents() == tokenizer_model
+    assert tokens[: len(tokenizer)] == tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    assert tokens[len(tokenizer) :] == [f"[PAD{i}]" for i in range(len(tokenizer), config.vocab_size)]
+    assert reader.fields["tokenizer.ggml.bos_token_id"].contents() == tokenizer.bos_token_id
+    assert reader.fields["tokenizer.ggml.eos_token_id"].contents() == tokenizer.eos_token_id
+    assert reader.fields["tokenizer.ggml.add_bos_token"].contents() is False  # as the tiny tokenizers do
+
+
+def test_sentencepiece_like_scores_follow_merge_ranks(arch_checkpoint: Callable[..., tuple]) -> None:
+    folder, _, _, tokenizer = arch_checkpoint("gemma")
+    reader = gguf.GGUFReader(export_gguf(folder, folder / "scores.gguf"))
+    scores = reader.fields["tokenizer.ggml.scores"].contents()
+    by_piece = dict(zip(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))), scores, strict=False))
+    assert (by_piece["23"], by_piece["▁w"], by_piece["12"]) == (0.0, -1.0, -2.0)
+    assert by_piece["w"] == by_piece["<s>"] == -1000.0  # made by no merge
+    assert reader.fields["tokenizer.ggml.add_space_prefix"].contents() is True  # Metaspace prepends "▁"
+
+
+def edited_config(folder: Path, tmp_path: Path, **changes: object) -> Path:
+    """A copy of the checkpoint ``folder`` with config.json's ``changes``."""
+    copy = tmp_path / "edited"
+    shutil.copytree(folder, copy, ignore=shutil.ignore_patterns("*.gguf"))
+    config = json.loads((copy / "config.json").read_text(encoding="utf-8"))
+    config.update(changes)
+    (copy / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    return copy
+
+
+def test_gemma3_linear_rope_scaling(arch_checkpoint: Callable[..., tuple], tmp_path: Path) -> None:
+    """Gemma 3 (4B and up) scales its global layers' RoPE linearly; its sliding layers keep theta 10000."""
+    folder = arch_checkpoint("gemma3_text")[0]
+    full = {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0}
+    rope = {"full_attention": full, "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}
+    reader = gguf.GGUFReader(export_gguf(edited_config(folder, tmp_path, rope_parameters=rope), tmp_path / "m.gguf"))
+    assert reader.fields["gemma3.rope.scaling.type"].contents() == "linear"
+    assert reader.fields["gemma3.rope.scaling.factor"].contents() == 8.0
+    assert reader.fields["gemma3.rope.freq_base_swa"].contents() == 10000.0
+
+
+@pytest.mark.parametrize(
+    ("arch", "changes", "message"),
+    [
+        ("gemma2", {"query_pre_attn_scalar": 256}, "query_pre_attn_scalar 256 is neither head_dim"),
+        ("gemma3_text", {"layer_types": ["full_attention", "sliding_attention"]}, "repeats 5 sliding layers"),
+        ("llama", {"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5}}, "not 'llama3': pass --like"),
+    ],
+)
+def test_export_refuses_what_llama_cpp_cannot_run(
+    arch: str, changes: dict, message: str, arch_checkpoint: Callable[..., tuple], tmp_path: Path
+) -> None:
+    folder = edited_config(arch_checkpoint(arch)[0], tmp_path, **changes)
+    with pytest.raises(BinqError, match=message) as error:
+        export_gguf(folder, tmp_path / "m.gguf")
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "m.gguf").exists()
+
+
+def test_export_refuses_tokenizers_llama_cpp_cannot_express(tmp_path: Path) -> None:
+    """The tiny word-level tokenizer has no llama.cpp model: one line, pointing at --like."""
+    model = build_tiny_model("llama")
+    spec = get_method("rtn")
+    config = spec.make_config(bits=4, group_size=32, sym=True)
+    result = quantize_model(model, get_architecture(model), random_ids(2, 8), spec, config, progress=False)
+    save_checkpoint(model, result.weights, tmp_path / "ckpt", tokenizer=build_tiny_tokenizer(), method="rtn")
+    with pytest.raises(BinqError) as error:
+        export_gguf(tmp_path / "ckpt", tmp_path / "m.gguf")
+    message = str(error.value)
+    assert "\n" not in message
+    assert message.startswith("the tokenizer (WordLevel) is neither byte-level BPE nor sentencepiece-like")
+    assert "--like" in message
+
+
+def test_export_refuses_other_architectures(tmp_path: Path) -> None:
+    model = build_tiny_model("opt")
+    spec = get_method("rtn")
+    config = spec.make_config(bits=4, group_size=32, sym=True)
+    result = quantize_model(model, get_architecture(model), random_ids(2, 8), spec, config, progress=False)
+    save_checkpoint(model, result.weights, tmp_path / "ckpt", tokenizer=byte_level_bpe_tokenizer(), method="rtn")
+    with pytest.raises(BinqError) as error:
+        export_gguf(tmp_path / "ckpt", tmp_path / "m.gguf")
+    assert str(error.value) == (
+        "GGUF export supports model types llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text, not 'opt'"
+    )
+
+
+# llama.cpp's CPU GELU reads a table of fp16 values (its input and output rounded to fp16); every
+# other operation in these runs is fp32.
+GELU_ARCHS = ("gemma", "gemma2", "gemma3_text")
+
+
+@pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_llama_cpp_runs_each_architecture(arch: str, arch_checkpoint: Callable[..., tuple]) -> None:
+    """llama.cpp loads the export (metadata written by binq) and computes binq's own model, and its
+    tokenizer splits text as the checkpoint's does.
+
+    The checkpoint is fp32 and its linears go out as F32 (4-bit groups of 16: no block type, exact), the
+    KV cache is F32 and flash attention off: llama.cpp's CPU matmuls round the activations to fp16 for
+    F16 weights, and its flash attention works in fp16. So llama.cpp multiplies fp32 values as binq
+    does and only the order of fp32 sums differs: within 1e-5 of the largest logit. The Gemma
+    family goes through llama.cpp's fp16 GELU table; Gemma 2/3 then rescale the MLP output to the
+    residual's size in their post-feedforward norm, so one fp16 rounding (2**-11 relative) of the
+    activations reaches the logits: within 2**-11 of the largest logit. Quantized (Q-type) linears are
+    not run here: llama.cpp rounds their activations to 8 bits (test_llama_cpp_runs_the_export).
+    """
+    from llama_cpp import GGML_TYPE_F32, Llama
+
+    folder, _, _, tokenizer = arch_checkpoint(arch, group_size=16, dtype=torch.float32)
+    out = export_gguf(folder, folder / "dense.gguf")
+    assert {t.tensor_type for t in gguf.GGUFReader(out).tensors if ".attn_q.weight" in t.name} <= {Q.F16, Q.F32}
+    ids = [5, 17, 40, 99, 120, 3, 60, 70]
+    with torch.no_grad():
+        expected = binq.load(folder)(torch.tensor([ids])).logits[0]
+    llm = Llama(
+        model_path=str(out),
+        n_ctx=16,
+        n_batch=16,
+        n_threads=1,
+        logits_all=True,
+        type_k=GGML_TYPE_F32,
+        type_v=GGML_TYPE_F32,
+        flash_attn=False,
+        verbose=False,
+    )
+    try:
+        llm.eval(ids)
+        logits = torch.tensor(np.array(llm.scores[: len(ids)]), dtype=torch.float32)
+        text = "w123 w12 w3 w45 w1"
+        assert llm.tokenize(text.encode(), add_bos=True) == tokenizer(text).input_ids
+    finally:
+        llm.close()
+    error = (logits - expected).abs().max().item()
+    largest = expected.abs().max().item()
+    tolerance = 2**-11 if arch in GELU_ARCHS else 1e-5
+    assert error < tolerance * largest, (
+        f"max |llama.cpp - binq| {error:.3g}, {error / largest:.3g} of the largest logit"
+    )

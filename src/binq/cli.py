@@ -139,7 +139,12 @@ def _base_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="export a binq checkpoint (GGUF for llama.cpp, exact types)")
     export.add_argument("checkpoint", help="a folder written by `binq quantize --out`")
     export.add_argument("--gguf", required=True, help="the GGUF file to write")
-    export.add_argument("--like", default=None, help="a GGUF of the same model to copy llama.cpp's metadata from")
+    export.add_argument(
+        "--like",
+        default=None,
+        help="a GGUF of the same model to copy llama.cpp's metadata from (default: binq writes it from "
+        "config.json and the tokenizer; the architectures it can: docs/FORMAT.md, GGUF export)",
+    )
 
     demo = sub.add_parser("demo", help="the main job: several methods on the embedded model, one table")
     demo.add_argument("--full", action="store_true", help="the full protocol (128 x 2048, all windows at 2048)")

@@ -18,12 +18,17 @@ What is written (docs/FORMAT.md, "GGUF export"; one registry, :data:`LAYOUT_EXPO
   else ``F32``;
 - the file type: that of the block type holding most of the linears' weights (F16/F32 where none has one);
 - llama.cpp's metadata: with ``like`` (a GGUF of the same model, e.g. the one binq quantized), every
-  key-value pair of it but the file type; without, the hyperparameters from config.json and the
-  tokenizer from tokenizer.json (llama only; gemma3 needs ``like``).
+  key-value pair of it but the file type; without, binq writes it all itself
+  (:mod:`binq.export.gguf_metadata`): the hyperparameters from config.json, the tokenizer from the
+  checkpoint's tokenizer files.
 
-Architecture differences handled here: llama.cpp's ``llama`` uses interleaved rotary pairs, so q/k
-rows are permuted as its converter does (a row permutation: blocks, which run along rows, stay
-whole); Gemma stores RMSNorm weights as ``w - 1``, llama.cpp as ``w``.
+Architectures (:data:`~binq.export.gguf_metadata.GGUF_ARCHS`, one entry per HF ``model_type``): llama
+and mistral as llama.cpp's ``llama``, qwen2, qwen3, gemma, gemma2 and gemma3_text as their llama.cpp
+namesakes (gemma3_text as ``gemma3``). Tensor names come from gguf's own map for the architecture.
+llama.cpp's ``llama`` uses interleaved rotary pairs, so llama/mistral q/k rows (and biases) are permuted
+as its converter does (a row permutation: blocks, which run along rows, stay whole); the others use
+NeoX-style rotary, HF's own layout, and are written as they are. Gemma stores RMSNorm weights as
+``w - 1`` (every norm, q/k norms included), llama.cpp as ``w``.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from binq.checkpoint.format import packed_key
 from binq.checkpoint.load import read_quantization_config
 from binq.errors import BinqError
 from binq.export.ggml_blocks import GgmlTensor
+from binq.export.gguf_metadata import GGUF_ARCHS, copy_metadata, write_metadata
 from binq.export.q1_0 import q1_0_form_problem, q1_0_tensor
 from binq.export.uniform import uniform_tensor
 from binq.quant.structured import BinaryWeight, QuantizedWeight, UniformWeight, layout_class
@@ -86,111 +92,10 @@ FILE_TYPES: dict[gguf.GGMLQuantizationType, gguf.LlamaFileType] = {
 }
 
 
-@dataclass(frozen=True)
-class GGUFArch:
-    """How one HF ``model_type`` maps to llama.cpp."""
-
-    gguf_arch: gguf.MODEL_ARCH
-    permute_qk: bool  # llama.cpp's rotary pairs are interleaved: undo HF's half-split layout
-    norm_offset: float  # added to RMSNorm weights (Gemma stores w - 1)
-
-
-GGUF_ARCHS: dict[str, GGUFArch] = {
-    "llama": GGUFArch(gguf.MODEL_ARCH.LLAMA, permute_qk=True, norm_offset=0.0),
-    "mistral": GGUFArch(gguf.MODEL_ARCH.LLAMA, permute_qk=True, norm_offset=0.0),
-    "gemma3_text": GGUFArch(gguf.MODEL_ARCH.GEMMA3, permute_qk=False, norm_offset=1.0),
-}
-
-
 def rope_row_order(rows: int, n_head: int) -> torch.Tensor:
     """Row index that turns HF's rotary layout into llama.cpp's (its converter's ``permute``)."""
     head_dim = rows // n_head
     return torch.arange(rows).reshape(n_head, 2, head_dim // 2).transpose(1, 2).reshape(rows)
-
-
-def _rope_theta(config: dict[str, Any]) -> float:
-    params = config.get("rope_parameters") or {}
-    return float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
-
-
-def llama_hparams(writer: gguf.GGUFWriter, config: dict[str, Any]) -> None:
-    """llama.cpp's ``llama.*`` hyperparameters from a HF config.json."""
-    heads = config["num_attention_heads"]
-    head_dim = config.get("head_dim") or config["hidden_size"] // heads
-    writer.add_context_length(config["max_position_embeddings"])
-    writer.add_embedding_length(config["hidden_size"])
-    writer.add_block_count(config["num_hidden_layers"])
-    writer.add_feed_forward_length(config["intermediate_size"])
-    writer.add_head_count(heads)
-    writer.add_head_count_kv(config.get("num_key_value_heads") or heads)
-    writer.add_rope_freq_base(_rope_theta(config))
-    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
-    writer.add_rope_dimension_count(head_dim)
-    writer.add_key_length(head_dim)
-    writer.add_value_length(head_dim)
-    writer.add_vocab_size(config["vocab_size"])
-
-
-def hf_tokenizer_metadata(writer: gguf.GGUFWriter, folder: Path) -> None:
-    """``tokenizer.ggml.*`` from tokenizer.json (byte-level BPE as llama.cpp's ``gpt2`` model).
-
-    The pre-tokenizer is written as ``default``: llama.cpp identifies pre-tokenizers by name, which a
-    tokenizer.json does not carry. Token ids are the same either way; pass ``like`` for the exact name.
-    """
-    from transformers import AutoTokenizer
-
-    data = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
-    model = data["model"]
-    vocab: dict[str, int] = dict(model.get("vocab") or {})
-    special: set[int] = set()
-    for added in data.get("added_tokens") or []:
-        vocab[added["content"]] = added["id"]
-        if added.get("special"):
-            special.add(added["id"])
-    size = max(vocab.values()) + 1
-    tokens = [f"[PAD{i}]" for i in range(size)]
-    types = [gguf.TokenType.UNUSED] * size
-    for text, index in vocab.items():
-        tokens[index] = text
-        types[index] = gguf.TokenType.CONTROL if index in special else gguf.TokenType.NORMAL
-    if model.get("type") != "BPE":
-        log.warning("tokenizer model %s is not BPE: llama.cpp will tokenize text differently", model.get("type"))
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
-    if merges:
-        writer.add_token_merges(merges)
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    for key, value in (
-        ("bos", tokenizer.bos_token_id),
-        ("eos", tokenizer.eos_token_id),
-        ("unk", tokenizer.unk_token_id),
-        ("pad", tokenizer.pad_token_id),
-    ):
-        if value is not None:
-            getattr(writer, f"add_{'unk' if key == 'unk' else key}_token_id")(value)
-    writer.add_add_bos_token(bool(getattr(tokenizer, "add_bos_token", False)))
-    if getattr(tokenizer, "chat_template", None):
-        writer.add_chat_template(tokenizer.chat_template)
-
-
-_SKIPPED_KEYS = ("GGUF.", "general.architecture", "general.file_type", "general.quantization_version")
-
-
-def copy_metadata(writer: gguf.GGUFWriter, like: Path) -> None:
-    """Every key-value pair of the GGUF ``like`` (hyperparameters, tokenizer), but its file type."""
-    reader = gguf.GGUFReader(like)
-    for key, field in reader.fields.items():
-        if key.startswith(_SKIPPED_KEYS):
-            continue
-        main = field.types[0]
-        sub = field.types[-1] if main == gguf.GGUFValueType.ARRAY else None
-        value = field.contents()
-        if sub == gguf.GGUFValueType.STRING:
-            value = [v.encode("utf-8") if isinstance(v, str) else v for v in value]
-        writer.add_key_value(key, value, main, sub_type=sub)
 
 
 def _gguf_name(name_map: gguf.TensorNameMap, hf_name: str) -> str:
@@ -259,8 +164,6 @@ def export_gguf(folder: Path | str, out: Path | str, like: Path | str | None = N
     arch = GGUF_ARCHS.get(config.get("model_type", ""))
     if arch is None:
         raise BinqError(f"GGUF export supports model types {', '.join(GGUF_ARCHS)}, not {config.get('model_type')!r}")
-    if like is None and arch.gguf_arch != gguf.MODEL_ARCH.LLAMA:
-        raise BinqError(f"exporting {config['model_type']} needs --like: a GGUF of the same model for its metadata")
 
     modules = {name: (entry["layout"], entry["metadata"]) for name, entry in quantization["modules"].items()}
     method = quantization.get("method") or "this method"
@@ -289,9 +192,7 @@ def export_gguf(folder: Path | str, out: Path | str, like: Path | str | None = N
     if like is not None:
         copy_metadata(writer, Path(like))
     else:
-        writer.add_name(folder.resolve().name)
-        llama_hparams(writer, config)
-        hf_tokenizer_metadata(writer, folder)
+        write_metadata(writer, arch, config, folder)
     writer.add_file_type(_file_type(linears, shapes))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
