@@ -1,4 +1,4 @@
-"""The ``binq`` command line: quantize, eval, export, methods, demo, generate, bench, plot.
+"""The ``binq`` command line: quantize, eval, lm-eval, export, methods, demo, generate, bench, plot.
 
 Every user error is one line on stderr and exit code 2; argparse already behaves that way for bad
 options, and :class:`BinqError` does for everything found later.
@@ -52,7 +52,9 @@ def _add_method_options(parser: argparse.ArgumentParser, config_class: type) -> 
             )
 
 
-def _add_protocol_options(parser: argparse.ArgumentParser, calibration: bool) -> None:
+def _add_protocol_options(
+    parser: argparse.ArgumentParser, calibration: bool, eval_default: str | None = DEFAULT_EVAL
+) -> None:
     parser.add_argument(
         "--model",
         default=DEFAULT_MODEL,
@@ -66,8 +68,9 @@ def _add_protocol_options(parser: argparse.ArgumentParser, calibration: bool) ->
     parser.add_argument("--seqlen", type=int, default=None, help="tokens per window (2048; quick 512)")
     parser.add_argument(
         "--eval",
-        default=DEFAULT_EVAL,
-        help="comma-separated evaluation sets (brit1911, persuasion, wikitext2, c4, ptb, a file); 'none' to skip",
+        default=eval_default,
+        help="comma-separated evaluation sets (brit1911, persuasion, wikitext2, c4, ptb, a file); 'none' to skip"
+        + ("" if eval_default else f" (default {DEFAULT_EVAL}; none when --tasks is given)"),
     )
     parser.add_argument(
         "--eval-windows", type=int, default=None, help="evaluate the first K windows of each set (all; quick 16)"
@@ -92,6 +95,19 @@ def _add_activation_options(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--smooth-proxy", default="w11", help="weights assumed by the channel search: w11 or none")
     group.add_argument("--act-calib-tokens", type=int, default=2048, help="tokens per linear group for the searches")
+
+
+def _add_task_options(parser: argparse.ArgumentParser, title: str, lm_eval_tasks: bool = False) -> None:
+    group = parser.add_argument_group(title)
+    others = " (binq's offline tasks), or lm-eval's own task names (their data come from the Hub)"
+    group.add_argument(
+        "--tasks",
+        required=lm_eval_tasks,
+        default=None,
+        help="comma-separated: lastword, nextsentence" + (others if lm_eval_tasks else ""),
+    )
+    group.add_argument("--limit", type=int, default=None, help="the first N items of each task (all)")
+    group.add_argument("--batch-size", type=int, default=8, help="requests per forward pass (8)")
 
 
 def _base_parser() -> argparse.ArgumentParser:
@@ -127,12 +143,28 @@ def _base_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     _add_activation_options(quantize)
 
-    evaluate = sub.add_parser("eval", help="evaluate a model's perplexity")
+    evaluate = sub.add_parser("eval", help="evaluate a model's perplexity and zero-shot accuracy")
     # Calibration options too: activation quantization searches its clipping and smoothing on them.
-    _add_protocol_options(evaluate, calibration=True)
+    _add_protocol_options(evaluate, calibration=True, eval_default=None)
     evaluate.add_argument("--out", default=None, help="output folder: report.json (docs/REPORT.md)")
     evaluate.add_argument("--label", default=None, help="name of this run in tables (default: the model's name)")
+    _add_task_options(evaluate, "zero-shot tasks (docs/BENCHMARKS.md, 'Zero-shot tasks')")
     _add_activation_options(evaluate)
+
+    lm_eval = sub.add_parser(
+        "lm-eval", help="run lm-evaluation-harness on any model binq loads (pip install 'binq[lmeval]')"
+    )
+    lm_eval.add_argument(
+        "--model", default=DEFAULT_MODEL, help="a binq checkpoint, embedded name, folder, .gguf file or Hub id"
+    )
+    lm_eval.add_argument("--device", default="cpu", help="compute device: cpu, cuda, cuda:N")
+    lm_eval.add_argument("--out", default=None, help="output folder (default: runs/lm-eval/<model name>)")
+    lm_eval.add_argument(
+        "--bootstrap-iters", type=int, default=1000,
+        help="lm-eval's bootstrap draws for the stderr of metrics without a closed form (1000; lm-eval's 100000)",
+    )  # fmt: skip
+    lm_eval.add_argument("--log-samples", action="store_true", help="keep every request's result in the JSON")
+    _add_task_options(lm_eval, "tasks", lm_eval_tasks=True)
 
     sub.add_parser("methods", help="list the methods and their options")
 
@@ -252,6 +284,13 @@ def _eval_sets(spec: str) -> list[str]:
     return sets
 
 
+def _eval_spec(args: argparse.Namespace) -> str:
+    """``binq eval``'s sets: ``--eval``, else none when ``--tasks`` is given, else the default sets."""
+    if args.eval is not None:
+        return args.eval
+    return "none" if args.tasks else DEFAULT_EVAL
+
+
 def _method_options(args: argparse.Namespace) -> dict[str, Any]:
     return {k.removeprefix("method_"): v for k, v in vars(args).items() if k.startswith("method_")}
 
@@ -361,6 +400,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from binq.commands import run_demo
 
             return run_demo(args)
+        if args.command == "lm-eval":
+            from binq.commands import run_lm_eval
+
+            return run_lm_eval(args, argv)
         if args.command in ("generate", "bench"):
             from binq import commands
 
@@ -379,7 +422,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if rank != 0:
                     _quiet()
                 return commands.run_quantize(args, _eval_sets(args.eval), _method_options(args), _report_argv(argv))
-        return commands.run_eval(args, _eval_sets(args.eval), argv)
+        return commands.run_eval(args, _eval_sets(_eval_spec(args)), argv)
     except BinqError as err:
         print(f"binq: error: {err}", file=sys.stderr)
         return 2

@@ -18,9 +18,11 @@ from rich.table import Table
 from tqdm.auto import tqdm
 
 from binq.activations import ActivationConfig
+from binq.data.zeroshot import check_task_names
 from binq.engine.calibrate import EngineConfig, rank_and_world
 from binq.errors import BinqError
 from binq.evaluation import Protocol
+from binq.evaluation.zeroshot import ZeroShotConfig
 from binq.methods import available_methods, get_method
 from binq.models import load_model
 from binq.pipeline import CalibrationConfig, EvaluationConfig, evaluate, load_checkpoint, quantize
@@ -92,15 +94,48 @@ def run_quantize(
     return 0
 
 
+def _zeroshot_config(args: argparse.Namespace) -> ZeroShotConfig:
+    """``--tasks``, ``--limit`` and ``--batch-size`` (task names checked here, before any model is loaded)."""
+    if args.tasks is None:
+        if args.limit is not None:
+            raise BinqError("--limit applies to --tasks: name the tasks (lastword, nextsentence)")
+        return ZeroShotConfig(batch_size=args.batch_size)
+    return ZeroShotConfig(tuple(check_task_names(args.tasks)), args.limit, args.batch_size)
+
+
+def task_table(tasks: dict[str, dict[str, Any]], title: str) -> Table:
+    """One row per task and accuracy metric: value, standard error, items and the items' digest."""
+    table = Table(title=title, title_justify="left")
+    for column in ("task", "metric", "value", "stderr", "items", "items sha256", "also"):
+        table.add_column(column, justify="left" if column in ("task", "metric", "also") else "right")
+    for name, task in tasks.items():
+        also = (
+            f"target log-likelihood {task['target_loglik_mean']:.3f} (perplexity {task['perplexity']:.2f})"
+            if "target_loglik_mean" in task
+            else f"{task['choices']} choices"
+        )
+        for metric in ("acc", "acc_norm"):
+            if metric in task:
+                stderr = task[f"{metric}_stderr"]
+                table.add_row(
+                    name, metric, f"{task[metric]:.4f}", "-" if stderr is None else f"± {stderr:.4f}",
+                    f"{task['items']} of {task['items_total']}", task["items_sha256"][:12], also,
+                )  # fmt: skip
+    return table
+
+
 def run_eval(args: argparse.Namespace, eval_sets: list[str], argv: list[str]) -> int:
     calibration, evaluation = _protocol(args, eval_sets)
+    zeroshot = _zeroshot_config(args)
     result = evaluate(
         args.model, evaluation, device=args.device, activations=_activation_config(args), calibration=calibration,
-        out=args.out, label=args.label, progress=not args.no_progress, command=["binq", *argv],
+        zeroshot=zeroshot, out=args.out, label=args.label, progress=not args.no_progress, command=["binq", *argv],
     )  # fmt: skip
     for name, evaluation in result.evaluations.items():
         kl = "" if evaluation["kl"] is None else f", KL {evaluation['kl']:.4f} to full-precision activations"
         print(f"{name}: PPL {evaluation['ppl']:.3f}{kl}  ({Protocol(**evaluation['protocol']).summary()})")
+    if "tasks" in result.report:
+        print_table(task_table(result.report["tasks"], f"zero-shot tasks, {result.report['label']}"))
     if args.out:
         print(f"wrote {Path(args.out) / 'report.json'}")
     return 0
@@ -262,3 +297,39 @@ def run_bench(args: argparse.Namespace) -> int:
     if config.json_out is not None:
         print(f"wrote {config.json_out}")
     return 0 if all_ran else 1
+
+
+def run_lm_eval(args: argparse.Namespace, argv: list[str]) -> int:
+    """``binq lm-eval``: lm-evaluation-harness's ``simple_evaluate`` on the model through the ``binq`` model
+    type, binq's offline tasks given to it as local task configs (:mod:`binq.integration.lm_eval`)."""
+    from binq.integration.lm_eval_tasks import split_task_names
+
+    # Checked before lm_eval is imported (seconds) or the model loaded.
+    binq_tasks, other_tasks = split_task_names(args.tasks)
+    for value, option in ((args.limit, "--limit"), (args.batch_size, "--batch-size")):
+        if value is not None and value < 1:
+            raise BinqError(f"{option} must be at least 1, got {value}")
+    if args.bootstrap_iters < 0:
+        raise BinqError(f"--bootstrap-iters must be 0 or more, got {args.bootstrap_iters}")
+    _check_device_name(args.device)
+    try:
+        from binq.integration import lm_eval as harness
+    except ImportError as err:
+        missing = (err.name or "lm_eval").split(".")[0]
+        raise BinqError(
+            f"binq lm-eval needs lm-evaluation-harness ({missing} is missing): pip install 'binq[lmeval]'"
+        ) from err
+    out = Path(args.out) if args.out else Path("runs/lm-eval") / Path(args.model.rstrip("/")).name
+    results = harness.run(
+        args.model, binq_tasks, other_tasks, out, device=args.device, limit=args.limit, batch_size=args.batch_size,
+        bootstrap_iters=args.bootstrap_iters, log_samples=args.log_samples, command=["binq", *argv],
+    )  # fmt: skip
+    print_table(harness.results_table(results, f"lm-eval on {args.model}"))
+    print(f"wrote {out / harness.RESULTS_FILE}")
+    return 0
+
+
+def _check_device_name(device: str) -> None:
+    from binq.engine.calibrate import check_device
+
+    check_device(device)

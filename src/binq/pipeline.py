@@ -49,6 +49,7 @@ from binq.activations import (
 from binq.bits import summarize_bits, unquantized_bits
 from binq.checkpoint.sharded import ShardedCheckpoint
 from binq.data import calibration_windows, describe_eval, evaluation_tokens
+from binq.data.zeroshot import TaskItems, build_task
 from binq.engine import distributed
 from binq.engine.calibrate import EngineConfig, EngineResult, LayerRecord, quantize_model
 from binq.engine.independent import default_workers, quantize_independent
@@ -57,6 +58,7 @@ from binq.engine.streamed import StreamedRun, quantize_free_streamed
 from binq.errors import BinqError
 from binq.evaluation import Protocol, WeightSwap, evaluate_perplexity
 from binq.evaluation.layerwise import LayerwiseEvaluation
+from binq.evaluation.zeroshot import TaskResult, ZeroShotConfig, score_task
 from binq.memory import map_large_allocations, mapping_threshold
 from binq.methods import Method, get_method
 from binq.models import LoadedModel, get_architecture, get_blocks, load_model, named_linears, parameter_inventory
@@ -166,11 +168,13 @@ class QuantizationResult:
 
 @dataclass
 class EvaluationResult:
-    """What :func:`evaluate` measured: the evaluations by set name and ``report`` (``report.json``'s dict)."""
+    """What :func:`evaluate` measured: the evaluations by set name, the zero-shot tasks by name (with every
+    request's score) and ``report`` (``report.json``'s dict)."""
 
     model: LoadedModel
     evaluations: dict[str, dict[str, Any]]
     report: dict[str, Any] = field(default_factory=dict)
+    tasks: dict[str, TaskResult] = field(default_factory=dict)
 
     def save(self, out: str | Path) -> Path:
         return write_report(self.report, Path(out))
@@ -711,36 +715,38 @@ def evaluate(
     device: str = "cpu",
     activations: ActivationConfig | None = None,
     calibration: CalibrationConfig | None = None,
+    zeroshot: ZeroShotConfig | None = None,
     out: str | Path | None = None,
     label: str | None = None,
     progress: bool = True,
     command: list[str] | None = None,
 ) -> EvaluationResult:
-    """Perplexity of ``model`` (any model binq loads, or a binq checkpoint folder) on each evaluation set.
+    """Perplexity of ``model`` (any model binq loads, or a binq checkpoint folder) on each evaluation set,
+    and its accuracy on each zero-shot task of ``zeroshot`` (:mod:`binq.evaluation.zeroshot`).
 
     With ``activations`` enabled (a full-precision model only), its inputs are quantized as
     :func:`quantize` would, calibrated on ``calibration``, and KL is to the same model with
     full-precision activations; otherwise there is no reference and KL is ``None``. With ``out``,
     writes ``report.json`` (the same schema as :func:`quantize`'s, without bits and layers).
     """
-    from binq.checkpoint import is_checkpoint
-
     started = time.perf_counter()
-    evaluation = evaluation or FULL_EVALUATION
+    zeroshot = zeroshot or ZeroShotConfig()
+    # Without an evaluation config, perplexity by GPTQ's protocol; none when tasks are asked for instead.
+    evaluation = evaluation or (EvaluationConfig(sets=()) if zeroshot.tasks else FULL_EVALUATION)
     calibration = calibration or FULL_CALIBRATION
     activations = activations or ActivationConfig()
-    if not evaluation.sets:
-        raise BinqError("binq eval needs at least one --eval set")
-    checkpoint = isinstance(model, str | Path) and is_checkpoint(model)
-    if checkpoint:
-        loaded = load_checkpoint(Path(model), compute_dtype(device))
-    else:
-        loaded = _load(model if not isinstance(model, Path) else str(model), device)
-    check_seqlen(loaded.model, evaluation.seqlen)
+    if not evaluation.sets and not zeroshot.tasks:
+        raise BinqError("binq eval needs at least one --eval set or --tasks")
+    # The items first: they need no model, and a task that cannot be built fails before the loading.
+    task_items = {name: build_task(name, zeroshot.limit) for name in zeroshot.tasks}
+    loaded, checkpoint = open_model(model, device)
+    if evaluation.sets:
+        check_seqlen(loaded.model, evaluation.seqlen)
     tokens = _evaluation_tokens(loaded, evaluation)
     plan = None
     if not activations.enabled:
         evaluations = _run_evaluations(loaded, tokens, evaluation, device, None, progress)
+        tasks = _run_tasks(loaded, task_items, zeroshot, device, progress)
     else:
         if checkpoint:
             raise BinqError("activation quantization of a binq checkpoint is not supported: quantize with --act-bits")
@@ -755,14 +761,12 @@ def evaluate(
         with quantized_activations(loaded.model, arch, plan) as hooks:
             swap = ActivationSwap(None, hooks)
             evaluations = _run_evaluations(loaded, tokens, evaluation, device, swap, progress)
+            tasks = _run_tasks(loaded, task_items, zeroshot, device, progress)
     memory, memory_kind = peak_memory()
     spec = str(model) if isinstance(model, str | Path) else loaded.path
     arch_name = get_architecture(loaded.model).name
     if command is None:
-        command = ["binq", "eval", "--model", spec, "--eval", ",".join(evaluation.sets), "--seqlen"]
-        command += [str(evaluation.seqlen), "--device", device]
-        if evaluation.windows is not None:
-            command += ["--eval-windows", str(evaluation.windows)]
+        command = _eval_command(spec, evaluation, zeroshot, device)
     report: dict[str, Any] = {
         "schema": REPORT_SCHEMA,
         "kind": "eval",
@@ -777,15 +781,56 @@ def evaluate(
         "versions": library_versions(),
         "machine": machine(),
     }
+    if tasks:
+        report["tasks"] = {name: result.to_dict() for name, result in tasks.items()}
     if plan is not None:
         report["calibration"] = dataclasses.asdict(calibration)
         report["seed"] = calibration.seed
         report["activations"] = plan.summary(loaded.model.config.hidden_size)
     _evaluation_shortcuts(report, evaluations)
-    result = EvaluationResult(loaded, evaluations, report)
+    result = EvaluationResult(loaded, evaluations, report, tasks)
     if out is not None:
         log.info("wrote %s", result.save(out))
     return result
+
+
+def open_model(model: str | Path | LoadedModel, device: str) -> tuple[LoadedModel, bool]:
+    """``model`` loaded for evaluation at the device's compute dtype, and whether it is a binq checkpoint
+    (a folder ``binq quantize --out`` wrote; anything else goes through :func:`binq.models.load_model`)."""
+    from binq.checkpoint import is_checkpoint
+
+    if isinstance(model, str | Path) and is_checkpoint(model):
+        return load_checkpoint(Path(model), compute_dtype(device)), True
+    return _load(model if not isinstance(model, Path) else str(model), device), False
+
+
+def _run_tasks(
+    loaded: LoadedModel, items: dict[str, TaskItems], zeroshot: ZeroShotConfig, device: str, progress: bool
+) -> dict[str, TaskResult]:
+    if not items:
+        return {}
+    loaded.model.to(device)
+    results = {
+        name: score_task(
+            loaded.model, loaded.tokenizer, task, batch_size=zeroshot.batch_size, device=device, progress=progress
+        )
+        for name, task in items.items()
+    }
+    loaded.model.to("cpu")
+    return results
+
+
+def _eval_command(spec: str, evaluation: EvaluationConfig, zeroshot: ZeroShotConfig, device: str) -> list[str]:
+    """The ``binq eval`` line equivalent to an API call (what its report records)."""
+    command = ["binq", "eval", "--model", spec, "--eval", ",".join(evaluation.sets) or "none", "--seqlen"]
+    command += [str(evaluation.seqlen), "--device", device]
+    if evaluation.windows is not None:
+        command += ["--eval-windows", str(evaluation.windows)]
+    if zeroshot.tasks:
+        command += ["--tasks", ",".join(zeroshot.tasks), "--batch-size", str(zeroshot.batch_size)]
+        if zeroshot.limit is not None:
+            command += ["--limit", str(zeroshot.limit)]
+    return command
 
 
 def load_checkpoint(folder: Path, dtype: torch.dtype, fp16_embeddings: bool = False) -> LoadedModel:
