@@ -425,3 +425,15 @@ def test_the_mapping_threshold_covers_one_window_of_activations() -> None:
         assert mapping_threshold(size) <= size
     if os.uname().sysname == "Linux" and "glibc" in " ".join(os.confstr("CS_GNU_LIBC_VERSION").split()[:1]):
         assert map_large_allocations(mapping_threshold(576 * 512 * 4))
+
+
+def test_a_streamed_run_leaves_a_high_mapping_threshold(
+    folder: Path, texts: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A low threshold left in place would map every temporary of whatever the process does next."""
+    from binq import memory
+
+    calls: list[int] = []
+    monkeypatch.setattr(memory, "map_large_allocations", lambda threshold: calls.append(threshold) or True)
+    run(folder, texts, "rtn", {"bits": 2}, True, None)
+    assert calls[0] == memory.mapping_threshold(64 * 24 * 4) and calls[-1] == memory.AFTER_RUN_THRESHOLD

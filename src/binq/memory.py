@@ -13,13 +13,15 @@ Both are no-ops on other C libraries.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import functools
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+AFTER_RUN_THRESHOLD = 32 << 20  # glibc's ceiling for its own climbing threshold, set again after a run
 LARGE_ALLOCATION = 4 << 20  # above GPTQ's per-column temporaries of 7168-row layers (3.5 MB)
 
 
@@ -45,6 +47,18 @@ def mapping_threshold(activation_bytes: int) -> int:
     heap (mapping them costs GPTQ some 5 % of its time); at least 128 KiB, glibc's own default."""
     threshold = 1 << max(17, int(activation_bytes).bit_length() - 1)
     return min(threshold, LARGE_ALLOCATION)
+
+
+@contextlib.contextmanager
+def large_allocations_mapped(threshold: int) -> Iterator[None]:
+    """:func:`map_large_allocations` for the duration of a block: afterwards the threshold is set to
+    32 MiB, about where glibc's own climbing threshold ends (a setting cannot be undone, and a low one
+    left in place would map every temporary of whatever the process does next)."""
+    map_large_allocations(threshold)
+    try:
+        yield
+    finally:
+        map_large_allocations(AFTER_RUN_THRESHOLD)
 
 
 def map_large_allocations(threshold: int = LARGE_ALLOCATION) -> bool:

@@ -59,7 +59,7 @@ from binq.errors import BinqError
 from binq.evaluation import Protocol, WeightSwap, evaluate_perplexity
 from binq.evaluation.layerwise import LayerwiseEvaluation
 from binq.evaluation.zeroshot import TaskResult, ZeroShotConfig, score_task
-from binq.memory import map_large_allocations, mapping_threshold
+from binq.memory import large_allocations_mapped, mapping_threshold
 from binq.methods import Method, get_method
 from binq.models import LoadedModel, get_architecture, get_blocks, load_model, named_linears, parameter_inventory
 from binq.models.streaming import block_store
@@ -528,33 +528,33 @@ def _quantize_streamed(
     its shard while it is in memory (:mod:`binq.engine.streamed`)."""
     hidden = int(getattr(loaded.model.config, "hidden_size", 0) or 0)
     seqlen = min(run.calibration.seqlen, run.evaluation.seqlen) if eval_tokens else run.calibration.seqlen
-    map_large_allocations(mapping_threshold(hidden * seqlen * 4))  # freed activations go back at once
-    evaluation = None
-    if eval_tokens:
-        protocols = {name: _protocol(loaded, name, run.evaluation) for name in eval_tokens}
-        evaluation = LayerwiseEvaluation(
-            loaded.model, arch, eval_tokens, protocols, run.evaluation.seqlen, run.evaluation.windows,
-            run.engine.device,
-        )  # fmt: skip
-    checkpoint = None
-    if run.out is not None:
-        blocks = len(get_blocks(loaded.model, arch))
-        checkpoint = ShardedCheckpoint(run.out, loaded.model, arch.blocks, blocks, source_dtype(loaded))
-    observer = StreamedRun(evaluation, checkpoint)
-    if run.method.calibration_free:
-        engine_result = quantize_free_streamed(
-            loaded.model, arch, run.method, run.config, observer, run.on_layer, run.progress, resume
-        )
-    else:
-        engine_result = quantize_model(
-            loaded.model, arch, windows, run.method, run.config, run.engine, run.on_layer, run.progress,
-            resume=resume, observer=observer,
-        )  # fmt: skip
-    eval_started = time.perf_counter()
-    evaluations = evaluation.finish(run.progress) if evaluation is not None else {}
-    eval_s = time.perf_counter() - eval_started
-    outcome = _Outcome(windows, engine_result, evaluations, eval_s, plan)
-    return _finish(run, resume, loaded, arch, outcome, checkpoint)
+    with large_allocations_mapped(mapping_threshold(hidden * seqlen * 4)):  # freed activations go back at once
+        evaluation = None
+        if eval_tokens:
+            protocols = {name: _protocol(loaded, name, run.evaluation) for name in eval_tokens}
+            evaluation = LayerwiseEvaluation(
+                loaded.model, arch, eval_tokens, protocols, run.evaluation.seqlen, run.evaluation.windows,
+                run.engine.device,
+            )  # fmt: skip
+        checkpoint = None
+        if run.out is not None:
+            blocks = len(get_blocks(loaded.model, arch))
+            checkpoint = ShardedCheckpoint(run.out, loaded.model, arch.blocks, blocks, source_dtype(loaded))
+        observer = StreamedRun(evaluation, checkpoint)
+        if run.method.calibration_free:
+            engine_result = quantize_free_streamed(
+                loaded.model, arch, run.method, run.config, observer, run.on_layer, run.progress, resume
+            )
+        else:
+            engine_result = quantize_model(
+                loaded.model, arch, windows, run.method, run.config, run.engine, run.on_layer, run.progress,
+                resume=resume, observer=observer,
+            )  # fmt: skip
+        eval_started = time.perf_counter()
+        evaluations = evaluation.finish(run.progress) if evaluation is not None else {}
+        eval_s = time.perf_counter() - eval_started
+        outcome = _Outcome(windows, engine_result, evaluations, eval_s, plan)
+        return _finish(run, resume, loaded, arch, outcome, checkpoint)
 
 
 def _protocol(loaded: LoadedModel, name: str, evaluation: EvaluationConfig) -> Protocol:
