@@ -104,8 +104,6 @@ def unpack_gguf(file: Path, dest: Path) -> None:
 
     # One shard per block (its tensors are consecutive in the GGUF files llama.cpp writes) or per other
     # tensor; a cache of binq's own, so the shards are simply numbered in the order they are written.
-    names = [mapping.get(entry[0]) for entry in entries]
-    blocks = sorted({int(m.group(2)) for n in names if n and (m := _BLOCK.match(n))})
     weight_map: dict[str, str] = {}
     pending: dict[int, dict[str, torch.Tensor]] = {}
     sizes = 0
@@ -118,8 +116,10 @@ def unpack_gguf(file: Path, dest: Path) -> None:
             weight_map[name] = shard
             sizes += tensor.numel() * tensor.element_size()
 
-    per_block = {index: {n for n in expected if n.startswith(f"{_block_prefix(names, index)}.{index}.")}
-                 for index in blocks}  # fmt: skip
+    per_block: dict[int, set[str]] = {}  # each block's parameters, to know when its shard is complete
+    for name in expected:
+        if match := _BLOCK.match(name):
+            per_block.setdefault(int(match.group(2)), set()).add(name)
     with open(file, "rb") as handle:
         for gguf_name, kind, dtype, shape, offset, size in entries:
             handle.seek(offset)
@@ -151,10 +151,3 @@ def unpack_gguf(file: Path, dest: Path) -> None:
     partial = dest / (INDEX_FILE + ".partial")
     partial.write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
     partial.replace(dest / INDEX_FILE)
-
-
-def _block_prefix(names: list[str | None], index: int) -> str:
-    for name in names:
-        if name and (match := _BLOCK.match(name)) and int(match.group(2)) == index:
-            return match.group(1)
-    return ""
