@@ -33,6 +33,8 @@ from conftest import build_tiny_model, build_tiny_tokenizer
 BLOCKS = 3
 SIGKILLED = -9
 
+TUNE = ["--tune", "--tune-steps", "4", "--tune-batch", "2", "--tune-tokens", "12", "--tune-holdout", "1"]
+
 # name: `binq quantize` options; small blocks and groups so that every run takes well under a second.
 METHOD_CASES: dict[str, list[str]] = {
     "rtn": ["--method", "rtn", "--bits", "1", "--group-size", "32", "--workers", "1"],
@@ -49,6 +51,9 @@ METHOD_CASES: dict[str, list[str]] = {
     "msb-hessian": ["--method", "msb-hessian", "--groups", "4"],
     "w11": ["--method", "w11", "--block-size", "32"],
     "w11-a4": ["--method", "w11", "--block-size", "32", "--act-bits", "4"],  # smoothing recomputed on resume
+    # Tuned: the original stream is rebuilt through the finished blocks; rtn goes through the engine.
+    "arb-group-tuned": ["--method", "arb-group", "--group-size", "32", *TUNE],
+    "rtn-tuned": ["--method", "rtn", "--bits", "1", "--group-size", "32", *TUNE, "--tune-target", "quantized"],
 }
 
 # Each kill: (hook, block), and what DIR/progress holds afterwards: finished blocks, and the temp file's block.
@@ -117,7 +122,7 @@ def _comparable(report: dict[str, Any], out: Path) -> dict[str, Any]:
     report = json.loads(json.dumps(report).replace(str(out), "OUT"))
     for key in ("created", "time_s", "peak_memory_bytes", "resumed_from_block"):
         report.pop(key, None)
-    for layer in report["layers"]:
+    for layer in report["layers"] + report.get("tuning", {}).get("blocks", []):
         layer.pop("time_s")
     return report
 
@@ -153,7 +158,7 @@ def test_killed_at_every_point_resumes_to_the_same_bits(
     assert assert_same_run(reference, resumed)["resumed_from_block"] == BLOCKS
 
 
-@pytest.mark.parametrize("case", ["gptq-true-sequential", "w11-a4", "msb", "arb-llm-rc"])
+@pytest.mark.parametrize("case", ["gptq-true-sequential", "w11-a4", "msb", "arb-llm-rc", "arb-group-tuned"])
 def test_resume_from_the_middle(case: str, model_folder: Path, texts: tuple[Path, Path], tmp_path: Path) -> None:
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"
     assert main(command(model_folder, *texts, METHOD_CASES[case], reference)) == 0
@@ -236,6 +241,7 @@ REFUSALS: dict[str, tuple[Callable[[list[str], Path, Path], list[str]], str]] = 
     "true sequential": (lambda a, m, c: _with(a, "--true-sequential", None), "engine.true_sequential differs"),
     "activations": (lambda a, m, c: _with(a, "--act-bits", "4"), "activations.bits differs (was 16, now 4)"),
     "hessian dtype": (lambda a, m, c: _with(a, "--hessian-dtype", "float64"), "engine.hessian_dtype differs"),
+    "tuning": (lambda a, m, c: [*a, "--tune", "--tune-holdout", "1"], "tune differs (was null, now {"),
 }
 
 

@@ -97,6 +97,36 @@ def _add_activation_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--act-calib-tokens", type=int, default=2048, help="tokens per linear group for the searches")
 
 
+def _add_tune_options(parser: argparse.ArgumentParser) -> None:
+    from binq.engine.tune import TARGETS, TuneConfig
+
+    defaults = TuneConfig()
+    group = parser.add_argument_group(
+        "block-wise tuning of the method's scales against each block's output (docs/TUNE.md)"
+    )
+    group.add_argument(
+        "--tune", action="store_true",
+        help="after each block is quantized, tune its continuous parameters (fp16 scales, means, codebooks); "
+        "layout and bits unchanged",
+    )  # fmt: skip
+    settings = (
+        ("steps", int, "Adam steps per block at most"),
+        ("lr", float, "learning rate, about the relative change per step"),
+        ("batch", int, "calibration windows per step"),
+        ("tokens", int, "steps train on the first N tokens of each window (0: whole windows; checks use whole ones)"),
+        ("holdout", int, "the last N calibration windows are held out: they pick the kept step and stop early"),
+        ("eval_every", int, "steps between held-out checks"),
+        ("patience", int, "held-out checks without improvement before a block stops"),
+    )
+    for name, kind, text in settings:
+        default = getattr(defaults, name)
+        group.add_argument(f"--tune-{name.replace('_', '-')}", type=kind, default=default, help=f"{text} ({default})")
+    group.add_argument(
+        "--tune-target", default=defaults.target, choices=TARGETS,
+        help="original: the unquantized model's block outputs; quantized: the original block on the quantized inputs",
+    )  # fmt: skip
+
+
 def _add_task_options(parser: argparse.ArgumentParser, title: str, lm_eval_tasks: bool = False) -> None:
     group = parser.add_argument_group(title)
     others = " (binq's offline tasks), or lm-eval's own task names (their data come from the Hub)"
@@ -137,6 +167,7 @@ def _base_parser() -> argparse.ArgumentParser:
         "--in-memory", action="store_true",
         help="load the whole model instead of reading its blocks one at a time (docs/MEMORY.md); the same results",
     )  # fmt: skip
+    _add_tune_options(quantize)
     quantize.add_argument(
         "--nproc", type=int, default=None, metavar="N",
         help="run on N processes of this machine through torchrun (docs/DISTRIBUTED.md); under torchrun, leave it out",

@@ -20,13 +20,22 @@ from tqdm.auto import tqdm
 from binq.activations import ActivationConfig
 from binq.data.zeroshot import check_task_names
 from binq.engine.calibrate import EngineConfig, rank_and_world
+from binq.engine.tune import TuneConfig
 from binq.errors import BinqError
 from binq.evaluation import Protocol
 from binq.evaluation.zeroshot import ZeroShotConfig
 from binq.methods import available_methods, get_method
 from binq.models import load_model
 from binq.pipeline import CalibrationConfig, EvaluationConfig, evaluate, load_checkpoint, quantize
-from binq.report import LAYER_HEADER, comparison_table, extra_bit_line, layer_row, print_table, read_report
+from binq.report import (
+    LAYER_HEADER,
+    comparison_table,
+    extra_bit_line,
+    layer_row,
+    print_table,
+    read_report,
+    tune_row,
+)
 from binq.runs import DEMO_DEFAULT, DEMO_RUNS, demo_command, slug
 
 log = logging.getLogger(__name__)
@@ -69,20 +78,38 @@ def _print_protocols(evaluations: dict[str, dict[str, Any]]) -> None:
         print(f"protocol {name}: {Protocol(**protocol).summary()}; {protocol['description']}")
 
 
+def tune_config(args: argparse.Namespace) -> TuneConfig | None:
+    """The :class:`~binq.engine.tune.TuneConfig` of ``--tune`` and its options, or ``None`` without ``--tune``."""
+    given = [name for name in ("steps", "lr", "batch", "tokens", "holdout", "target", "eval_every", "patience")
+             if getattr(args, f"tune_{name}") != getattr(TuneConfig(), name)]  # fmt: skip
+    if not args.tune:
+        if given:
+            raise BinqError(f"--tune-{given[0].replace('_', '-')} applies to --tune: add --tune")
+        return None
+    return TuneConfig(
+        steps=args.tune_steps, lr=args.tune_lr, batch=args.tune_batch, tokens=args.tune_tokens,
+        holdout=args.tune_holdout, target=args.tune_target, eval_every=args.tune_eval_every,
+        patience=args.tune_patience,
+    )  # fmt: skip
+
+
 def run_quantize(
     args: argparse.Namespace, eval_sets: list[str], method_options: dict[str, Any], argv: list[str]
 ) -> int:
     method = get_method(args.method)
     calibration, evaluation = _protocol(args, eval_sets)
-    on_layer = None
+    tune = tune_config(args)
+    on_layer = on_tune = None
     if not args.no_layer_table and rank_and_world()[0] == 0:  # in a multi-process run, rank 0 prints
         tqdm.write(LAYER_HEADER)
         on_layer = lambda record: tqdm.write(layer_row(record))  # noqa: E731
+        on_tune = lambda record: tqdm.write(tune_row(record))  # noqa: E731
     result = quantize(
         args.model, method, method.make_config(**method_options), calibration=calibration, evaluation=evaluation,
         engine=EngineConfig(device=args.device, hessian_dtype=args.hessian_dtype, true_sequential=args.true_sequential),
         activations=_activation_config(args), workers=args.workers, out=args.out, label=args.label,
         progress=not args.no_progress, on_layer=on_layer, command=["binq", *argv], stream=not args.in_memory,
+        tune=tune, on_tune=on_tune,
     )  # fmt: skip
     if result.rank != 0:
         return 0

@@ -55,6 +55,7 @@ from binq.engine.calibrate import EngineConfig, EngineResult, LayerRecord, quant
 from binq.engine.independent import default_workers, quantize_independent
 from binq.engine.resume import RUN_FILE, SCHEMA, Progress, model_identity, progress_folder, windows_digest
 from binq.engine.streamed import StreamedRun, quantize_free_streamed
+from binq.engine.tune import BlockTuneRecord, TuneConfig, tune_options
 from binq.errors import BinqError
 from binq.evaluation import Protocol, WeightSwap, evaluate_perplexity
 from binq.evaluation.layerwise import LayerwiseEvaluation
@@ -196,14 +197,19 @@ def source_dtype(loaded: LoadedModel) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(dtype, torch.float16)
 
 
-def default_label(method: Method, config: Any, activations: ActivationConfig | None = None) -> str:
-    """``gptq 4-bit g128``, ``billm``, ``w11 A4``: the method, its bits and group, the activation bits."""
+def default_label(
+    method: Method, config: Any, activations: ActivationConfig | None = None, tune: TuneConfig | None = None
+) -> str:
+    """``gptq 4-bit g128``, ``billm``, ``w11 A4``, ``arb-group g128 tuned``: the method, its bits and group,
+    the activation bits, tuning."""
     bits = getattr(config, "bits", None)
     label = method.name if bits is None else f"{method.name} {bits}-bit"
     if getattr(config, "group_size", None):
         label += f" g{config.group_size}"
     if activations is not None and activations.enabled:
         label += f" A{activations.bits}"
+    if tune is not None and tune.steps > 0:
+        label += " tuned"
     return label
 
 
@@ -292,6 +298,17 @@ class _Run:
     rank: int = 0
     world: int = 1
     stream: bool = False
+    tune: TuneConfig | None = None
+    on_tune: Callable[[BlockTuneRecord], None] | None = None
+
+    @property
+    def tuning(self) -> bool:
+        return self.tune is not None and self.tune.steps > 0
+
+    @property
+    def uses_engine(self) -> bool:
+        """Whether the block-sequential engine quantizes (a calibration-free method goes there only to be tuned)."""
+        return not self.method.calibration_free or self.tuning
 
     @property
     def spec(self) -> str:
@@ -314,13 +331,14 @@ class _Run:
             "method": {"name": self.method.name, "config": dataclasses.asdict(self.config)},
             "calibration": dataclasses.asdict(self.calibration),
             "engine": {
-                "path": "independent" if self.method.calibration_free else "engine",
+                "path": "engine" if self.uses_engine else "independent",
                 "device": torch.device(self.engine.device).type,  # cuda:0 and cuda:1 compute alike
                 "hessian_dtype": self.engine.hessian_dtype,
                 "true_sequential": self.engine.true_sequential,
                 "world_size": self.world,
             },
             "activations": dataclasses.asdict(self.activations),
+            "tune": dataclasses.asdict(self.tune) if self.tuning else None,
             "versions": {"binq": __version__, "torch": torch.__version__},
         }
 
@@ -349,6 +367,8 @@ class _Run:
             command += ["--hessian-dtype", engine.hessian_dtype]
         if engine.true_sequential:
             command.append("--true-sequential")
+        if self.tuning:
+            command += tune_options(self.tune)
         if activations.enabled:
             command += ["--act-bits", str(activations.bits), "--act-clip", activations.clip]
             command += ["--smooth", activations.smooth, "--smooth-proxy", activations.smooth_proxy]
@@ -374,6 +394,8 @@ def quantize(
     on_layer: Callable[[LayerRecord], None] | None = None,
     command: list[str] | None = None,
     stream: bool = False,
+    tune: TuneConfig | None = None,
+    on_tune: Callable[[BlockTuneRecord], None] | None = None,
 ) -> QuantizationResult:
     """Quantize ``model`` with ``method`` and evaluate it; with ``out``, write ``report.json`` and the checkpoint.
 
@@ -402,6 +424,11 @@ def quantize(
     block. Needs a local safetensors folder (or the embedded model), one process, and no ``--act-bits``;
     otherwise the run says why and loads the model whole.
 
+    ``tune`` (:class:`~binq.engine.tune.TuneConfig` with ``steps`` > 0): after the method quantizes each
+    block, tune its continuous parameters against the block's output (docs/TUNE.md); one process only.
+    ``on_tune`` sees each block's :class:`~binq.engine.tune.BlockTuneRecord`; the report's ``tuning``
+    section holds them all.
+
     >>> result = binq.quantize("smollm2-135m", "gptq", {"bits": 4}, calibration=QUICK_CALIBRATION,
     ...                        evaluation=QUICK_EVALUATION, out="runs/gptq4")   # doctest: +SKIP
     >>> result.report["ppl"]                                                     # doctest: +SKIP
@@ -417,13 +444,17 @@ def quantize(
     calibration = calibration or FULL_CALIBRATION
     if world > 1 and not method.calibration_free and calibration.nsamples < world:
         raise BinqError(f"--nsamples {calibration.nsamples} is fewer than the {world} processes that share them")
+    if tune is not None and tune.steps > 0:
+        if world > 1:
+            raise BinqError("--tune runs in one process: leave out --nproc (or torchrun)")
+        tune.check_windows(calibration.nsamples)
     engine = engine or EngineConfig()
     if world > 1:  # each rank computes on its own GPU, cuda:LOCAL_RANK
         engine = dataclasses.replace(engine, device=distributed.rank_device(engine.device))
     run = _Run(
         model, method, config, calibration, evaluation or FULL_EVALUATION, engine, activations, workers, out,
-        label or default_label(method, config, activations), progress and rank == 0, on_layer, command, started,
-        rank, world, _can_stream(stream, activations, world),
+        label or default_label(method, config, activations, tune), progress and rank == 0, on_layer, command, started,
+        rank, world, _can_stream(stream, activations, world), tune, on_tune,
     )  # fmt: skip
     resume = None
     if out is not None:
@@ -442,7 +473,7 @@ def _quantize(run: _Run, resume: Progress | None) -> QuantizationResult:
     arch = get_architecture(loaded.model)
     check_seqlen(loaded.model, max(calibration.seqlen, evaluation.seqlen if evaluation.sets else 0))
     windows = None
-    if not method.calibration_free or run.activations.needs_calibration:
+    if run.uses_engine or run.activations.needs_calibration:
         windows = calibration_windows(
             loaded.tokenizer, calibration.source, calibration.nsamples, calibration.seqlen, calibration.seed
         )
@@ -541,14 +572,14 @@ def _quantize_streamed(
             blocks = len(get_blocks(loaded.model, arch))
             checkpoint = ShardedCheckpoint(run.out, loaded.model, arch.blocks, blocks, source_dtype(loaded))
         observer = StreamedRun(evaluation, checkpoint)
-        if run.method.calibration_free:
+        if not run.uses_engine:
             engine_result = quantize_free_streamed(
                 loaded.model, arch, run.method, run.config, observer, run.on_layer, run.progress, resume
             )
         else:
             engine_result = quantize_model(
                 loaded.model, arch, windows, run.method, run.config, run.engine, run.on_layer, run.progress,
-                resume=resume, observer=observer,
+                resume=resume, observer=observer, tune=run.tune, on_tune=run.on_tune, seed=run.calibration.seed,
             )  # fmt: skip
         eval_started = time.perf_counter()
         evaluations = evaluation.finish(run.progress) if evaluation is not None else {}
@@ -592,14 +623,15 @@ def _quantize_linears(
             for record in gathered.records:
                 run.on_layer(record)
         return gathered, True
-    if method.calibration_free:
+    if not run.uses_engine:
         result = quantize_independent(
             loaded.model, arch, method, config, run.workers, run.on_layer, run.progress, resume=resume
         )
     else:
         result = quantize_model(
-            loaded.model, arch, windows, method, config, engine, run.on_layer, run.progress, resume=resume
-        )
+            loaded.model, arch, windows, method, config, engine, run.on_layer, run.progress, resume=resume,
+            tune=run.tune, on_tune=run.on_tune, seed=run.calibration.seed,
+        )  # fmt: skip
     return result, True
 
 
@@ -642,7 +674,7 @@ def _report(run: _Run, loaded: LoadedModel, arch: Any, outcome: _Outcome) -> dic
     _evaluation_shortcuts(report, evaluations)
     if run.activations.enabled:
         report["activations"] = plan.summary(loaded.model.config.hidden_size)
-    if run.method.calibration_free:
+    if not run.uses_engine:
         workers = 1 if run.world > 1 or loaded.streamed else run.workers or default_workers()
         report["engine"] = {"path": "independent", "workers": workers} | run.world_size
     if loaded.streamed:
@@ -650,6 +682,11 @@ def _report(run: _Run, loaded: LoadedModel, arch: Any, outcome: _Outcome) -> dic
     extra_bits = extra_bit_summary(engine_result.weights)
     if extra_bits:
         report["extra_bits"] = extra_bits
+    if run.tuning:
+        report["tuning"] = {
+            "config": dataclasses.asdict(run.tune),
+            "blocks": [dataclasses.asdict(r) for r in engine_result.tuning],
+        }
     return report
 
 

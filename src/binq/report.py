@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from binq.engine.calibrate import LayerRecord
+from binq.engine.tune import BlockTuneRecord
 from binq.quant.structured import QuantizedWeight
 
 REPORT_SCHEMA = "binq.report/1"
@@ -27,6 +28,15 @@ def layer_row(record: LayerRecord) -> str:
     return (
         f"{record.block:>5}  {record.name:<22} {shape:>12}  {record.relative_error:>9.3e}  "
         f"{record.compute_bits:>6.3f}  {record.storage_bits:>6.3f}  {record.time_s:>6.2f}s"
+    )
+
+
+def tune_row(record: BlockTuneRecord) -> str:
+    """One line per tuned block under its modules' rows: the block's held-out output error before and after."""
+    outcome = "kept" if record.kept else "method's kept"
+    return (
+        f"{record.block:>5}  {'tuned block':<22} {record.steps:>6} steps  {record.error_before:>9.3e} -> "
+        f"{record.error_after:.3e} held-out block error ({outcome})  {record.time_s:>6.2f}s"
     )
 
 

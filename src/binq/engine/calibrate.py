@@ -32,14 +32,16 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from binq.engine.walker import walk_blocks
+from binq.engine.capture import capture_block_inputs, to_device
+from binq.engine.tune import BlockTuneRecord, TuneConfig, tune_block
+from binq.engine.walker import BlockStep, walk_blocks
 from binq.errors import BinqError
 from binq.methods.registry import Method
 from binq.models.architectures import Architecture, block_linears, get_blocks, module_name
@@ -125,6 +127,7 @@ class EngineResult:
     records: list[LayerRecord] = field(default_factory=list)
     weights: dict[str, QuantizedWeight] = field(default_factory=dict)
     time_s: float = 0.0
+    tuning: list[BlockTuneRecord] = field(default_factory=list)  # one per block, with --tune
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -200,6 +203,9 @@ def quantize_model(
     progress: bool = True,
     resume: Progress | None = None,
     observer: BlockObserver | None = None,
+    tune: TuneConfig | None = None,
+    on_tune: Callable[[BlockTuneRecord], None] | None = None,
+    seed: int = 0,
 ) -> EngineResult:
     """Quantize every declared linear of every block of ``model`` (on the CPU) in place.
 
@@ -209,8 +215,19 @@ def quantize_model(
     ``observer`` (one process only) sees each block before the method touches it and once its quantized
     weights are in place; when its ``keeps_weights`` is false the result keeps a
     :class:`~binq.quant.structured.WeightSummary` of each weight, not the weight (a streamed run).
+    ``tune`` (one process only): tune each block's continuous parameters once the method has quantized
+    it (:mod:`binq.engine.tune`), its windows drawn from ``seed``; ``on_tune`` sees each block's record.
     """
     engine = engine or EngineConfig()
+    tuning = tune is not None and tune.steps > 0
+    if tuning and rank_and_world()[1] > 1:
+        raise BinqError("--tune runs in one process: leave out --nproc (or torchrun)")
+    prefix_inputs = None  # the blocks' arguments for windows of tune.tokens tokens
+    if tuning:
+        tune.check_windows(calibration.shape[0])
+        if 0 < tune.tokens < calibration.shape[1]:
+            prefix_inputs = capture_block_inputs(model, get_blocks(model, arch), calibration[:1, : tune.tokens])
+    reference: list[torch.Tensor] | None = None  # the unquantized model's stream (--tune-target original)
     device = torch.device(engine.device)
     hessian_dtype = HESSIAN_DTYPES[engine.hessian_dtype]
     torch.backends.cuda.matmul.allow_tf32 = False  # reproducible Hessian factors (GPTQ's setting)
@@ -235,10 +252,16 @@ def quantize_model(
             index = step.index
             if observer is not None:
                 observer.before(index, step.block)
+            if tuning and tune.target == "original" and reference is None:
+                reference = step.inputs  # block 0: both streams start from the embeddings
             if index < resume_from:
                 loaded = preloaded.pop(index) if index in preloaded else _load_block(resume, model, arch, index, device)
                 if loaded is not None:
+                    if reference is not None:  # the original block, before its quantized weights go in
+                        reference = _run_on(step, reference)
                     _put_block(step, loaded, order, result, on_layer)
+                    if tuning and resume is not None and index in resume.tuning:
+                        _tuned(result, BlockTuneRecord(**resume.tuning[index]), on_tune)
                     _observe_after(observer, step, loaded[0], result)
                     loaded_blocks += 1
                     if resume_from == count:  # every later block is finished too: no need to feed it
@@ -254,6 +277,9 @@ def quantize_model(
                 resume_from = index  # a damaged file: this block and every later one are recomputed
                 _discard_from(resume, index + 1, count)
             made: dict[str, tuple[LayerRecord, QuantizedWeight]] = {}
+            targets = None
+            if tuning:  # the original block's outputs, while its weights are still the original ones
+                targets = _run_on(step, reference if tune.target == "original" else step.inputs)
             for stage in stages:
                 accumulators = step.hessians(stage, hessian_dtype)
                 owner_of = stage_owners({name: step.linears[name] for group in stage for name in group})
@@ -283,8 +309,23 @@ def quantize_model(
                 # Only now, so that no rank waits for another's linear before starting on its own.
                 for name, owner in owners:
                     _share_weight(step.linears[name], owner)
+            tune_record = None
+            if tuning:
+                generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
+                prefix = None
+                if prefix_inputs is not None:
+                    prefix = (
+                        to_device(prefix_inputs.args[index], device),
+                        to_device(prefix_inputs.kwargs[index], device),
+                    )
+                tune_record = _tune_step(step, made, targets, tune, generator, order, prefix)
+                result.weights.update({name: weight for name, (_, weight) in made.items()})
+                _tuned(result, tune_record, on_tune)
+                if tune.target == "original":
+                    reference = targets  # the original block's outputs feed the original next block
+                del targets
             if recording:
-                _record_block(resume, index, made, [step.full_name(name) for name in order])
+                _record_block(resume, index, made, [step.full_name(name) for name in order], tune_record)
             _observe_after(observer, step, {name: weight for name, (_, weight) in made.items()}, result)
     except torch.cuda.OutOfMemoryError as err:
         raise BinqError(
@@ -295,6 +336,47 @@ def quantize_model(
         resume.resumed_from = loaded_blocks
     result.time_s = time.perf_counter() - started
     return result
+
+
+def _run_on(step: BlockStep, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The block (as it is now) run on ``inputs`` instead of the walk's own."""
+    own = step.inputs
+    step.inputs = inputs
+    try:
+        return step.run()
+    finally:
+        step.inputs = own
+
+
+def _tune_step(
+    step: BlockStep,
+    made: dict[str, tuple[LayerRecord, QuantizedWeight]],
+    targets: list[torch.Tensor],
+    tune: TuneConfig,
+    generator: torch.Generator,
+    order: list[str],
+    prefix: tuple[tuple[Any, ...], dict[str, Any]] | None,
+) -> BlockTuneRecord:
+    """Tune the block's quantized linears; their kept weights replace the method's in ``made`` and in
+    the block (as :func:`_quantize_linear` puts them)."""
+    names = [name for name in order if step.full_name(name) in made]
+    weights = {name: made[step.full_name(name)][1] for name in names}
+    tuned, record = tune_block(
+        step.index, step.block, weights, step.inputs, targets, (step.args, step.kwargs), prefix, step.device, tune,
+        generator,
+    )  # fmt: skip
+    if record.kept:
+        for name in names:
+            linear = step.linears[name]
+            linear.weight.data = tuned[name].dequantize().to(device=linear.weight.device, dtype=linear.weight.dtype)
+            made[step.full_name(name)] = (made[step.full_name(name)][0], tuned[name])
+    return record
+
+
+def _tuned(result: EngineResult, record: BlockTuneRecord, on_tune: Callable[[BlockTuneRecord], None] | None) -> None:
+    result.tuning.append(record)
+    if on_tune is not None:
+        on_tune(record)
 
 
 class BlockObserver(Protocol):
@@ -385,7 +467,11 @@ def _put_block(
 
 
 def _record_block(
-    resume: Progress | None, index: int, made: dict[str, tuple[LayerRecord, QuantizedWeight]], names: list[str]
+    resume: Progress | None,
+    index: int,
+    made: dict[str, tuple[LayerRecord, QuantizedWeight]],
+    names: list[str],
+    tune_record: BlockTuneRecord | None = None,
 ) -> None:
     """Write block ``index``'s file (rank 0, after gathering what the other ranks made of it)."""
     from binq.engine.resume import block_item
@@ -402,4 +488,4 @@ def _record_block(
         items = [item for part in gathered for item in part]
     assert resume is not None
     by_name = {item[0]: item for item in items}
-    resume.save(index, [by_name[name] for name in names])
+    resume.save(index, [by_name[name] for name in names], None if tune_record is None else asdict(tune_record))

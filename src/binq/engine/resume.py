@@ -231,6 +231,7 @@ class Progress:
         self.folder = progress_folder(out)
         self.finished: set[int] = set()
         self.resumed_from: int | None = None  # set by the engine when it loaded at least one block
+        self.tuning: dict[int, dict[str, Any]] = {}  # loaded blocks' tuning records (--tune)
         self._recorded: dict[str, Any] | None = None
         self._lock: int | None = None
         self._made_out = not self.out.exists()
@@ -356,8 +357,9 @@ class Progress:
         self.finished.discard(index)
         (self.folder / block_file_name(index)).unlink(missing_ok=True)
 
-    def save(self, index: int, items: Iterable[BlockItem]) -> None:
-        """Write block ``index``'s file atomically: ``items`` are its linears in model order."""
+    def save(self, index: int, items: Iterable[BlockItem], tuning: dict[str, Any] | None = None) -> None:
+        """Write block ``index``'s file atomically: ``items`` are its linears in model order; ``tuning``, the
+        block's tuning record (``--tune``), if any."""
         tensors: dict[str, torch.Tensor] = {}
         modules: dict[str, Any] = {}
         records: dict[str, Any] = {}
@@ -378,6 +380,8 @@ class Progress:
             "records": json.dumps(records),
             "sha256": tensor_digest(tensors),
         }
+        if tuning is not None:
+            header["tuning"] = json.dumps(tuning)
         path = self.folder / block_file_name(index)
         write_atomic(path, safetensors_bytes(tensors, metadata=header), kill_writing=index)
         self.finished.add(index)
@@ -404,6 +408,9 @@ class Progress:
             if list(stored) != list(modules) or any(r["block"] != index for r in stored.values()):
                 raise ValueError("its records are not those of its modules")
             records = [LayerRecord(**{**r, "shape": tuple(r["shape"])}) for r in stored.values()]
+            tuning = json.loads(header["tuning"]) if "tuning" in header else None
+            if tuning is not None and (not isinstance(tuning, dict) or tuning.get("block") != index):
+                raise ValueError("its tuning record is not this block's")
             if set(modules) != set(expected):
                 raise ValueError(f"it holds {sorted(modules)}, the block has {sorted(expected)}")
             used = {f"{name}.{t}" for name, entry in modules.items() for t in entry["tensors"]}
@@ -421,6 +428,8 @@ class Progress:
             log.warning("%s does not read back whole (%s): block %d is recomputed", path, err, index)
             self.discard(index)
             return None
+        if tuning is not None:
+            self.tuning[index] = tuning
         return weights, records
 
     # closing

@@ -85,6 +85,9 @@ class MultiScaleWeight(QuantizedWeight):
             out.view(-1)[self.zero_positions.long()] = 0.0
         return out.to(dtype)
 
+    def tunable_tensors(self) -> dict[str, str]:
+        return {"scales": "scale"}
+
     def packed_tensors(self) -> dict[str, torch.Tensor]:
         # Packing a large index plane takes seconds; the records ask for the bits more than once.
         if self._packed is None:

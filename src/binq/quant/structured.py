@@ -11,6 +11,7 @@ Every method returns one of these instead of a fake-quantized float matrix. Each
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -76,6 +77,23 @@ class QuantizedWeight(ABC):
     def extra_bit_figures(self) -> dict[str, float]:
         """Further per-weight bit figures a layout reports beside the two above (none by default)."""
         return {}
+
+    def tunable_tensors(self) -> dict[str, str]:
+        """The continuous stored tensors that block-wise tuning may change (:mod:`binq.engine.tune`), each
+        with its kind: ``"scale"`` (a magnitude, tuned relative to itself) or ``"offset"`` (a shift, tuned
+        in units of the layout's scales). Bit planes, bitmaps, codes and indices are never listed: a tuned
+        weight has the layout, shapes and storage bits of the one it started from. None by default.
+
+        :meth:`dequantize` must be differentiable in these tensors when they are float32 tensors that
+        require grad, and :meth:`with_tensors` must accept them."""
+        return {}
+
+    def with_tensors(self, **tensors: torch.Tensor) -> QuantizedWeight:
+        """A copy of this weight with the named tensors (of :meth:`tunable_tensors`) replaced."""
+        unknown = sorted(set(tensors) - set(self.tunable_tensors()))
+        if unknown:
+            raise ValueError(f"{self.layout} weights do not tune {', '.join(unknown)}")
+        return dataclasses.replace(self, **tensors)  # type: ignore[type-var]
 
 
 @dataclass(frozen=True)
@@ -389,6 +407,10 @@ class BinaryWeight(QuantizedWeight):
         except ValueError as exc:
             raise BinqError(str(exc)) from None
 
+    def tunable_tensors(self) -> dict[str, str]:
+        kinds = {"scales": "scale", "means": "offset", "column_scales": "scale", "salient_column_scales": "scale"}
+        return {name: kind for name, kind in kinds.items() if getattr(self, name) is not None}
+
     @property
     def compute_bits(self) -> float:
         """BiLLM's Eq. 14 convention: one sign per weight plus one per residual (salient) weight."""
@@ -501,6 +523,9 @@ class UniformWeight(QuantizedWeight):
                 zero = self.zeros[rows].float()[:, group]
             out[rows] = scale * (self.codes[rows].float() - zero)
         return out
+
+    def tunable_tensors(self) -> dict[str, str]:
+        return {"scales": "scale"}  # zero points are grid codes: they stay
 
     def packed_tensors(self) -> dict[str, torch.Tensor]:
         tensors = {"codes": pack_uint(self.codes, self.bits), "scales": self.scales.to(torch.float16)}

@@ -1,0 +1,275 @@
+"""Block-wise tuning (``binq quantize --tune``): a quantized block's continuous parameters fitted to its output.
+
+A one-shot method fixes every sign and scale from the Hessian alone and never looks at what the block
+really outputs. Tuning takes the block once the method has quantized all its linears and minimises its
+output error over the layouts' continuous tensors
+(:meth:`~binq.quant.structured.QuantizedWeight.tunable_tensors`: the fp16 scales, means, column scales,
+codebook values) with Adam. Bit planes, bitmaps, codes and indices stay as the method made them, so a
+tuned weight has the same layout, shapes and storage bits, and exports and runs as before (a tuned
+``arb-group`` is still Q1_0).
+
+- **Inputs**: the block's calibration inputs as the engine walks them: the quantized earlier blocks'
+  outputs, as GPTQ's.
+- **Target** (``target``): ``original``, the original model's own outputs of this block (the
+  unquantized stream, carried beside the quantized one), so that tuning also pulls back the drift of
+  the earlier blocks; or ``quantized``, the original block run on the quantized inputs (GPTQ's target,
+  for a whole block).
+- **Error**: ``sum ||Y - T||^2 / sum ||T||^2`` over windows, ``Y`` the quantized block's outputs.
+- **Held-out windows**: the last ``holdout`` calibration windows are never trained on. Every
+  ``eval_every`` steps their error is measured with the tensors rounded to fp16, as they are stored;
+  the best such state is kept, and ``patience`` checks in a row without a better one stop the block
+  early. The tuned tensors replace the method's only when they lower the held-out error: tuning never
+  makes a block's error worse on windows it did not train on.
+- **Parametrisation**: a scale ``s`` is tuned relative to itself, ``s0 * (1 + d)``; an offset in units
+  of its weight's scales (their root mean square), ``m0 + d * rms(s0)``. One learning rate then suits
+  every layer and model: ``lr`` is roughly the relative change per step.
+- **Cost**: one forward of the original block for the targets (shared with nothing), and per step a
+  forward and backward of ``batch`` windows; the dequantization runs once per step, its gradient
+  reached through the dequantized weights (two-stage backward), so no window's graph waits for another.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from binq.engine.capture import block_output
+from binq.errors import BinqError
+from binq.quant.structured import QuantizedWeight
+
+TARGETS = ("original", "quantized")
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """Block-wise tuning settings (the ``--tune-*`` options).
+
+    - ``steps``: Adam steps per block at most (0: no tuning).
+    - ``lr``: Adam's learning rate on the relative parameters (see the module docstring).
+    - ``batch``: calibration windows per step.
+    - ``tokens``: the steps train on the first this-many tokens of each window (0: whole windows). A
+      causal block's first outputs depend on its first inputs only, so a prefix is exact, and a step on
+      many short prefixes costs what one on a few whole windows does; the held-out checks always use
+      whole windows.
+    - ``holdout``: the last this-many calibration windows, never trained on, pick the kept state.
+    - ``target``: ``original`` (the unquantized model's block outputs) or ``quantized`` (the original
+      block on the quantized inputs).
+    - ``eval_every``: steps between held-out checks; ``patience``: checks without improvement before a
+      block stops early.
+    """
+
+    steps: int = 60
+    lr: float = 2e-3
+    batch: int = 8
+    tokens: int = 128
+    holdout: int = 4
+    target: str = "original"
+    eval_every: int = 10
+    patience: int = 2
+
+    def __post_init__(self) -> None:
+        for name, low in (
+            ("steps", 0),
+            ("batch", 1),
+            ("tokens", 0),
+            ("holdout", 1),
+            ("eval_every", 1),
+            ("patience", 1),
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise BinqError(f"--tune-{name.replace('_', '-')} must be an integer >= {low}, got {value!r}")
+        if not (isinstance(self.lr, int | float) and math.isfinite(self.lr) and self.lr > 0):
+            raise BinqError(f"--tune-lr must be a positive number, got {self.lr!r}")
+        if self.target not in TARGETS:
+            raise BinqError(f"--tune-target must be one of {', '.join(TARGETS)}, got '{self.target}'")
+
+    def check_windows(self, nsamples: int) -> None:
+        """Refuse a held-out slice that leaves no window to tune on."""
+        if self.steps and self.holdout >= nsamples:
+            raise BinqError(
+                f"--tune-holdout {self.holdout} leaves none of the {nsamples} calibration windows to tune on "
+                "(raise --nsamples or lower --tune-holdout)"
+            )
+
+
+@dataclass
+class BlockTuneRecord:
+    """What tuning did to one block: the held-out error before and after, and the steps it took."""
+
+    block: int
+    error_before: float
+    error_after: float
+    steps: int
+    kept: bool  # the tuned tensors replaced the method's (they lowered the held-out error)
+    time_s: float
+
+
+@dataclass
+class _Tunable:
+    """One tuned tensor of one weight: where it started, its kind, its free parameter."""
+
+    start: torch.Tensor  # float32, the method's stored value
+    kind: str
+    unit: torch.Tensor | float  # what one unit of ``delta`` is worth (offsets)
+    delta: torch.Tensor  # float32, requires grad
+
+    def value(self) -> torch.Tensor:
+        if self.kind == "scale":
+            return self.start * (1 + self.delta)
+        return self.start + self.delta * self.unit
+
+
+def _tunables(weight: QuantizedWeight) -> dict[str, _Tunable]:
+    kinds = weight.tunable_tensors()
+    scales = [getattr(weight, name).float() for name, kind in kinds.items() if kind == "scale"]
+    rms = float(torch.cat([s.flatten() for s in scales]).square().mean().sqrt()) if scales else 1.0
+    out = {}
+    for name, kind in kinds.items():
+        start = getattr(weight, name).detach().float().cpu()
+        out[name] = _Tunable(start, kind, rms or 1.0, torch.zeros_like(start, requires_grad=True))
+    return out
+
+
+class _Block:
+    """The block under tuning: run with given weights for its linears (the other parameters frozen)."""
+
+    def __init__(self, block: nn.Module, args: tuple, kwargs: dict, device: torch.device):
+        self.block, self.args, self.kwargs, self.device = block, args, kwargs, device
+        self.dtype = next(block.parameters()).dtype
+
+    def run(self, x: torch.Tensor, weights: dict[str, torch.Tensor]) -> torch.Tensor:
+        overrides = {f"{name}.weight": w for name, w in weights.items()}
+        return block_output(functional_call(self.block, overrides, (x.to(self.device), *self.args), self.kwargs))
+
+    def error(self, inputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor], weights: dict) -> float:
+        num = den = 0.0
+        with torch.no_grad():
+            for x, t in zip(inputs, targets, strict=True):
+                target = t.to(self.device).float()
+                num += float((self.run(x, weights).float() - target).square().sum())
+                den += float(target.square().sum())
+        return num / den if den > 0 else float("nan")
+
+
+def _stored(
+    weights: dict[str, QuantizedWeight], tunables: dict[str, dict[str, _Tunable]]
+) -> dict[str, QuantizedWeight]:
+    """The weights with their tuned tensors as they would be stored (fp16)."""
+    return {
+        name: weight.with_tensors(**{t: p.value().detach().half() for t, p in tunables[name].items()})
+        for name, weight in weights.items()
+    }
+
+
+def _dense(weights: dict[str, QuantizedWeight], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return {name: w.dequantize().to(device=device, dtype=dtype) for name, w in weights.items()}
+
+
+def tune_block(
+    index: int,
+    block: nn.Module,
+    weights: dict[str, QuantizedWeight],
+    inputs: Sequence[torch.Tensor],
+    targets: Sequence[torch.Tensor],
+    arguments: tuple[tuple[Any, ...], dict[str, Any]],
+    prefix_arguments: tuple[tuple[Any, ...], dict[str, Any]] | None,
+    device: torch.device,
+    config: TuneConfig,
+    generator: torch.Generator,
+) -> tuple[dict[str, QuantizedWeight], BlockTuneRecord]:
+    """Tune ``weights`` (the block's quantized linears, by their name in the block) so that ``block`` maps
+    ``inputs`` closer to ``targets``; returns the weights to keep (the method's when tuning did not lower
+    the held-out error) and the block's record. ``block``'s own parameters are left as they were.
+
+    ``arguments`` are the block's extra positional and keyword arguments for whole windows;
+    ``prefix_arguments`` the same for windows of ``config.tokens`` tokens (``None``: steps use whole
+    windows)."""
+    started = time.perf_counter()
+    trained = len(inputs) - config.holdout  # the first windows train, the last ones judge
+    train_inputs, train_targets = inputs[:trained], targets[:trained]
+    held_inputs, held_targets = inputs[trained:], targets[trained:]
+    runner = _Block(block, *arguments, device)
+    trainer = runner if prefix_arguments is None else _Block(block, *prefix_arguments, device)
+    if prefix_arguments is not None:
+        train_inputs = [x[:, : config.tokens] for x in train_inputs]
+        train_targets = [t[:, : config.tokens] for t in train_targets]
+    before = runner.error(held_inputs, held_targets, _dense(weights, device, runner.dtype))
+    tunables = {name: _tunables(weight) for name, weight in weights.items()}
+    params = [p.delta for per in tunables.values() for p in per.values()]
+    best, best_error, steps, stale = None, before, 0, 0
+    if params and trained > 0 and config.steps > 0:
+        frozen = [(p, p.requires_grad) for p in block.parameters()]
+        for p, _ in frozen:
+            p.requires_grad_(False)
+        optimizer = torch.optim.Adam(params, lr=config.lr)
+        order: list[int] = []
+        try:
+            for step in range(1, config.steps + 1):
+                if len(order) < config.batch:
+                    order += torch.randperm(trained, generator=generator).tolist()
+                batch, order = order[: config.batch], order[config.batch :]
+                _train_step(trainer, weights, tunables, [train_inputs[i] for i in batch],
+                            [train_targets[i] for i in batch], optimizer)  # fmt: skip
+                steps = step
+                if step % config.eval_every and step != config.steps:
+                    continue
+                candidate = _stored(weights, tunables)
+                error = runner.error(held_inputs, held_targets, _dense(candidate, device, runner.dtype))
+                if error < best_error:
+                    best, best_error, stale = candidate, error, 0
+                else:
+                    stale += 1
+                    if stale >= config.patience:
+                        break
+        finally:
+            for p, flag in frozen:
+                p.requires_grad_(flag)
+    record = BlockTuneRecord(index, before, best_error, steps, best is not None, time.perf_counter() - started)
+    return (best if best is not None else weights), record
+
+
+def _train_step(
+    runner: _Block,
+    weights: dict[str, QuantizedWeight],
+    tunables: dict[str, dict[str, _Tunable]],
+    inputs: Sequence[torch.Tensor],
+    targets: Sequence[torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+) -> None:
+    """One Adam step on the batch's error: windows one at a time into the dense weights' gradients, then
+    those through the dequantization into the tuned tensors."""
+    optimizer.zero_grad(set_to_none=True)
+    with torch.enable_grad():
+        graphs = {
+            name: weight.with_tensors(**{t: p.value() for t, p in tunables[name].items()}).dequantize()
+            for name, weight in weights.items()
+        }
+        leaves = {
+            name: g.detach().to(device=runner.device, dtype=runner.dtype).requires_grad_() for name, g in graphs.items()
+        }
+        energy = sum(float(t.float().square().sum()) for t in targets) or 1.0
+        for x, t in zip(inputs, targets, strict=True):
+            out = runner.run(x, leaves).float()
+            ((out - t.to(runner.device).float()).square().sum() / energy).backward()
+        names = [n for n in graphs if leaves[n].grad is not None]
+        torch.autograd.backward([graphs[n] for n in names], [leaves[n].grad.to(graphs[n]) for n in names])
+    optimizer.step()
+
+
+def tune_options(config: TuneConfig) -> list[str]:
+    """The command-line options that make ``config`` (``--tune`` and the settings that differ from the defaults)."""
+    options = ["--tune"]
+    defaults = TuneConfig()
+    for item in fields(config):
+        value = getattr(config, item.name)
+        if value != getattr(defaults, item.name):
+            options += [f"--tune-{item.name.replace('_', '-')}", str(value)]
+    return options

@@ -1,0 +1,296 @@
+"""Block-wise tuning (``--tune``): the held-out block error never rises, the layout and bits never change.
+
+Tiny random models. Each claim of docs/TUNE.md is checked: every layout's tunable tensors reach its
+dequantized weight through autograd with the right gradient; a tuned run keeps every bit plane, code
+and index of the method and only moves the fp16 tensors, so its storage bits equal the untuned run's;
+each block's held-out error after tuning is at most the method's (the method's weights are kept when
+tuning does not help); a prefix of a window is exact for a causal block under the arguments captured
+for that length; streamed and in-memory tuned runs agree bit for bit; a tuned ``arb-group`` still
+exports to GGUF Q1_0 exactly; bad options are one-line errors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+import binq
+from binq.checkpoint import open_tensors, save_checkpoint
+from binq.cli import main
+from binq.engine.calibrate import quantize_model
+from binq.engine.capture import block_output, capture_block_inputs
+from binq.engine.resume import tensor_digest
+from binq.engine.tune import BlockTuneRecord, TuneConfig, tune_options
+from binq.errors import BinqError
+from binq.export.gguf import export_gguf
+from binq.export.q1_0 import dequantize_q1_0
+from binq.methods import get_method
+from binq.models import get_architecture, get_blocks
+from binq.pipeline import CalibrationConfig, EvaluationConfig
+from binq.quant.structured import QuantizedWeight
+from conftest import build_tiny_model, random_ids
+from test_gguf_export import WIDE, byte_level_bpe_tokenizer, gguf_tensor
+
+FAST = TuneConfig(steps=12, lr=0.01, batch=2, tokens=0, holdout=2, eval_every=3, patience=2)
+
+# Every layout and each of its optional tensors: means, column scales, salient zones, codebooks, grids.
+METHODS = {
+    "arb-group": {"group_size": 32},
+    "arb-rc": {"block_size": 32, "iterations": 3},  # row and column scales, means
+    "billm": {"block_size": 32},  # four zones, salient columns and their residual plane
+    "w11": {"block_size": 32},
+    "gptq": {"bits": 3, "group_size": 32},  # uniform grid with zero points
+    "msb": {"groups": 4, "granularity": "row"},  # multi-scale codebook
+    "rtn": {"bits": 1, "group_size": 32},  # calibration-free: tuned through the engine
+}
+
+
+def tuned_run(method: str, tune: TuneConfig | None, arch: str = "llama", seed: int = 0):
+    """A two-block tiny model quantized (and tuned); also every weight as the method made it, before tuning."""
+    model = build_tiny_model(arch, seed=seed)
+    spec = get_method(method)
+    made: list[QuantizedWeight] = []
+
+    def recording(weight: torch.Tensor, hessian: torch.Tensor, config: Any) -> QuantizedWeight:
+        made.append(spec.quantize(weight, hessian, config))
+        return made[-1]
+
+    records: list[BlockTuneRecord] = []
+    result = quantize_model(
+        model, get_architecture(model), random_ids(8, 32, seed=1), dataclasses.replace(spec, quantize=recording),
+        spec.make_config(**METHODS[method]), progress=False, tune=tune, on_tune=records.append,
+    )  # fmt: skip
+    result.made = dict(zip(result.weights, made, strict=True))
+    return model, result, records
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_dequantize_is_differentiable_in_every_tunable_tensor(method: str) -> None:
+    _, result, _ = tuned_run(method, None)
+    weight = next(iter(result.weights.values()))
+    kinds = weight.tunable_tensors()
+    assert kinds and set(kinds.values()) <= {"scale", "offset"}
+    leaves = {name: getattr(weight, name).float().requires_grad_() for name in kinds}
+    rebuilt = weight.with_tensors(**leaves).dequantize()
+    assert torch.equal(rebuilt.detach(), weight.dequantize())  # fp16 values in fp32: the same weight
+    probe = torch.randn(rebuilt.shape, generator=torch.Generator().manual_seed(0))
+    (rebuilt * probe).sum().backward()
+    for name, leaf in leaves.items():
+        assert leaf.grad is not None and leaf.grad.abs().sum() > 0, name
+        # The weight is linear in each tensor with the others fixed: a finite step is exact up to rounding.
+        direction = torch.randn(leaf.shape, generator=torch.Generator().manual_seed(1))
+        moved = weight.with_tensors(**{**leaves, name: leaf.detach() + 1e-2 * direction}).dequantize()
+        predicted = 1e-2 * float((leaf.grad * direction).sum())
+        actual = float(((moved.detach() - rebuilt.detach()) * probe).sum())
+        assert actual == pytest.approx(predicted, rel=1e-3, abs=1e-4), name
+
+
+def test_only_tunable_tensors_can_be_replaced() -> None:
+    _, result, _ = tuned_run("arb-group", None)
+    weight = next(iter(result.weights.values()))
+    with pytest.raises(ValueError, match="do not tune signs"):
+        weight.with_tensors(signs=weight.signs)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_tuning_keeps_the_layout_and_never_raises_the_held_out_error(method: str) -> None:
+    _, plain, none = tuned_run(method, None)
+    _, tuned, records = tuned_run(method, FAST)
+    assert none == [] and [r.block for r in records] == [0, 1]
+    for record in records:
+        assert record.error_after <= record.error_before
+        assert record.kept == (record.error_after < record.error_before)
+        assert 0 < record.steps <= FAST.steps
+    assert records[0].kept, "tuning a fresh one-shot block should lower its error"
+    assert list(plain.weights) == list(tuned.weights)
+    for name, after in tuned.weights.items():
+        made = tuned.made[name]  # what the method made of this linear in the tuned run, before tuning
+        assert after.layout == made.layout and after.shape == made.shape
+        assert after.storage_bits_total == made.storage_bits_total
+        a, b = made.packed_tensors(), after.packed_tensors()
+        assert {k: (t.shape, t.dtype) for k, t in a.items()} == {k: (t.shape, t.dtype) for k, t in b.items()}
+        fixed = set(a) - set(made.tunable_tensors())
+        assert fixed and all(torch.equal(a[k], b[k]) for k in fixed), name  # planes, bitmaps, codes as made
+        if ".layers.0." in name:  # block 0 sees the same inputs in both runs: the method made the same weight
+            assert tensor_digest(plain.weights[name].packed_tensors()) == tensor_digest(a)
+            assert any(not torch.equal(a[k], b[k]) for k in made.tunable_tensors()), name
+
+
+def test_a_block_that_tuning_does_not_help_keeps_the_methods_weights() -> None:
+    _, plain, _ = tuned_run("arb-group", None)
+    wild = dataclasses.replace(FAST, lr=50.0, eval_every=1, patience=1)  # every step overshoots
+    model, tuned, records = tuned_run("arb-group", wild)
+    assert not records[0].kept and records[0].error_after == records[0].error_before
+    assert records[0].steps == 1  # one check without improvement, patience 1: stopped
+    for name, weight in plain.weights.items():
+        if ".layers.0." in name:
+            packed, kept = weight.packed_tensors(), tuned.weights[name].packed_tensors()
+            assert all(torch.equal(packed[k], kept[k]) for k in packed)
+    q = get_blocks(model, get_architecture(model))[0].self_attn.q_proj
+    assert torch.equal(q.weight.data, plain.weights["model.layers.0.self_attn.q_proj"].dequantize())
+
+
+def test_the_tuned_weights_are_in_the_model() -> None:
+    model, tuned, _ = tuned_run("gptq", FAST)
+    for index, block in enumerate(get_blocks(model, get_architecture(model))):
+        down = block.mlp.down_proj.weight.data
+        assert torch.equal(down, tuned.weights[f"model.layers.{index}.mlp.down_proj"].dequantize())
+
+
+def test_both_targets_tune_and_differ() -> None:
+    _, original, a = tuned_run("gptq", FAST)
+    _, quantized, b = tuned_run("gptq", dataclasses.replace(FAST, target="quantized"))
+    assert a[0].kept and b[0].kept
+    assert a[0].error_before == b[0].error_before  # block 0: both targets are the original block on the same inputs
+    assert a[1].error_before != b[1].error_before  # block 1: the original stream against the quantized one
+    names = [n for n in original.weights if ".layers.1." in n]
+    assert any(
+        not torch.equal(original.weights[n].packed_tensors()["scales"], quantized.weights[n].packed_tensors()["scales"])
+        for n in names
+    )
+
+
+def test_tuning_is_deterministic() -> None:
+    _, first, a = tuned_run("w11", FAST)
+    _, second, b = tuned_run("w11", FAST)
+    assert [dataclasses.replace(r, time_s=0) for r in a] == [dataclasses.replace(r, time_s=0) for r in b]
+    for name, weight in first.weights.items():
+        assert tensor_digest(weight.packed_tensors()) == tensor_digest(second.weights[name].packed_tensors())
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "opt", "gemma3_text", "mistral"])
+def test_a_prefix_under_its_own_arguments_is_the_whole_windows_beginning(arch: str) -> None:
+    overrides = {"mistral": {"sliding_window": 8}, "gemma3_text": {"sliding_window": 8}}.get(arch, {})
+    model = build_tiny_model(arch, **overrides)
+    blocks = get_blocks(model, get_architecture(model))
+    ids = random_ids(2, 32, seed=3)
+    whole = capture_block_inputs(model, blocks, ids)
+    prefix = capture_block_inputs(model, blocks, ids[:1, :12])
+    with torch.no_grad():
+        for index, block in enumerate(blocks):
+            for x in whole.hidden_states:
+                full = block_output(block(x, *whole.args[index], **whole.kwargs[index]))
+                short = block_output(block(x[:, :12], *prefix.args[index], **prefix.kwargs[index]))
+                torch.testing.assert_close(short, full[:, :12], rtol=1e-5, atol=1e-6)
+
+
+def test_config_errors_are_one_line() -> None:
+    with pytest.raises(BinqError, match="--tune-lr must be a positive number"):
+        TuneConfig(lr=0.0)
+    with pytest.raises(BinqError, match="--tune-batch must be an integer >= 1"):
+        TuneConfig(batch=0)
+    with pytest.raises(BinqError, match="--tune-target must be one of original, quantized"):
+        TuneConfig(target="both")
+    with pytest.raises(BinqError, match="--tune-holdout 8 leaves none of the 8 calibration windows"):
+        TuneConfig(holdout=8).check_windows(8)
+    assert tune_options(TuneConfig()) == ["--tune"]
+    assert tune_options(dataclasses.replace(TuneConfig(), steps=5, target="quantized")) == [
+        "--tune", "--tune-steps", "5", "--tune-target", "quantized",
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def texts(text_file: Callable[[int, int], Path]) -> tuple[Path, Path]:
+    return text_file(2000, 1), text_file(300, 2)
+
+
+@pytest.fixture
+def folder(save_tiny_model: Callable[..., Path]) -> Path:
+    return save_tiny_model("llama", edit=lambda model: model.half(), num_hidden_layers=3)
+
+
+def api_run(folder: Path, texts: tuple[Path, Path], stream: bool, out: Path):
+    calibration = CalibrationConfig(source=str(texts[0]), nsamples=6, seqlen=24)
+    evaluation = EvaluationConfig(sets=(str(texts[1]),), seqlen=24, windows=3)
+    return binq.quantize(
+        str(folder), "arb-group", {"group_size": 32}, calibration=calibration, evaluation=evaluation,
+        progress=False, out=out, stream=stream, tune=dataclasses.replace(FAST, tokens=12),
+    )  # fmt: skip
+
+
+def test_streamed_and_in_memory_tuned_runs_agree_bit_for_bit(
+    folder: Path, texts: tuple[Path, Path], tmp_path: Path
+) -> None:
+    streamed = api_run(folder, texts, True, tmp_path / "streamed")
+    whole = api_run(folder, texts, False, tmp_path / "whole")
+    assert streamed.model.streamed and not whole.model.streamed
+    drop = lambda blocks: [{k: v for k, v in b.items() if k != "time_s"} for b in blocks]  # noqa: E731
+    assert drop(streamed.report["tuning"]["blocks"]) == drop(whole.report["tuning"]["blocks"])
+    assert streamed.evaluations == whole.evaluations
+    with open_tensors(tmp_path / "streamed") as (entries, get):
+        a = {name: get(name) for name in entries}
+    with open_tensors(tmp_path / "whole") as (entries, get):
+        b = {name: get(name) for name in entries}
+    assert tensor_digest(a) == tensor_digest(b)
+    report = whole.report
+    assert report["label"] == "arb-group g32 tuned"
+    assert report["tuning"]["config"]["tokens"] == 12 and len(report["tuning"]["blocks"]) == 3
+    assert "--tune" in report["command"] and report["command"][report["command"].index("--tune-tokens") + 1] == "12"
+
+
+def cli_argv(folder: Path, texts: tuple[Path, Path], out: Path, *options: str) -> list[str]:
+    return [
+        "quantize", "--model", str(folder), "--method", "arb-group", "--group-size", "32", "--calib", str(texts[0]),
+        "--nsamples", "4", "--seqlen", "24", "--eval", str(texts[1]), "--eval-windows", "2", "--no-progress",
+        "--out", str(out), *options,
+    ]  # fmt: skip
+
+
+def test_the_cli_prints_a_line_per_tuned_block(
+    folder: Path, texts: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = cli_argv(folder, texts, tmp_path / "out", "--tune", "--tune-steps", "4", "--tune-holdout", "1")
+    assert main(argv) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "tuned block" in line]
+    assert len(lines) == 3 and all("held-out block error" in line for line in lines)
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert [b["block"] for b in report["tuning"]["blocks"]] == [0, 1, 2]
+
+
+BAD_OPTIONS = {
+    "steps without --tune": (["--tune-steps", "5"], "--tune-steps applies to --tune: add --tune"),
+    "holdout of every window": (["--tune", "--tune-holdout", "4"], "--tune-holdout 4 leaves none of the 4"),
+    "zero learning rate": (["--tune", "--tune-lr", "0"], "--tune-lr must be a positive number"),
+    "negative tokens": (["--tune", "--tune-tokens", "-1"], "--tune-tokens must be an integer >= 0"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_OPTIONS))
+def test_bad_tune_options_are_one_line_errors(
+    case: str, folder: Path, texts: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    options, message = BAD_OPTIONS[case]
+    assert main(cli_argv(folder, texts, tmp_path / "out", *options)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "out" / "report.json").exists()
+
+
+def test_a_tuned_arb_group_still_exports_to_q1_0_exactly(tmp_path: Path) -> None:
+    model = build_tiny_model("llama", **WIDE)
+    spec = get_method("arb-group")
+    config = spec.make_config(group_size=128)
+    tune = FAST
+    records: list[BlockTuneRecord] = []
+    result = quantize_model(
+        model, get_architecture(model), random_ids(6, 16), spec, config, progress=False, tune=tune,
+        on_tune=records.append,
+    )  # fmt: skip
+    assert any(r.kept for r in records)
+    save_checkpoint(model, result.weights, tmp_path / "ckpt", tokenizer=byte_level_bpe_tokenizer(), method="arb-group",
+                    dtype=torch.float16)  # fmt: skip
+    reader = gguf.GGUFReader(export_gguf(tmp_path / "ckpt", tmp_path / "model.gguf"))
+    for block in range(2):
+        down = gguf_tensor(reader, f"blk.{block}.ffn_down.weight")
+        assert down.tensor_type == gguf.GGMLQuantizationType.Q1_0
+        stored = torch.from_numpy(np.array(down.data)).reshape(128, -1)
+        weight = result.weights[f"model.layers.{block}.mlp.down_proj"]
+        assert torch.equal(dequantize_q1_0(stored, 256), weight.dequantize())
