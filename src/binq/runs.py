@@ -65,6 +65,10 @@ RUNS: tuple[Run, ...] = (
     _q("arb-llm-rc intra", "--method", "arb-llm-rc", "--intra-block"),
     _q("arb-group g128", "--method", "arb-group", description="Q1_0's form"),
     _q("arb-group g128 mean", "--method", "arb-group", "--mean"),
+    # Block-wise tuning (issue 15): the same methods, their fp16 tensors tuned against each block's output.
+    _q("arb-group g128 tuned", "--method", "arb-group", "--tune", description="Q1_0's form, tuned"),
+    _q("w11 tuned", "--method", "w11", "--tune"),
+    _q("gptq 2-bit g128 tuned", "--method", "gptq", "--bits", "2", "--group-size", "128", "--tune"),
     # MSB / dynamic grouping (issue 4).
     _q("msb g2", "--method", "msb", "--groups", "2"),
     _q("msb g4", "--method", "msb", "--groups", "4"),

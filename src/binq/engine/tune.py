@@ -65,13 +65,13 @@ class TuneConfig:
       block stops early.
     """
 
-    steps: int = 60
-    lr: float = 2e-3
+    steps: int = 20
+    lr: float = 2e-2
     batch: int = 8
     tokens: int = 128
     holdout: int = 4
     target: str = "original"
-    eval_every: int = 10
+    eval_every: int = 5
     patience: int = 2
 
     def __post_init__(self) -> None:
