@@ -97,6 +97,23 @@ def _add_activation_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--act-calib-tokens", type=int, default=2048, help="tokens per linear group for the searches")
 
 
+def _add_allocation_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("a method per linear under a storage-bit budget (instead of --method)")
+    group.add_argument(
+        "--target-bits", type=float, default=None, metavar="B",
+        help="choose each linear's method among --candidates, stored bits per linear weight <= B (docs/ALLOCATION.md)",
+    )  # fmt: skip
+    group.add_argument(
+        "--candidates", default=None, metavar="SPEC",
+        help="method[:option=value,...] separated by ';' (default arb-group;w11;arb-rc;gptq:bits=2;gptq:bits=3;"
+        "gptq:bits=4)",
+    )  # fmt: skip
+    group.add_argument(
+        "--sensitivity", default="block",
+        help="error weighting: block (default: by each linear's measured effect on its block's output) or output",
+    )  # fmt: skip
+
+
 def _add_task_options(parser: argparse.ArgumentParser, title: str, lm_eval_tasks: bool = False) -> None:
     group = parser.add_argument_group(title)
     others = " (binq's offline tasks), or lm-eval's own task names (their data come from the Hub)"
@@ -117,7 +134,8 @@ def _base_parser() -> argparse.ArgumentParser:
 
     quantize = sub.add_parser("quantize", help="quantize a model, evaluate it, write report.json")
     _add_protocol_options(quantize, calibration=True)
-    quantize.add_argument("--method", required=True, help="quantization method (see `binq methods`)")
+    quantize.add_argument("--method", default=None, help="quantization method (see `binq methods`)")
+    _add_allocation_options(quantize)
     quantize.add_argument(
         "--out",
         default=None,
@@ -247,6 +265,14 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     if args.command == "quantize":
         from binq.methods import get_method
 
+        if (args.method is None) == (args.target_bits is None):
+            parser.error(
+                "quantize needs either --method or --target-bits"
+                if args.method is None
+                else f"--target-bits chooses each linear's method: leave out --method {args.method}"
+            )
+        if args.method is None:
+            return parser.parse_args(argv)
         try:
             method = get_method(args.method)
         except BinqError as err:
@@ -327,6 +353,10 @@ def _launch(args: argparse.Namespace, argv: list[str]) -> int | None:
         raise BinqError("--nproc starts torchrun itself: under torchrun, leave it out")
     from binq.methods import get_method
 
+    if args.target_bits is not None:
+        if nproc > 1:
+            raise BinqError("--target-bits runs in one process (every layer is measured before any is chosen)")
+        return None
     method = get_method(args.method)
     method.make_config(**_method_options(args))  # a bad option fails here, once, not in every worker
     if args.workers not in (None, 1) and nproc > 1:

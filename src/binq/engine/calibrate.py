@@ -200,6 +200,7 @@ def quantize_model(
     progress: bool = True,
     resume: Progress | None = None,
     observer: BlockObserver | None = None,
+    plan: Callable[[str], tuple[Method, Any]] | None = None,
 ) -> EngineResult:
     """Quantize every declared linear of every block of ``model`` (on the CPU) in place.
 
@@ -209,6 +210,8 @@ def quantize_model(
     ``observer`` (one process only) sees each block before the method touches it and once its quantized
     weights are in place; when its ``keeps_weights`` is false the result keeps a
     :class:`~binq.quant.structured.WeightSummary` of each weight, not the weight (a streamed run).
+    ``plan`` (``--target-bits``, :mod:`binq.engine.allocation`): each linear's own ``(method, config)`` by
+    full module name, asked for just before the linear is quantized; ``method`` then only names the run.
     """
     engine = engine or EngineConfig()
     device = torch.device(engine.device)
@@ -272,7 +275,8 @@ def quantize_model(
                         linear = step.linears[name]
                         full_name = step.full_name(name)
                         t0 = time.perf_counter()
-                        quantized, error = _quantize_linear(full_name, linear, hessian, method, method_config)
+                        chosen = plan(full_name) if plan is not None else (method, method_config)
+                        quantized, error = _quantize_linear(full_name, linear, hessian, *chosen)
                         record = LayerRecord.of(index, name, quantized, error, time.perf_counter() - t0)
                         result.weights[full_name] = quantized
                         result.records.append(record)
