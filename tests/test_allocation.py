@@ -172,7 +172,7 @@ def test_method_and_target_bits_exclude_each_other(capsys: pytest.CaptureFixture
     assert main(["quantize", "--method", "gptq", "--target-bits", "2"]) == 2
     assert "leave out --method gptq" in capsys.readouterr().err
     assert main(["quantize"]) == 2
-    assert "either --method or --target-bits" in capsys.readouterr().err
+    assert "required: --method (or --target-bits)" in capsys.readouterr().err
 
 
 # --- the plan as real bits come in -------------------------------------------------------------------------

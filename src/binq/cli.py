@@ -267,7 +267,7 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
 
         if (args.method is None) == (args.target_bits is None):
             parser.error(
-                "quantize needs either --method or --target-bits"
+                "the following arguments are required: --method (or --target-bits)"
                 if args.method is None
                 else f"--target-bits chooses each linear's method: leave out --method {args.method}"
             )
