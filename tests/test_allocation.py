@@ -30,6 +30,7 @@ from binq.errors import BinqError
 from binq.nn import quantized_weights
 from binq.pipeline import CalibrationConfig, EvaluationConfig
 from binq.quant.knapsack import allocate, solve_exact
+from binq.tables import Reports, allocation_section, slim_report
 from test_resume import KILL_AFTER_BLOCK_ENV, SIGKILLED, error_line, forked_run, progress_state
 
 # --- the knapsack ------------------------------------------------------------------------------------------
@@ -295,3 +296,18 @@ def test_a_killed_run_resumes_and_refuses_another_budget(
     report = json.loads((out / "report.json").read_text())
     assert report["resumed_from_block"] == 1
     assert_same_checkpoint(reference, out)
+
+
+def test_the_committed_report_and_its_table(tiny_llama_folder: Path, texts: tuple[Path, Path]) -> None:
+    report = json.loads(json.dumps(mixed_run(tiny_llama_folder, texts, 2.5).report))
+    slim = slim_report(report, "runs/x/report.json", quiet_machine=False)
+    assert all("measured" not in row for row in slim["allocation"]["linears"])
+    assert slim["collected"]["allocation_measurements_dropped"] == 14
+    assert "measured" in report["allocation"]["linears"][0]  # the run's own report keeps them
+    text = allocation_section(Reports(quick={"target 2.5 bits": slim}), ("target 2.5 bits",))
+    summary = slim["allocation"]["summary"]
+    used = [spec for spec, row in summary.items() if row["linears"]]
+    assert f"| linear | {' | '.join(f'`{spec}`' for spec in used)} |" in text
+    for kind in ("self_attn.q_proj", "mlp.down_proj"):  # one linear of each kind per block, two blocks
+        row = next(line for line in text.splitlines() if line.startswith(f"| {kind} |"))
+        assert sum(int(cell) for cell in row.strip("| ").split(" | ")[1:]) == 2
