@@ -7,9 +7,10 @@ A run in two passes over the blocks:
    and three things are recorded: the candidate's stored bits (``storage_bits_total``, counted from its
    packed tensors), its output error ``e = ||(W - Q) X||^2 / tokens`` (exact, from the Hessian), and once
    per linear a *gain* ``g``: how much the block's output moves per unit of that linear's output error,
-   ``||Y' - Y||^2 / ||Y||^2 / e``, with ``Y`` the block's outputs and ``Y'`` the same with only this linear
-   replaced by a mid-size candidate (the median of its candidates by bits: an error neither lost in
-   noise nor saturating), on the first :data:`GAIN_SAMPLES` calibration windows. Nothing is left changed.
+   ``mean_t ||y'_t - y_t||^2 / ||y_t||^2 / e`` over the tokens ``t``, with ``y_t`` the block's outputs and
+   ``y'_t`` the same with only this linear replaced by a mid-size candidate (the median of its candidates
+   by bits: an error neither lost in noise nor saturating), on the first :data:`GAIN_SAMPLES`
+   calibration windows. Nothing is left changed.
 2. **Choose** (:class:`Allocator`): the multiple-choice knapsack of :mod:`binq.quant.knapsack`, exact
    over a discretised budget, picks one candidate per linear minimising the summed weighted error with
    summed stored bits ``<= B x`` (the linears' weights). The weighted error is ``g e`` with
@@ -186,9 +187,15 @@ def _output_energy(weight: torch.Tensor, hessian: torch.Tensor) -> float:
 
 
 def _relative_change(outputs: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
-    num = sum(float((a.double() - b.double()).pow(2).sum()) for a, b in zip(outputs, reference, strict=True))
-    den = sum(float(b.double().pow(2).sum()) for b in reference)
-    return num / den if den > 0 else 0.0
+    """The mean over tokens of ``||y' - y||^2 / ||y||^2``: per token, because the next block sees each token's
+    hidden state through a norm (an error counts relative to its own token's state), and because a few
+    tokens with hidden states orders of magnitude larger than the rest (the first token, in most LLMs)
+    would otherwise decide the whole figure."""
+    ratios = [
+        (a.double() - b.double()).pow(2).sum(-1).flatten() / b.double().pow(2).sum(-1).flatten().clamp_min(1e-30)
+        for a, b in zip(outputs, reference, strict=True)
+    ]
+    return float(torch.cat(ratios).mean())
 
 
 def _measure_linear(
