@@ -240,6 +240,7 @@ def test_a_mixed_run_keeps_the_budget_and_its_checkpoint_loads_bit_for_bit(
     assert report["method"]["name"] == "mixed"
     assert report["method"]["config"] == {"target_bits": 2.5, "candidates": SPEC, "sensitivity": "block"}
     assert report["label"] == "target 2.5 bits"
+    assert report["time_s"]["measure"] > 0 and report["time_s"]["quantize"] > 0
     # The checkpoint: every linear with its own layout, the same packed tensors and logits after loading.
     loaded = binq.load(tmp_path / "mixed")
     rebuilt = quantized_weights(loaded)

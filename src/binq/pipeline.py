@@ -663,6 +663,7 @@ def _report(run: _Run, loaded: LoadedModel, arch: Any, outcome: _Outcome) -> dic
         report["engine"]["streamed"] = True
     if run.allocator is not None:
         report["allocation"] = run.allocator.report()
+        report["time_s"]["measure"] = run.allocator.measure_s  # pass 1; "quantize" is the engine's pass 2
     extra_bits = extra_bit_summary(engine_result.weights)
     if extra_bits:
         report["extra_bits"] = extra_bits

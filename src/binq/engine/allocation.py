@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -273,6 +274,7 @@ class Allocator:
         self.budget_bits = math.floor(config.target_bits * self.weights)
         self.made_bits: dict[str, int] = {}
         self.replans = 0
+        self.measure_s = 0.0  # pass 1's seconds, set by plan_allocation
         self.choice: dict[str, int] = {}
         cheapest = sum(min(m.bits) for m in measurements)
         if cheapest > self.budget_bits:
@@ -377,8 +379,10 @@ def plan_allocation(
 ) -> Allocator:
     """Pass 1 and the first plan (:func:`measure_candidates`, then the knapsack)."""
     candidates = parse_candidates(config.candidates)
+    started = time.perf_counter()
     measurements = measure_candidates(model, arch, calibration, candidates, engine, progress)
     allocator = Allocator(measurements, candidates, config)
+    allocator.measure_s = time.perf_counter() - started
     log.info(
         "allocation for %.4g bits per linear weight: %s",
         config.target_bits,
