@@ -124,6 +124,23 @@ def _add_tune_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--tune-target", default=defaults.target, choices=TARGETS,
         help="original: the unquantized model's block outputs; quantized: the original block on the quantized inputs",
+)  # fmt: skip
+
+
+def _add_allocation_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("a method per linear under a storage-bit budget (instead of --method)")
+    group.add_argument(
+        "--target-bits", type=float, default=None, metavar="B",
+        help="choose each linear's method among --candidates, stored bits per linear weight <= B (docs/ALLOCATION.md)",
+    )  # fmt: skip
+    group.add_argument(
+        "--candidates", default=None, metavar="SPEC",
+        help="method[:option=value,...] separated by ';' (default arb-group;w11;arb-rc;gptq:bits=2;gptq:bits=3;"
+        "gptq:bits=4)",
+    )  # fmt: skip
+    group.add_argument(
+        "--sensitivity", default="block",
+        help="error weighting: block (default: by each linear's measured effect on its block's output) or output",
     )  # fmt: skip
 
 
@@ -147,7 +164,8 @@ def _base_parser() -> argparse.ArgumentParser:
 
     quantize = sub.add_parser("quantize", help="quantize a model, evaluate it, write report.json")
     _add_protocol_options(quantize, calibration=True)
-    quantize.add_argument("--method", required=True, help="quantization method (see `binq methods`)")
+    quantize.add_argument("--method", default=None, help="quantization method (see `binq methods`)")
+    _add_allocation_options(quantize)
     quantize.add_argument(
         "--out",
         default=None,
@@ -278,6 +296,14 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     if args.command == "quantize":
         from binq.methods import get_method
 
+        if (args.method is None) == (args.target_bits is None):
+            parser.error(
+                "the following arguments are required: --method (or --target-bits)"
+                if args.method is None
+                else f"--target-bits chooses each linear's method: leave out --method {args.method}"
+            )
+        if args.method is None:
+            return parser.parse_args(argv)
         try:
             method = get_method(args.method)
         except BinqError as err:
@@ -358,6 +384,10 @@ def _launch(args: argparse.Namespace, argv: list[str]) -> int | None:
         raise BinqError("--nproc starts torchrun itself: under torchrun, leave it out")
     from binq.methods import get_method
 
+    if args.target_bits is not None:
+        if nproc > 1:
+            raise BinqError("--target-bits runs in one process (every layer is measured before any is chosen)")
+        return None
     method = get_method(args.method)
     method.make_config(**_method_options(args))  # a bad option fails here, once, not in every worker
     if args.workers not in (None, 1) and nproc > 1:

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from binq.activations import ActivationConfig
 from binq.data.zeroshot import check_task_names
+from binq.engine.allocation import DEFAULT_CANDIDATES, MIXED, AllocationConfig
 from binq.engine.calibrate import EngineConfig, rank_and_world
 from binq.engine.tune import TuneConfig
 from binq.errors import BinqError
@@ -29,6 +30,7 @@ from binq.models import load_model
 from binq.pipeline import CalibrationConfig, EvaluationConfig, evaluate, load_checkpoint, quantize
 from binq.report import (
     LAYER_HEADER,
+    allocation_table,
     comparison_table,
     extra_bit_line,
     layer_row,
@@ -96,7 +98,12 @@ def tune_config(args: argparse.Namespace) -> TuneConfig | None:
 def run_quantize(
     args: argparse.Namespace, eval_sets: list[str], method_options: dict[str, Any], argv: list[str]
 ) -> int:
-    method = get_method(args.method)
+    if args.target_bits is not None:
+        candidates = DEFAULT_CANDIDATES if args.candidates is None else args.candidates
+        method, config = MIXED, AllocationConfig(args.target_bits, candidates, args.sensitivity)
+    else:
+        method = get_method(args.method)
+        config = method.make_config(**method_options)
     calibration, evaluation = _protocol(args, eval_sets)
     tune = tune_config(args)
     on_layer = on_tune = None
@@ -105,7 +112,7 @@ def run_quantize(
         on_layer = lambda record: tqdm.write(layer_row(record))  # noqa: E731
         on_tune = lambda record: tqdm.write(tune_row(record))  # noqa: E731
     result = quantize(
-        args.model, method, method.make_config(**method_options), calibration=calibration, evaluation=evaluation,
+        args.model, method, config, calibration=calibration, evaluation=evaluation,
         engine=EngineConfig(device=args.device, hessian_dtype=args.hessian_dtype, true_sequential=args.true_sequential),
         activations=_activation_config(args), workers=args.workers, out=args.out, label=args.label,
         progress=not args.no_progress, on_layer=on_layer, command=["binq", *argv], stream=not args.in_memory,
@@ -118,6 +125,8 @@ def run_quantize(
     _print_protocols(result.evaluations)
     if "extra_bits" in report:
         print(extra_bit_line(report["extra_bits"]))
+    if "allocation" in report:
+        print_table(allocation_table(report["allocation"]))
     return 0
 
 

@@ -51,6 +51,7 @@ from binq.checkpoint.sharded import ShardedCheckpoint
 from binq.data import calibration_windows, describe_eval, evaluation_tokens
 from binq.data.zeroshot import TaskItems, build_task
 from binq.engine import distributed
+from binq.engine.allocation import MIXED, AllocationConfig, Allocator, plan_allocation
 from binq.engine.calibrate import EngineConfig, EngineResult, LayerRecord, quantize_model
 from binq.engine.independent import default_workers, quantize_independent
 from binq.engine.resume import RUN_FILE, SCHEMA, Progress, model_identity, progress_folder, windows_digest
@@ -204,7 +205,9 @@ def default_label(
     the activation bits, tuning."""
     bits = getattr(config, "bits", None)
     label = method.name if bits is None else f"{method.name} {bits}-bit"
-    if getattr(config, "group_size", None):
+    if isinstance(config, AllocationConfig):
+        label = config.label
+    elif getattr(config, "group_size", None):
         label += f" g{config.group_size}"
     if activations is not None and activations.enabled:
         label += f" A{activations.bits}"
@@ -227,7 +230,8 @@ def _load(model: str | LoadedModel, device: str, stream: bool = False) -> Loaded
 
 
 def _method_and_config(method: str | Method, config: Any) -> tuple[Method, Any]:
-    method = get_method(method) if isinstance(method, str) else method
+    if isinstance(method, str):  # "mixed": --target-bits, each linear's method chosen (engine/allocation.py)
+        method = MIXED if method == MIXED.name else get_method(method)
     if config is None:
         return method, method.make_config()
     if isinstance(config, dict):
@@ -298,6 +302,7 @@ class _Run:
     rank: int = 0
     world: int = 1
     stream: bool = False
+    allocator: Allocator | None = None  # --target-bits: each linear's candidate, set once it is measured
     tune: TuneConfig | None = None
     on_tune: Callable[[BlockTuneRecord], None] | None = None
 
@@ -345,7 +350,9 @@ class _Run:
     def equivalent_command(self) -> list[str]:
         """The ``binq quantize`` command line of a run made through the API (for its report)."""
         command = ["binq", "quantize", "--model", self.spec, "--method", self.method.name]
-        defaults = self.method.config_class()
+        if isinstance(self.config, AllocationConfig):  # --target-bits and its options instead of --method
+            command[-2:] = self.config.command_options()
+        defaults = self.config if isinstance(self.config, AllocationConfig) else self.method.config_class()
         for item in dataclasses.fields(self.config):
             value = getattr(self.config, item.name)
             if value != getattr(defaults, item.name):
@@ -439,6 +446,8 @@ def quantize(
     if workers is not None and workers < 1:
         raise BinqError(f"--workers must be at least 1, got {workers}")
     rank, world = distributed.rank_and_world()
+    if world > 1 and method is MIXED:
+        raise BinqError("--target-bits runs in one process (every layer is measured before any is chosen)")
     if world > 1 and workers not in (None, 1):
         raise BinqError("--workers does not combine with several processes: the processes share the linears")
     calibration = calibration or FULL_CALIBRATION
@@ -454,7 +463,7 @@ def quantize(
     run = _Run(
         model, method, config, calibration, evaluation or FULL_EVALUATION, engine, activations, workers, out,
         label or default_label(method, config, activations, tune), progress and rank == 0, on_layer, command, started,
-        rank, world, _can_stream(stream, activations, world), tune, on_tune,
+        rank, world, _can_stream(stream, activations, world), tune=tune, on_tune=on_tune,
     )  # fmt: skip
     resume = None
     if out is not None:
@@ -484,6 +493,10 @@ def _quantize(run: _Run, resume: Progress | None) -> QuantizationResult:
     # Smoothing is folded into the fp model first: the weights are quantized, and kept for KL, smoothed.
     plan = calibrate_activations(loaded.model, arch, windows, run.activations, calibration.seed, run.progress)
     originals = {item.linear: item.linear.weight.data for item in named_linears(loaded.model, arch)}
+    if isinstance(run.config, AllocationConfig):  # pass 1 of --target-bits: measure every candidate, choose
+        assert windows is not None
+        run.allocator = plan_allocation(loaded.model, arch, windows, run.config, run.engine, run.progress)
+        run.on_layer = run.allocator.observe(arch, run.on_layer)
 
     if loaded.streamed:
         return _quantize_streamed(run, resume, loaded, arch, windows, eval_tokens, plan)
@@ -579,7 +592,8 @@ def _quantize_streamed(
         else:
             engine_result = quantize_model(
                 loaded.model, arch, windows, run.method, run.config, run.engine, run.on_layer, run.progress,
-                resume=resume, observer=observer, tune=run.tune, on_tune=run.on_tune, seed=run.calibration.seed,
+                resume=resume, observer=observer, plan=run.allocator, tune=run.tune, on_tune=run.on_tune,
+                seed=run.calibration.seed,
             )  # fmt: skip
         eval_started = time.perf_counter()
         evaluations = evaluation.finish(run.progress) if evaluation is not None else {}
@@ -630,7 +644,7 @@ def _quantize_linears(
     else:
         result = quantize_model(
             loaded.model, arch, windows, method, config, engine, run.on_layer, run.progress, resume=resume,
-            tune=run.tune, on_tune=run.on_tune, seed=run.calibration.seed,
+            plan=run.allocator, tune=run.tune, on_tune=run.on_tune, seed=run.calibration.seed,
         )  # fmt: skip
     return result, True
 
@@ -679,6 +693,9 @@ def _report(run: _Run, loaded: LoadedModel, arch: Any, outcome: _Outcome) -> dic
         report["engine"] = {"path": "independent", "workers": workers} | run.world_size
     if loaded.streamed:
         report["engine"]["streamed"] = True
+    if run.allocator is not None:
+        report["allocation"] = run.allocator.report()
+        report["time_s"]["measure"] = run.allocator.measure_s  # pass 1; "quantize" is the engine's pass 2
     extra_bits = extra_bit_summary(engine_result.weights)
     if extra_bits:
         report["extra_bits"] = extra_bits

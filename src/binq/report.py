@@ -166,6 +166,24 @@ def comparison_table(reports: list[dict], title: str) -> Table:
     return table
 
 
+def allocation_table(allocation: dict[str, Any]) -> Table:
+    """``--target-bits``: how many linears (and what share of the weights) each candidate got, its stored
+    bits per weight, and the whole against the target."""
+    title = (
+        f"allocation: {allocation['storage_bits']:.4f} stored bits per linear weight, target "
+        f"{allocation['target_bits']:g} (planned {allocation['planned_storage_bits']:.4f}; "
+        f"sensitivity {allocation['sensitivity']}; weighted error {allocation['weighted_error']:.4g})"
+    )
+    table = Table(title=title, title_justify="left")
+    for column in ("candidate", "linears", "share of weights", "storage bits"):
+        table.add_column(column, justify="left" if column == "candidate" else "right")
+    for spec, row in allocation["summary"].items():
+        bits = row["storage_bits_total"] / row["weights"] if row["weights"] else None
+        share = row["weights"] / allocation["weights"]
+        table.add_row(spec, str(row["linears"]), f"{share:.1%}", fmt(bits, ".3f"))
+    return table
+
+
 def extra_bit_summary(weights: dict[str, QuantizedWeight]) -> dict[str, Any]:
     """Layouts' further bit figures (``extra_bit_figures``), per linear and weighted by parameters.
 

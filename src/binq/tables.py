@@ -82,6 +82,12 @@ def slim_report(report: Report, source: str, quiet_machine: bool) -> Report:
     if extra and "layers" in extra:
         slim["extra_bits"] = {key: value for key, value in extra.items() if key != "layers"}
         collected["extra_bits_layers_dropped"] = len(extra["layers"])
+    allocation = report.get("allocation")
+    if allocation and any("measured" in row for row in allocation.get("linears", [])):  # every candidate's figures
+        slim["allocation"] = allocation | {
+            "linears": [{k: v for k, v in row.items() if k != "measured"} for row in allocation["linears"]]
+        }
+        collected["allocation_measurements_dropped"] = len(allocation["linears"])
     collected["quiet_machine"] = quiet_machine
     slim["collected"] = collected
     return slim
@@ -629,6 +635,7 @@ MSB_ROWS = (
     "gptq 2-bit g128", "gptq 3-bit g128", "gptq 4-bit g128", "msb g2", "msb g4", "msb g4 lo", "msb g8", "msb g8 lo",
     "msb g16", "msb g16 lo", "msb g32", "msb g32 lo", "msb block g4", "msb-hessian g8",
 )  # fmt: skip
+ALLOCATION_ROWS = ("arb-group g128", "w11", "arb-rc", *GPTQ_ROWS[1:], "target 2.5 bits")
 W11_ROWS = (
     "gptq 2-bit g128", "billm", "arb-llm-rc", "w11", "w11 a4", "w11 obs", "w11 obs init median",
     "w11 obs init salience", "w11 obs offsets", "w11 obs no em", "w11 importance review", "w11 obs a4",
@@ -777,6 +784,36 @@ def scale_nproc_section(reports: Reports) -> str:
     return "\n".join(lines)
 
 
+def allocation_section(reports: Reports, labels: Sequence[str]) -> str:
+    """``--target-bits`` runs beside their candidates run alone, then each run's choice per kind of linear
+    (how many of the blocks' linears of that kind got each candidate)."""
+    lines = [quality_section(reports, labels), ""]
+    for report in [reports.quick[label] for label in labels if label in reports.quick]:
+        allocation = report.get("allocation")
+        if not allocation:
+            continue
+        used = [spec for spec, row in allocation["summary"].items() if row["linears"]]
+        kinds: dict[str, dict[str, int]] = {}
+        for row in allocation["linears"]:
+            kind = row["name"].rsplit(".", 2)[-2] + "." + row["name"].rsplit(".", 1)[-1]
+            kinds.setdefault(kind, dict.fromkeys(used, 0))[row["candidate"]] += 1
+        share = {spec: allocation["summary"][spec]["weights"] / allocation["weights"] for spec in used}
+        bits = {spec: allocation["summary"][spec]["storage_bits_total"] / allocation["summary"][spec]["weights"]
+                for spec in used}  # fmt: skip
+        rows = [[kind, *(str(counts[spec]) for spec in used)] for kind, counts in kinds.items()]
+        rows.append(["share of the weights", *(f"{share[spec]:.1%}" for spec in used)])
+        rows.append(["storage bits", *(f"{bits[spec]:.3f}" for spec in used)])
+        lines += [
+            f"{report['label']}: the linears of each kind (one per block) by the candidate chosen; "
+            f"{allocation['storage_bits']:.4f} stored bits per linear weight for a target of "
+            f"{allocation['target_bits']:g} (sensitivity `{allocation['sensitivity']}`).",
+            "",
+            markdown_grid(["linear", *(f"`{spec}`" for spec in used)], rows),
+            "",
+        ]
+    return "\n".join(lines).rstrip()
+
+
 def _quality(labels: tuple[str, ...]) -> Callable[[Reports], str]:
     return lambda reports: quality_section(reports, labels)
 
@@ -800,6 +837,9 @@ SECTIONS: tuple[Section, ...] = (
     Section("docs/BENCHMARKS.md", "inference-decode", decode_section),
     Section("docs/BENCHMARKS.md", "inference-gemv", gemv_section),
     Section("docs/BENCHMARKS.md", "inference-gemv-7b", gemv_7b_section),
+    Section(
+        "docs/ALLOCATION.md", "allocation-quality", lambda r: allocation_section(r, ALLOCATION_ROWS), ALLOCATION_ROWS
+    ),
     Section("docs/W11.md", "w11-quality", lambda r: w11_section(r, W11_ROWS), W11_ROWS),
     Section("docs/MSB.md", "msb-summary", _compact(MSB_ROWS), MSB_ROWS),
     Section("docs/FORMAT.md", "format-sizes", lambda r: sizes_section(r, SIZE_ROWS), SIZE_ROWS),

@@ -206,6 +206,7 @@ def quantize_model(
     tune: TuneConfig | None = None,
     on_tune: Callable[[BlockTuneRecord], None] | None = None,
     seed: int = 0,
+    plan: Callable[[str], tuple[Method, Any]] | None = None,
 ) -> EngineResult:
     """Quantize every declared linear of every block of ``model`` (on the CPU) in place.
 
@@ -217,6 +218,8 @@ def quantize_model(
     :class:`~binq.quant.structured.WeightSummary` of each weight, not the weight (a streamed run).
     ``tune`` (one process only): tune each block's continuous parameters once the method has quantized
     it (:mod:`binq.engine.tune`), its windows drawn from ``seed``; ``on_tune`` sees each block's record.
+    ``plan`` (``--target-bits``, :mod:`binq.engine.allocation`): each linear's own ``(method, config)`` by
+    full module name, asked for just before the linear is quantized; ``method`` then only names the run.
     """
     engine = engine or EngineConfig()
     tuning = tune is not None and tune.steps > 0
@@ -298,7 +301,8 @@ def quantize_model(
                         linear = step.linears[name]
                         full_name = step.full_name(name)
                         t0 = time.perf_counter()
-                        quantized, error = _quantize_linear(full_name, linear, hessian, method, method_config)
+                        chosen = plan(full_name) if plan is not None else (method, method_config)
+                        quantized, error = _quantize_linear(full_name, linear, hessian, *chosen)
                         record = LayerRecord.of(index, name, quantized, error, time.perf_counter() - t0)
                         result.weights[full_name] = quantized
                         result.records.append(record)
