@@ -27,19 +27,9 @@ import binq
 from binq.data import describe_eval, evaluation_tokens
 from binq.evaluation import Protocol, evaluate_perplexity
 from binq.export.gguf import export_gguf
+from binq.inference.llamacpp import window_nll
 
 PROMPT = "The history of the English navy begins"
-
-
-def llama_cpp_nll(llm: object, window: list[int]) -> tuple[float, np.ndarray]:
-    """Mean next-token NLL of one window under llama.cpp, and its logits ``(len, vocab)``."""
-    llm.reset()
-    llm.eval(window)
-    logits = np.asarray(llm.scores[: len(window)], dtype=np.float64)
-    shifted = logits[:-1]
-    log_z = np.log(np.exp(shifted - shifted.max(-1, keepdims=True)).sum(-1)) + shifted.max(-1)
-    target = shifted[np.arange(len(window) - 1), window[1:]]
-    return float((log_z - target).mean()), logits
 
 
 def llama_cpp_greedy(llm: object, prompt: list[int], n: int) -> list[int]:
@@ -95,7 +85,7 @@ def main() -> int:
     nll_sum, max_logit_diff = 0.0, 0.0
     for w in range(windows):
         window = tokens[0, w * args.seqlen : (w + 1) * args.seqlen].tolist()
-        nll, logits = llama_cpp_nll(llm, window)
+        nll, logits = window_nll(llm, window)
         nll_sum += nll
         if w == 0:
             with torch.no_grad():

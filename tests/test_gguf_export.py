@@ -157,6 +157,38 @@ def test_export_f16_fallback_for_narrow_rows(tmp_path: Path, capsys: pytest.Capt
     assert torch.equal(values, weights["model.layers.0.self_attn.v_proj"].dequantize())
 
 
+def saved_unquantized(folder: Path, dtype: torch.dtype = torch.float16, **overrides: object) -> torch.nn.Module:
+    """A tiny llama saved as a plain Hugging Face folder (no binq quantization_config)."""
+    model = build_tiny_model("llama", **(WIDE | overrides)).to(dtype)
+    model.save_pretrained(folder)
+    byte_level_bpe_tokenizer().save_pretrained(folder)
+    return model
+
+
+@pytest.mark.parametrize(("dtype", "ggml_type"), [(torch.float16, "F16"), (torch.float32, "F32")])
+def test_export_unquantized_folder_as_stored(tmp_path: Path, dtype: torch.dtype, ggml_type: str) -> None:
+    """An unquantized folder: every linear as stored, bit for bit, q/k rows in llama.cpp's rotary order."""
+    model = saved_unquantized(tmp_path / "plain", dtype)
+    assert main(["export", str(tmp_path / "plain"), "--gguf", str(tmp_path / "m.gguf")]) == 0
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    file_type = gguf.LlamaFileType.MOSTLY_F16 if dtype == torch.float16 else gguf.LlamaFileType.ALL_F32
+    assert reader.fields["general.file_type"].contents() == file_type
+    hf = dict(model.state_dict())
+    parts = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj"}
+    parts |= {"attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj"}
+    parts["ffn_down"] = "mlp.down_proj"
+    heads = {"attn_q": 4, "attn_k": 2}
+    for block in range(2):
+        for part, module in parts.items():
+            tensor = gguf_tensor(reader, f"blk.{block}.{part}.weight")
+            assert tensor.tensor_type.name == ggml_type
+            expected = hf[f"model.layers.{block}.{module}.weight"]
+            if part in heads:
+                expected = expected[rope_row_order(expected.shape[0], heads[part])]
+            assert torch.equal(torch.from_numpy(np.array(tensor.data)), expected)
+    assert gguf_tensor(reader, "blk.0.attn_norm.weight").tensor_type == gguf.GGMLQuantizationType.F32
+
+
 @pytest.mark.parametrize(
     ("method", "options", "reason"),
     [("billm", {}, "group bitmap"), ("rtn", {"centred": True, "group_size": 128}, "means")],

@@ -218,7 +218,11 @@ def _base_parser() -> argparse.ArgumentParser:
     sub.add_parser("methods", help="list the methods and their options")
 
     export = sub.add_parser("export", help="export a binq checkpoint (GGUF for llama.cpp, exact types)")
-    export.add_argument("checkpoint", help="a folder written by `binq quantize --out`")
+    export.add_argument(
+        "checkpoint",
+        help="a folder written by `binq quantize --out`, or an unquantized model (a safetensors folder, or the "
+        "embedded name smollm2-135m), written as stored (fp16 tensors as F16)",
+    )
     export.add_argument("--gguf", required=True, help="the GGUF file to write")
     export.add_argument(
         "--like",
@@ -447,8 +451,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return list_methods()
         if args.command == "export":
             from binq.export.gguf import export_gguf
+            from binq.models.embedded import EMBEDDED_MODELS
 
-            path = export_gguf(args.checkpoint, args.gguf, like=args.like)
+            embedded = EMBEDDED_MODELS.get(args.checkpoint)
+            folder = embedded() if embedded is not None else args.checkpoint
+            path = export_gguf(folder, args.gguf, like=args.like)
             print(f"wrote {path}")
             return 0
         if args.command == "plot":

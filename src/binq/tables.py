@@ -3,9 +3,11 @@
 The reports live in the repository: ``docs/reports/quick/<slug>.json`` (``report.json`` of a quick-protocol
 ``binq quantize`` run of the catalogue, ``binq.runs``) and ``docs/reports/bench/<name>.json`` (the
 records of one ``binq bench --json`` run), ``docs/reports/scale/<name>.json`` (one lane of
-``benchmarks/scale.py``). ``collect`` copies finished runs there; ``regenerate`` rewrites
-every section between ``<!-- begin NAME -->`` and ``<!-- end NAME -->`` from them; ``stale_sections``
-says which committed sections differ from what the reports give. Nothing here runs a model: every
+``benchmarks/scale.py``), ``docs/reports/llamacpp/<type>.json`` (one llama.cpp type of
+``benchmarks/llamacpp_frontier.py``; its ``anchors.json`` is the plot's input, not read here).
+``collect`` copies finished runs there; ``regenerate`` rewrites every section between
+``<!-- begin NAME -->`` and ``<!-- end NAME -->`` from them; ``stale_sections`` says which committed
+sections differ from what the reports give. Nothing here runs a model: every
 number in a section is read from a report, and each section names the command of each of its rows.
 
 ``benchmarks/tables.py`` is the command line.
@@ -14,6 +16,7 @@ number in a section is read from a report, and each section names the command of
 from __future__ import annotations
 
 import json
+import math
 import shlex
 import shutil
 from collections.abc import Callable, Sequence
@@ -27,6 +30,10 @@ from binq.runs import CATALOGUE, DEMO_DEFAULT, Run, get_run, run_command, same_r
 QUICK_DIR = Path("docs/reports/quick")
 BENCH_DIR = Path("docs/reports/bench")
 SCALE_DIR = Path("docs/reports/scale")
+LLAMACPP_DIR = Path("docs/reports/llamacpp")
+LLAMACPP_KIND = "llamacpp-frontier"  # the ``kind`` of a benchmarks/llamacpp_frontier.py report
+# The storage budgets (bits per linear weight) over which binq's runs are set against llama.cpp's types.
+VERSUS_BITS = (1.1, 4.5)
 MIB = 2**20
 COMMAND = "python benchmarks/tables.py"
 # Where the not-rerun commands of the tables write (the folder `--collect` reads by default).
@@ -44,6 +51,7 @@ class Reports:
     quick: dict[str, Report] = field(default_factory=dict)
     bench: list[BenchFile] = field(default_factory=list)
     scale: list[Report] = field(default_factory=list)
+    llamacpp: list[Report] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -67,6 +75,10 @@ def load_reports(root: Path) -> Reports:
         reports.bench.append((path.stem, json.loads(path.read_text(encoding="utf-8"))))
     for path in sorted((root / SCALE_DIR).glob("*.json")):
         reports.scale.append(json.loads(path.read_text(encoding="utf-8")))
+    for path in sorted((root / LLAMACPP_DIR).glob("*.json")):
+        report = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(report, dict) and report.get("kind") == LLAMACPP_KIND:  # anchors.json is a list
+            reports.llamacpp.append(report)
     return reports
 
 
@@ -814,6 +826,175 @@ def allocation_section(reports: Reports, labels: Sequence[str]) -> str:
     return "\n".join(lines).rstrip()
 
 
+# ---------------------------------------------------------------------------------------------------------
+# llama.cpp's own quantizer on the same source (benchmarks/llamacpp_frontier.py)
+
+
+def _no_llamacpp() -> str:
+    return (
+        f"No llama.cpp report is committed yet (`{LLAMACPP_DIR.as_posix()}`; "
+        "`benchmarks/llamacpp_frontier.py` makes them)."
+    )
+
+
+def _type_counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{n} {name}" for name, n in sorted(counts.items(), key=lambda item: (-item[1], item[0])))
+
+
+def _llamacpp_rows(reports: Reports) -> tuple[Report | None, list[Report], list[Report]]:
+    """The unquantized source's report, the types made (by bits per linear weight) and those refused."""
+    source = next((r for r in reports.llamacpp if r["made"] and "ppl_binq_original" in r), None)
+    made = sorted(
+        (r for r in reports.llamacpp if r["made"] and r is not source), key=lambda r: r["storage"]["bits_linear"]
+    )
+    refused = [r for r in reports.llamacpp if not r["made"]]
+    return source, made, refused
+
+
+def llamacpp_section(reports: Reports) -> str:
+    """llama.cpp's types of binq's source model: real tensor types, stored bits, PPL on binq's token ids."""
+    source, made, refused = _llamacpp_rows(reports)
+    if source is None:
+        return _no_llamacpp()
+    sets = list(source["ppl"])
+    header = ["type", "block linears by ggml type", "bits per linear weight", "bits whole file", "file MiB"]
+    header += [*(f"PPL {s}" for s in sets), "importance matrix"]
+    body = []
+    for r in [source, *made]:
+        storage = r["storage"]
+        body.append([
+            r["type"] + (" (source)" if r is source else ""), _type_counts(storage["linear_types"]),
+            f"{storage['bits_linear']:.3f}", f"{storage['bits_file']:.3f}", f"{storage['file_bytes'] / MIB:.1f}",
+            *(fmt_ppl(r["ppl"][s]) for s in sets), "yes" if r.get("imatrix") else "no",
+        ])  # fmt: skip
+    lines = [markdown_grid(header, body), ""]
+    ours = source["ppl_binq_original"]
+    lines += [
+        "Sanity row: binq's own PPL of the same original model on the same windows is "
+        + ", ".join(f"{fmt_ppl(ours[s])} on {s}" for s in sets)
+        + "; llama.cpp on the F16 source differs by "
+        + ", ".join(f"{source['ppl_relative_difference'][s]:+.1e} (relative) on {s}" for s in sets)
+        + "; the largest logit difference on the first window is "
+        + ", ".join(f"{source['max_abs_logit_difference_window0'][s]:.3f} on {s}" for s in sets)
+        + ".",
+        "",
+    ]
+    if refused:
+        lines += ["Not made (llama.cpp refused; no numbers):", ""]
+        lines += [f"- {r['type']}: {r['reason']}" for r in refused] + [""]
+    imatrix = next((r["imatrix"] for r in made if r.get("imatrix")), None)
+    if imatrix:
+        calibration = imatrix["calibration"]
+        lines += [
+            f"Importance matrix (the IQ types): {imatrix['values']}; {calibration['nsamples']} x "
+            f"{calibration['seqlen']} tokens of `{calibration['source']}`, seed {calibration['seed']} (binq's "
+            "calibration windows).",
+            "",
+        ]
+    protocol = "; ".join(
+        f"`{name}` first {p['windows']} of {p['windows_available']} windows of {p['seqlen']} tokens"
+        for name, p in source["protocol"].items()
+    )
+    versions = ", ".join(f"{k} {v}" for k, v in source["versions"].items())
+    files = ", ".join(f"`{r['variant']}.json`" for r in [source, *made, *refused])
+    lines += [
+        f"Command: {_cmd(source['command'])}. Protocol: {protocol}; binq's token ids fed to llama.cpp as ids. "
+        f"Generated by `{COMMAND}` from {files} in `{LLAMACPP_DIR.as_posix()}`; made {source['created'][:10]} "
+        f"(UTC) with {versions}; {source['machine']['platform']}, {source['machine']['llama_cpp_threads']} "
+        "llama.cpp thread(s).",
+    ]
+    return "\n".join(lines)
+
+
+def _log_ppl(ppl: dict[str, float], sets: Sequence[str]) -> float:
+    """Mean log-PPL over ``sets`` (the mean NLL per token, each text weighted alike)."""
+    return sum(math.log(ppl[s]) for s in sets) / len(sets)
+
+
+def versus_rows(
+    binq_points: Sequence[tuple[str, float, dict[str, float]]],
+    llama_points: Sequence[tuple[str, float, dict[str, float]]],
+    sets: Sequence[str],
+    low: float,
+    high: float,
+) -> list[tuple[float, tuple | None, tuple | None, str]]:
+    """At each budget in ``[low, high]`` where either side's best changes, each side's best point with at
+    most that many bits (lowest mean log-PPL over ``sets``) and which is better on every set.
+
+    A point is ``(label, bits, {set: ppl})``; the budgets are the points' own bits, and a budget at which
+    neither side's best changes (a point that beats nothing cheaper on its side) gives no row. The verdict
+    is the side whose point has the lower PPL on every set, ``split`` when each wins one, or the only side
+    with a point at that budget.
+    """
+    budgets = sorted({bits for _, bits, _ in [*binq_points, *llama_points] if low <= bits <= high})
+    rows = []
+    for budget in budgets:
+        best = []
+        for points in (binq_points, llama_points):
+            within = [p for p in points if p[1] <= budget]
+            best.append(min(within, key=lambda p: (_log_ppl(p[2], sets), p[1])) if within else None)
+        ours, theirs = best
+        if rows and (rows[-1][1], rows[-1][2]) == (ours, theirs):
+            continue
+        if ours is None or theirs is None:
+            verdict = "binq (no llama.cpp type)" if theirs is None else "llama.cpp (no binq run)"
+        elif all(ours[2][s] < theirs[2][s] for s in sets):
+            verdict = "binq"
+        elif all(theirs[2][s] < ours[2][s] for s in sets):
+            verdict = "llama.cpp"
+        else:
+            verdict = "split"
+        rows.append((budget, ours, theirs, verdict))
+    return rows
+
+
+def versus_section(reports: Reports) -> str:
+    """binq's best committed weight-only run against llama.cpp's best type at each storage budget."""
+    _, made, _ = _llamacpp_rows(reports)
+    runs = [r for label, r in reports.quick.items() if _weight_only(CATALOGUE[label])]
+    if not made or not runs:
+        return _no_llamacpp() if not made else "\n".join(_no_rows())
+    sets = [s for s in made[0]["ppl"] if all(s in r["eval"] for r in runs)]
+    binq_points = [(r["label"], r["storage_bits"]["linear"], {s: r["eval"][s]["ppl"] for s in sets}) for r in runs]
+    llama_points = [(r["type"], r["storage"]["bits_linear"], r["ppl"]) for r in made]
+    low, high = VERSUS_BITS
+    header = ["budget (bits per linear weight)", "binq's best run", *(f"binq PPL {s}" for s in sets)]
+    header += ["llama.cpp's best type", *(f"llama.cpp PPL {s}" for s in sets), "better"]
+
+    def cells(point: tuple | None) -> list[str]:
+        if point is None:
+            return ["-", *("-" for _ in sets)]
+        return [f"{point[0]} ({point[1]:.3f})", *(fmt_ppl(point[2][s]) for s in sets)]
+
+    rows = versus_rows(binq_points, llama_points, sets, low, high)
+    body = [[f"{budget:.3f}", *cells(ours), *cells(theirs), verdict] for budget, ours, theirs, verdict in rows]
+    cheapest = min(llama_points, key=lambda p: p[1])
+    low_budget = [p for p in binq_points if p[1] <= 2.5]
+    best_low = min(low_budget, key=lambda p: p[2][sets[0]]) if low_budget else None
+    lines = [
+        markdown_grid(header, body),
+        "",
+        f"Every storage budget from {low} to {high} bits per linear weight at which a committed binq run "
+        "(weight-only, the quick protocol) or a llama.cpp type lands and one side's best changes; each side's best "
+        "is its lowest mean log-PPL of the texts among its points with at most that many bits (in brackets: the "
+        "point's own bits). "
+        f"`better`: the side with the lower PPL on every text (`split`: each wins one). llama.cpp's fewest bits "
+        f"on this model: {cheapest[0]} at {cheapest[1]:.3f}.",
+        "",
+    ]
+    if best_low is not None:
+        lines += [
+            f"At 2.5 bits or less, binq's lowest {sets[0]} PPL is {fmt_ppl(best_low[2][sets[0]])} "
+            f"({best_low[0]}, {best_low[1]:.3f} bits).",
+            "",
+        ]
+    lines.append(
+        f"Generated by `{COMMAND}` from `{QUICK_DIR.as_posix()}` (the binq runs; their commands are in the "
+        f"tables above) and `{LLAMACPP_DIR.as_posix()}` (llama.cpp's types; command in its table)."
+    )
+    return "\n".join(lines)
+
+
 def _quality(labels: tuple[str, ...]) -> Callable[[Reports], str]:
     return lambda reports: quality_section(reports, labels)
 
@@ -834,6 +1015,9 @@ SECTIONS: tuple[Section, ...] = (
     Section("docs/BENCHMARKS.md", "arb-order", _compact(ARB_ORDER_ROWS), ARB_ORDER_ROWS),
     Section("docs/BENCHMARKS.md", "msb-quality", _quality(MSB_ROWS), MSB_ROWS),
     Section("docs/BENCHMARKS.md", "bits-frontier", frontier_section, _WEIGHT_ONLY),
+    Section("docs/BENCHMARKS.md", "llamacpp-frontier", llamacpp_section),
+    Section("docs/BENCHMARKS.md", "llamacpp-versus", versus_section, _WEIGHT_ONLY),
+    Section("README.md", "llamacpp-versus", versus_section, _WEIGHT_ONLY),
     Section("docs/BENCHMARKS.md", "inference-decode", decode_section),
     Section("docs/BENCHMARKS.md", "inference-gemv", gemv_section),
     Section("docs/BENCHMARKS.md", "inference-gemv-7b", gemv_7b_section),

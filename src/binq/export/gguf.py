@@ -16,6 +16,10 @@ What is written (docs/FORMAT.md, "GGUF export"; one registry, :data:`LAYOUT_EXPO
   naming the method that does fit;
 - 1-D tensors (norms, biases) as ``F32``; other unquantized tensors as ``F16`` when stored in fp16,
   else ``F32``;
+- a folder that is not a binq checkpoint (no binq ``quantization_config``: the embedded model's fp16
+  folder, a Hugging Face safetensors folder) has no quantized linear: every tensor is unquantized and
+  written as the line above says, so the file holds exactly the folder's weights (the source that
+  llama.cpp's own quantizer starts from in ``benchmarks/llamacpp_frontier.py``);
 - the file type: that of the block type holding most of the linears' weights (F16/F32 where none has one);
 - llama.cpp's metadata: with ``like`` (a GGUF of the same model, e.g. the one binq quantized), every
   key-value pair of it but the file type; without, binq writes it all itself
@@ -47,7 +51,7 @@ import torch
 
 from binq.checkpoint.files import open_tensors
 from binq.checkpoint.format import packed_key
-from binq.checkpoint.load import read_quantization_config
+from binq.checkpoint.load import is_checkpoint, read_quantization_config
 from binq.errors import BinqError
 from binq.export.ggml_blocks import GgmlTensor
 from binq.export.gguf_metadata import GGUF_ARCHS, copy_metadata, write_metadata
@@ -136,11 +140,21 @@ def _log_choices(tensors: dict[str, GgmlTensor]) -> None:
         log.info("%s for %d linear(s) (%s): %s", type_name, len(modules), shown, note)
 
 
-def _file_type(tensors: dict[str, GgmlTensor], shapes: dict[str, tuple[int, int]]) -> gguf.LlamaFileType:
-    """The block type holding most of the linears' weights (F16/F32 only where no linear has one)."""
+def _file_type(
+    tensors: dict[str, GgmlTensor], shapes: dict[str, tuple[int, int]], plain: dict[str, torch.Tensor]
+) -> gguf.LlamaFileType:
+    """The block type holding most of the linears' weights (F16/F32 only where no linear has one).
+
+    Without quantized linears (an unquantized folder), the type most of the 2-D plain tensors are written in.
+    """
     weights: dict[gguf.GGMLQuantizationType, int] = defaultdict(int)
     for module, tensor in tensors.items():
         weights[tensor.ggml_type] += shapes[module][0] * shapes[module][1]
+    if not weights:
+        for tensor in plain.values():
+            if tensor.dim() == 2:
+                fp16 = tensor.dtype == torch.float16
+                weights[gguf.GGMLQuantizationType.F16 if fp16 else gguf.GGMLQuantizationType.F32] += tensor.numel()
     blocks = [t for t in weights if t not in (gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.F32)]
     if not weights:
         return gguf.LlamaFileType.MOSTLY_F16
@@ -159,7 +173,8 @@ def _plain_array(name: str, tensor: torch.Tensor, norm_offset: float) -> np.ndar
 def export_gguf(folder: Path | str, out: Path | str, like: Path | str | None = None) -> Path:
     """Write the checkpoint in ``folder`` as the GGUF file ``out`` (see the module docstring)."""
     folder, out = Path(folder), Path(out)
-    quantization = read_quantization_config(folder)
+    # An unquantized folder has no quantized linear: every tensor is written as stored (module docstring).
+    quantization = read_quantization_config(folder) if is_checkpoint(folder) else {"modules": {}}
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     arch = GGUF_ARCHS.get(config.get("model_type", ""))
     if arch is None:
@@ -193,7 +208,7 @@ def export_gguf(folder: Path | str, out: Path | str, like: Path | str | None = N
         copy_metadata(writer, Path(like))
     else:
         write_metadata(writer, arch, config, folder)
-    writer.add_file_type(_file_type(linears, shapes))
+    writer.add_file_type(_file_type(linears, shapes, plain))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
     _log_choices(linears)
@@ -206,7 +221,8 @@ def export_gguf(folder: Path | str, out: Path | str, like: Path | str | None = N
         writer.add_tensor(_gguf_name(name_map, packed_key(module, "weight")), data.contiguous().numpy(), raw_dtype=raw)
     for name, tensor in sorted(plain.items()):
         module = name.rpartition(".")[0]
-        heads = _qk_heads(module, config) if arch.permute_qk and name.endswith(".bias") else None
+        # q/k biases of a quantized checkpoint, and the q/k weights too of an unquantized folder.
+        heads = _qk_heads(module, config) if arch.permute_qk else None
         if heads is not None:
             tensor = tensor[rope_row_order(tensor.shape[0], heads)]
         writer.add_tensor(_gguf_name(name_map, name), _plain_array(name, tensor, arch.norm_offset))
@@ -216,5 +232,5 @@ def export_gguf(folder: Path | str, out: Path | str, like: Path | str | None = N
     writer.write_tensors_to_file()
     writer.close()
     written = ", ".join(f"{count} as {name}" for name, count in sorted(counts.items()))
-    log.info("wrote %s, every linear exact: %s", out, written or "none")
+    log.info("wrote %s, every linear exact: %s", out, written or "none quantized (every tensor as stored)")
     return out

@@ -9,12 +9,21 @@ fallback for it (Q1_0's 128 on 576-wide SmolLM2 rows): that variant is then a no
 The speed: ``Llama.eval`` on the same token ids the torch engines get, prefill in one batch, then
 one token per ``eval`` with the greedy token read from the last logits, never stopping at EOS.
 
+The quality (``benchmarks/llamacpp_frontier.py``): :func:`window_nll` scores a window of token ids
+through llama.cpp's logits; :func:`gguf_storage` counts a GGUF's stored bits from its tensor bytes, per
+ggml type and for the block linears alone. The IQ1/IQ2 types need an importance matrix: ``quantize_gguf``
+takes one as ``{gguf tensor name: mean squared input per column}`` and passes it through
+``llama_model_quantize_params.imatrix`` (a NULL-terminated array of ``{name, data, size}``; llama.cpp
+copies it into its own map before quantizing), the values llama-imatrix gives the quantizer (its sums
+over its counts).
+
 Nothing here imports torch at module level: the llama.cpp worker must not carry torch's memory.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -28,7 +37,19 @@ QUANT_TYPES = {
     "q1_0": "LLAMA_FTYPE_MOSTLY_Q1_0",
     "tq2_0": "LLAMA_FTYPE_MOSTLY_TQ2_0",
     "tq1_0": "LLAMA_FTYPE_MOSTLY_TQ1_0",
+    "q2_k": "LLAMA_FTYPE_MOSTLY_Q2_K",
+    "q3_k_s": "LLAMA_FTYPE_MOSTLY_Q3_K_S",
+    "q4_k_s": "LLAMA_FTYPE_MOSTLY_Q4_K_S",
+    "iq1_s": "LLAMA_FTYPE_MOSTLY_IQ1_S",
+    "iq1_m": "LLAMA_FTYPE_MOSTLY_IQ1_M",
+    "iq2_xxs": "LLAMA_FTYPE_MOSTLY_IQ2_XXS",
+    "iq2_xs": "LLAMA_FTYPE_MOSTLY_IQ2_XS",
+    "iq2_s": "LLAMA_FTYPE_MOSTLY_IQ2_S",
+    "iq2_m": "LLAMA_FTYPE_MOSTLY_IQ2_M",
 }
+# The variants llama.cpp refuses to make without an importance matrix (llama-quant.cpp,
+# ``tensor_requires_imatrix``: their block tensors' target types need one).
+IMATRIX_TYPES = ("iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq2_m")
 SOURCE = "source"  # the source GGUF as it is
 EXPORT = "binq"  # the checkpoint through `binq export --gguf`
 DEFAULT_VARIANTS = (SOURCE, "f16", "q4_0", "q1_0", "tq2_0", EXPORT)
@@ -84,16 +105,24 @@ def source_gguf(spec: str) -> Path | None:
     return None
 
 
-def quantize_gguf(source: Path, out: Path, variant: str, threads: int) -> str | None:
+def quantize_gguf(
+    source: Path, out: Path, variant: str, threads: int, imatrix: dict[str, Any] | None = None
+) -> str | None:
     """llama.cpp's ``llama_model_quantize`` of ``source`` to ``variant`` (a key of ``QUANT_TYPES``).
 
-    Returns llama.cpp's fallback warning when some tensors could not take the type (a width its
-    block does not divide) and got another one instead, else None.
+    ``imatrix``: the importance matrix, ``{gguf tensor name: 1-D float array of the tensor's width}``
+    (mean squared input per column), required for :data:`IMATRIX_TYPES`. Returns llama.cpp's fallback
+    warning when some tensors could not take the type (a width its block does not divide) and got
+    another one instead, else None.
     """
     import contextlib
+    import ctypes
     import io
 
+    if variant in IMATRIX_TYPES and not imatrix:
+        raise BinqError(f"llama.cpp makes {variant.upper()} only with an importance matrix (none given)")
     import llama_cpp
+    import numpy as np
 
     ftype = getattr(llama_cpp, QUANT_TYPES[variant], None)
     if ftype is None:
@@ -102,12 +131,28 @@ def quantize_gguf(source: Path, out: Path, variant: str, threads: int) -> str | 
     params.ftype = ftype
     params.nthread = threads
     params.allow_requantize = True  # the source may itself be quantized (SmolLM2's is Q4_1)
+    if imatrix:
+        # Kept referenced until the call returns: llama.cpp reads the arrays during llama_model_quantize.
+        arrays = {name: np.ascontiguousarray(values, dtype=np.float32) for name, values in imatrix.items()}
+        entries = (llama_cpp.llama_model_imatrix_data * (len(arrays) + 1))()  # the last stays NULL: the end
+        for entry, (name, values) in zip(entries, arrays.items(), strict=False):
+            entry.name = name.encode()
+            entry.data = values.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            entry.size = values.size
+        params.imatrix = entries
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial")
     log = io.StringIO()
-    # llama-cpp-python's log callback prints through sys.stderr: the reasons are read from there.
-    with contextlib.redirect_stderr(log):
-        code = llama_cpp.llama_model_quantize(str(source).encode(), str(partial).encode(), params)
+    # llama-cpp-python's log callback prints through sys.stderr: the reasons are read from there. It drops
+    # what is under its logger's level, which a ``Llama(verbose=False)`` in this process has raised to ERROR.
+    callback_logger = logging.getLogger("llama-cpp-python")
+    level = callback_logger.level
+    callback_logger.setLevel(logging.DEBUG)
+    try:
+        with contextlib.redirect_stderr(log):
+            code = llama_cpp.llama_model_quantize(str(source).encode(), str(partial).encode(), params)
+    finally:
+        callback_logger.setLevel(level)
     lines = [line.strip() for line in log.getvalue().splitlines()]
     if code != 0 or not partial.is_file():
         partial.unlink(missing_ok=True)
@@ -118,6 +163,71 @@ def quantize_gguf(source: Path, out: Path, variant: str, threads: int) -> str | 
     partial.replace(out)
     fallback = next((line for line in lines if "required fallback quantization" in line), None)
     return None if fallback is None else fallback.split("WARNING:")[-1].strip()
+
+
+def window_nll(llm: Any, window: list[int]) -> tuple[float, Any]:
+    """Mean next-token NLL (nats) of one window under llama.cpp, and its logits ``(len, vocab)`` (float64).
+
+    ``llm`` is a ``llama_cpp.Llama`` made with ``logits_all=True`` and a context of at least the window;
+    the window's first token is context only, as in binq's perplexity.
+    """
+    import numpy as np
+
+    llm.reset()
+    llm.eval(window)
+    logits = np.asarray(llm.scores[: len(window)], dtype=np.float64)
+    shifted = logits[:-1]
+    log_z = np.log(np.exp(shifted - shifted.max(-1, keepdims=True)).sum(-1)) + shifted.max(-1)
+    target = shifted[np.arange(len(window) - 1), window[1:]]
+    return float((log_z - target).mean()), logits
+
+
+def is_block_linear(name: str, shape: tuple[int, ...]) -> bool:
+    """A GGUF tensor that is a linear layer of a block: 2-D or more, named ``blk.N.*`` (norms are 1-D)."""
+    return name.startswith("blk.") and len(shape) >= 2
+
+
+def gguf_storage(path: Path) -> dict[str, Any]:
+    """The stored bits of a GGUF, from its tensor bytes (read with the ``gguf`` package).
+
+    ``linear``: the block linears (:func:`is_block_linear`; binq's ``storage_bits.linear`` counts the same
+    weights): their bytes x 8 over their weights, and the number of them per ggml type; ``all_tensors``:
+    every tensor's bytes x 8 over every weight (embeddings and norms included); ``file``: the file's
+    bytes x 8 (header and alignment too) over every weight.
+    """
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    linear_bytes = linear_weights = all_bytes = all_weights = 0
+    linear_types: dict[str, int] = {}
+    other_types: dict[str, int] = {}
+    for tensor in reader.tensors:
+        shape = tuple(int(n) for n in tensor.shape)
+        all_bytes += int(tensor.n_bytes)
+        all_weights += int(tensor.n_elements)
+        kind = tensor.tensor_type.name
+        if is_block_linear(tensor.name, shape):
+            linear_bytes += int(tensor.n_bytes)
+            linear_weights += int(tensor.n_elements)
+            linear_types[kind] = linear_types.get(kind, 0) + 1
+        else:
+            other_types[kind] = other_types.get(kind, 0) + 1
+    if not linear_weights:
+        raise BinqError(f"{path} holds no block linear (no 2-D tensor named blk.N.*)")
+    file_bytes = path.stat().st_size
+    return {
+        "bits_linear": 8 * linear_bytes / linear_weights,
+        "bits_all_tensors": 8 * all_bytes / all_weights,
+        "bits_file": 8 * file_bytes / all_weights,
+        "linear_bytes": linear_bytes,
+        "linear_weights": linear_weights,
+        "linear_tensors": sum(linear_types.values()),
+        "linear_types": dict(sorted(linear_types.items())),
+        "other_types": dict(sorted(other_types.items())),
+        "tensor_bytes": all_bytes,
+        "weights": all_weights,
+        "file_bytes": file_bytes,
+    }
 
 
 def _greedy(llm: Any, n_vocab: int) -> int:
