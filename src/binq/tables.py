@@ -313,6 +313,51 @@ def quality_section(reports: Reports, labels: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+TUNE_PAIRS = (
+    ("arb-group g128", "arb-group g128 tuned"),
+    ("w11", "w11 tuned"),
+    ("gptq 2-bit g128", "gptq 2-bit g128 tuned"),
+)
+TUNE_ROWS = tuple(label for pair in TUNE_PAIRS for label in pair)
+
+
+def tune_section(reports: Reports, pairs: Sequence[tuple[str, str]]) -> str:
+    """Each method alone and with ``--tune``: bits, PPL, KL, and what tuning cost inside the tuned run itself
+    (its blocks' tuning seconds against the rest of its quantize time, measured side by side in one process)."""
+    labels = [label for pair in pairs for label in pair]
+    present, missing = _split(reports, labels)
+    if not present:
+        return "\n".join([*_no_rows(), *_footer(present, missing, timed=True)])
+    sets = list(present[0]["eval"])
+    header = ["run", "storage bits linear", *(f"PPL {s}" for s in sets), "mean KL", "quantize time"]
+    header += ["of which tuning", "cost vs one-shot", "blocks improved"]
+    body = []
+    for report in present:
+        cells = [report["label"], f"{report['storage_bits']['linear']:.3f}"]
+        cells += [fmt_ppl(report["eval"][s]["ppl"]) for s in sets] + [fmt(mean_kl(report), ".3f")]
+        quantize_s = report["time_s"]["quantize"]
+        cells.append(f"{quantize_s:.0f} s")
+        tuning = report.get("tuning")
+        if tuning:
+            tuned_s = sum(block["time_s"] for block in tuning["blocks"])
+            kept = sum(block["kept"] for block in tuning["blocks"])
+            ratio = quantize_s / (quantize_s - tuned_s)
+            cells += [f"{tuned_s:.0f} s", f"{ratio:.2f}x", f"{kept} of {len(tuning['blocks'])}"]
+        else:
+            cells += ["-", "-", "-"]
+        body.append(cells)
+    lines = [
+        markdown_grid(header, body),
+        "",
+        "`cost vs one-shot`: the tuned run's quantize time over the same run's time less its tuning (the method, "
+        "Hessians and block re-runs), both measured in the one process; `blocks improved`: blocks whose held-out "
+        "output error tuning lowered (the others keep the method's weights).",
+        "",
+    ]
+    lines += _footer(present, missing, timed=True)
+    return "\n".join(lines)
+
+
 def _compact_header(sets: Sequence[str]) -> list[str]:
     return ["method", "storage bits linear", "compute bits", *(f"PPL {s}" for s in sets), "mean KL"]
 
@@ -1011,6 +1056,7 @@ SECTIONS: tuple[Section, ...] = (
     Section("README.md", "results-frontier", lambda r: frontier_section(r, only_frontier=True), _WEIGHT_ONLY),
     Section("README.md", "inference-speed", readme_speed_section),
     Section("docs/BENCHMARKS.md", "quality", _quality(QUALITY_ROWS), QUALITY_ROWS),
+    Section("docs/TUNE.md", "tune-quality", lambda r: tune_section(r, TUNE_PAIRS), TUNE_ROWS),
     Section("docs/BENCHMARKS.md", "arb-quality", _quality(ARB_ROWS), ARB_ROWS),
     Section("docs/BENCHMARKS.md", "arb-order", _compact(ARB_ORDER_ROWS), ARB_ORDER_ROWS),
     Section("docs/BENCHMARKS.md", "msb-quality", _quality(MSB_ROWS), MSB_ROWS),
