@@ -69,6 +69,13 @@ RUNS: tuple[Run, ...] = (
     _q("arb-group g128 tuned", "--method", "arb-group", "--tune", description="Q1_0's form, tuned"),
     _q("w11 tuned", "--method", "w11", "--tune"),
     _q("gptq 2-bit g128 tuned", "--method", "gptq", "--bits", "2", "--group-size", "128", "--tune"),
+    # Calibration seeds (issue 15): a 1-bit-class run's PPL moves with the calibration draw; these rows, with
+    # seed 0's own, give each its median and range (docs/TUNE.md).
+    *(_q(f"arb-group g128 seed {seed}", "--method", "arb-group", "--seed", str(seed)) for seed in (1, 2)),
+    *(
+        _q(f"arb-group g128 tuned seed {seed}", "--method", "arb-group", "--tune", "--seed", str(seed))
+        for seed in (1, 2)
+    ),
     # MSB / dynamic grouping (issue 4).
     _q("msb g2", "--method", "msb", "--groups", "2"),
     _q("msb g4", "--method", "msb", "--groups", "4"),
