@@ -19,6 +19,7 @@ import json
 import math
 import shlex
 import shutil
+import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -355,6 +356,50 @@ def tune_section(reports: Reports, pairs: Sequence[tuple[str, str]]) -> str:
         "",
     ]
     lines += _footer(present, missing, timed=True)
+    return "\n".join(lines)
+
+
+def seed_groups() -> dict[str, list[str]]:
+    """Each catalogue run that has seed variants (``<label> seed N``): its label first (seed 0), then theirs."""
+    groups: dict[str, list[str]] = {}
+    for label in CATALOGUE:
+        base, _, seed = label.rpartition(" seed ")
+        if base in CATALOGUE and seed.isdigit():
+            groups.setdefault(base, [base]).append(label)
+    return groups
+
+
+def seeds_section(reports: Reports, pairs: Sequence[tuple[str, str]]) -> str:
+    """Median and range over calibration seeds of each run with seed variants, and whether tuning's gain
+    holds beyond both ranges (the tuned run's worst seed better than the one-shot run's best)."""
+    groups = seed_groups()
+    labels = [label for group in groups.values() for label in group]
+    present, missing = _split(reports, labels)
+    if not present:
+        return "\n".join([*_no_rows(), *_footer(present, missing, timed=False)])
+    sets = list(present[0]["eval"])
+    header = ["run", "seeds", *(f"PPL {s} median [range]" for s in sets)]
+    ranges: dict[str, dict[str, tuple[float, float]]] = {}
+    body = []
+    for base, group in groups.items():
+        runs = [reports.quick[label] for label in group if label in reports.quick]
+        if not runs:
+            continue
+        cells = [base, ", ".join(str(r["seed"]) for r in runs)]
+        ranges[base] = {}
+        for name in sets:
+            values = sorted(r["eval"][name]["ppl"] for r in runs)
+            ranges[base][name] = (values[0], values[-1])
+            cells.append(f"{fmt_ppl(statistics.median(values))} [{fmt_ppl(values[0])} - {fmt_ppl(values[-1])}]")
+        body.append(cells)
+    lines = [markdown_grid(header, body), ""]
+    for plain, tuned in pairs:
+        if plain in ranges and tuned in ranges:
+            holds = [name for name in sets if ranges[tuned][name][1] < ranges[plain][name][0]]
+            verdict = ", ".join(holds) if holds else "none"
+            lines.append(f"- `{tuned}` against `{plain}`: better beyond both seed ranges on {verdict}.")
+    lines += ["", "The median of an even count is the mean of the middle two.", ""]
+    lines += _footer(present, missing, timed=False)
     return "\n".join(lines)
 
 
@@ -1049,6 +1094,7 @@ def _compact(labels: tuple[str, ...]) -> Callable[[Reports], str]:
 
 
 _WEIGHT_ONLY = tuple(label for label, run in CATALOGUE.items() if _weight_only(run))
+_SEED_ROWS = tuple(label for group in seed_groups().values() for label in group)
 
 SECTIONS: tuple[Section, ...] = (
     Section("README.md", "results", _quality(DEMO_DEFAULT), DEMO_DEFAULT),
@@ -1057,6 +1103,7 @@ SECTIONS: tuple[Section, ...] = (
     Section("README.md", "inference-speed", readme_speed_section),
     Section("docs/BENCHMARKS.md", "quality", _quality(QUALITY_ROWS), QUALITY_ROWS),
     Section("docs/TUNE.md", "tune-quality", lambda r: tune_section(r, TUNE_PAIRS), TUNE_ROWS),
+    Section("docs/TUNE.md", "tune-seeds", lambda r: seeds_section(r, TUNE_PAIRS), _SEED_ROWS),
     Section("docs/BENCHMARKS.md", "arb-quality", _quality(ARB_ROWS), ARB_ROWS),
     Section("docs/BENCHMARKS.md", "arb-order", _compact(ARB_ORDER_ROWS), ARB_ORDER_ROWS),
     Section("docs/BENCHMARKS.md", "msb-quality", _quality(MSB_ROWS), MSB_ROWS),
