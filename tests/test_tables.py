@@ -26,7 +26,10 @@ from binq.tables import (
     quality_section,
     regenerate,
     section_body,
+    seed_groups,
+    seeds_section,
     stale_sections,
+    tune_section,
     w11_section,
 )
 
@@ -238,6 +241,43 @@ def test_compact_and_w11_sections() -> None:
 
 # ---------------------------------------------------------------------------------------------------------
 # Collect, regenerate, detect a hand edit: on a scratch repository
+
+
+def test_seed_groups_come_from_the_catalogue() -> None:
+    groups = seed_groups()
+    assert groups["arb-group g128"] == ["arb-group g128", "arb-group g128 seed 1", "arb-group g128 seed 2"]
+    assert groups["arb-group g128 tuned"][0] == "arb-group g128 tuned" and len(groups["arb-group g128 tuned"]) == 3
+
+
+def test_seeds_section_medians_ranges_and_the_claim() -> None:
+    def seeded(label: str, seed: int, ppl: tuple[float, float]) -> dict[str, Any]:
+        return fake_report(label, ppl=ppl) | {"seed": seed}
+
+    plain = {
+        "arb-group g128": (1e4, 900.0),
+        "arb-group g128 seed 1": (3e4, 500.0),
+        "arb-group g128 seed 2": (2e4, 700.0),
+    }
+    tuned = {"arb-group g128 tuned": (900.0, 600.0), "arb-group g128 tuned seed 1": (800.0, 650.0),
+             "arb-group g128 tuned seed 2": (1e3, 400.0)}  # fmt: skip
+    quick = {label: seeded(label, n, ppl) for runs in (plain, tuned) for n, (label, ppl) in enumerate(runs.items())}
+    text = seeds_section(Reports(quick=quick), [("arb-group g128", "arb-group g128 tuned")])
+    assert "| arb-group g128 | 0, 1, 2 | 2e+04 [1e+04 - 3e+04] | 700.00 [500.00 - 900.00] |" in text
+    assert "| arb-group g128 tuned | 0, 1, 2 | 900.00 [800.00 - 1000.00] | 600.00 [400.00 - 650.00] |" in text
+    # brit1911: the tuned worst (1000) beats the one-shot best (1e4); persuasion: the ranges overlap.
+    assert "better beyond both seed ranges on brit1911." in text
+
+
+def test_tune_section_measures_the_cost_inside_the_tuned_run() -> None:
+    blocks = [{"block": 0, "time_s": 30.0, "kept": True}, {"block": 1, "time_s": 20.0, "kept": False}]
+    quick = {
+        "w11": fake_report("w11"),
+        "w11 tuned": fake_report("w11 tuned", time_s={"quantize": 150.0, "eval": 5.0, "total": 160.0},
+                                 tuning={"config": {}, "blocks": blocks}),
+    }  # fmt: skip
+    text = tune_section(Reports(quick=quick), [("w11", "w11 tuned")])
+    assert "| w11 tuned | 1.000 | 100.00 | 200.00 | 1.500 | 150 s | 50 s | 1.50x | 1 of 2 |" in text
+    assert "| w11 | 1.000 | 100.00 | 200.00 | 1.500 | 10 s | - | - | - |" in text
 
 
 def _write(path: Path, value: Any) -> None:
