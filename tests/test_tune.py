@@ -260,6 +260,7 @@ BAD_OPTIONS = {
     "holdout of every window": (["--tune", "--tune-holdout", "4"], "--tune-holdout 4 leaves none of the 4"),
     "zero learning rate": (["--tune", "--tune-lr", "0"], "--tune-lr must be a positive number"),
     "negative tokens": (["--tune", "--tune-tokens", "-1"], "--tune-tokens must be an integer >= 0"),
+    "several processes": (["--tune", "--nproc", "2"], "--tune runs in one process: leave out --nproc"),
 }
 
 

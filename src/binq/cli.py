@@ -396,6 +396,8 @@ def _launch(args: argparse.Namespace, argv: list[str]) -> int | None:
     method.make_config(**_method_options(args))  # a bad option fails here, once, not in every worker
     if args.workers not in (None, 1) and nproc > 1:
         raise BinqError("--workers does not combine with --nproc: the processes share the linears")
+    if args.tune and nproc > 1:
+        raise BinqError("--tune runs in one process: leave out --nproc (or torchrun)")
     if not method.calibration_free and args.nsamples < nproc:
         raise BinqError(f"--nsamples {args.nsamples} is fewer than the {nproc} processes that share them")
     _eval_sets(args.eval)
