@@ -32,6 +32,7 @@ from binq.engine.tune import BlockTuneRecord, TuneConfig, tune_options
 from binq.errors import BinqError
 from binq.export.gguf import export_gguf
 from binq.export.q1_0 import dequantize_q1_0
+from binq.inference.llamacpp import unavailable_reason
 from binq.methods import get_method
 from binq.models import get_architecture, get_blocks
 from binq.pipeline import CalibrationConfig, EvaluationConfig
@@ -295,3 +296,35 @@ def test_a_tuned_arb_group_still_exports_to_q1_0_exactly(tmp_path: Path) -> None
         stored = torch.from_numpy(np.array(down.data)).reshape(128, -1)
         weight = result.weights[f"model.layers.{block}.mlp.down_proj"]
         assert torch.equal(dequantize_q1_0(stored, 256), weight.dequantize())
+
+
+@pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))
+def test_llama_cpp_runs_a_tuned_q1_0_export(tmp_path: Path) -> None:
+    """llama.cpp computes the tuned model from its Q1_0 export (its activations rounded to 8 bits, so not
+    bit for bit): its logits follow binq's tuned model far closer than the original's."""
+    from llama_cpp import Llama
+
+    model = build_tiny_model("llama", **WIDE)
+    ids = [5, 17, 40, 99, 120, 3, 60, 70]
+    with torch.no_grad():
+        original = model(torch.tensor([ids])).logits[0]
+    spec = get_method("arb-group")
+    records: list[BlockTuneRecord] = []
+    result = quantize_model(
+        model, get_architecture(model), random_ids(6, 16), spec, spec.make_config(group_size=128), progress=False,
+        tune=FAST, on_tune=records.append,
+    )  # fmt: skip
+    assert all(r.kept for r in records)
+    with torch.no_grad():
+        tuned = model(torch.tensor([ids])).logits[0]
+    save_checkpoint(model, result.weights, tmp_path / "ckpt", tokenizer=byte_level_bpe_tokenizer(), method="arb-group")
+    out = export_gguf(tmp_path / "ckpt", tmp_path / "m.gguf")
+    llm = Llama(model_path=str(out), n_ctx=16, n_batch=16, n_threads=1, logits_all=True, verbose=False)
+    try:
+        llm.eval(ids)
+        logits = torch.tensor(np.array(llm.scores[: len(ids)]), dtype=torch.float32)
+    finally:
+        llm.close()
+    error = (logits - tuned).abs().max().item()
+    assert error < 0.02 * tuned.abs().max().item()
+    assert error < (logits - original).abs().max().item() / 4
