@@ -386,7 +386,7 @@ def test_zeroshot_section() -> None:
     )
     assert table[1] == "| original | 16 | 0.310 ± 0.043 | 0.300 ± 0.046 | 0.700 ± 0.046 | -5.500 |"
     assert table[2].startswith("| billm | 3.188 | 0.040 ± 0.043 |")
-    assert "`lastword` the first 100 of 500 items (sha256 `aaaaaaaaaaaaaaaa...`)" in text
+    assert f"`lastword` the first 100 of 500 items (sha256 `{'a' * 64}`)" in text
     assert (
         "- w11: `binq eval --model runs/catalogue/w11 --tasks lastword,nextsentence --limit 100 --label w11 "
         "--device cpu --out runs/zeroshot/w11`" in text

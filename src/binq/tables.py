@@ -876,7 +876,7 @@ def _zeroshot_columns(report: Report) -> list[tuple[str, str]]:
 
 def _items_text(report: Report) -> str:
     return "; ".join(
-        f"`{name}` the first {t['items']} of {t['items_total']} items (sha256 `{t['items_sha256'][:16]}...`)"
+        f"`{name}` the first {t['items']} of {t['items_total']} items (sha256 `{t['items_sha256']}`)"
         for name, t in report["tasks"].items()
     )
 
