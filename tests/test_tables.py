@@ -7,16 +7,34 @@ docs/reports/ and the committed README.md and docs/*.md.
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from binq.runs import CATALOGUE, DEMO_DEFAULT, DEMO_RUNS, RUNS, demo_command, run_command, same_run, slug
+from binq.runs import (
+    CATALOGUE,
+    DEMO_DEFAULT,
+    DEMO_RUNS,
+    ORIGINAL,
+    RUNS,
+    demo_command,
+    run_command,
+    same_run,
+    same_zeroshot_run,
+    slug,
+    zeroshot_command,
+    zeroshot_model,
+)
 from binq.tables import (
+    AGREEMENT_DIR,
+    MIB,
     QUICK_DIR,
     SECTIONS,
+    ZEROSHOT_DIR,
     Reports,
+    agreement_section,
     collect,
     compact_section,
     fmt_ppl,
@@ -31,6 +49,7 @@ from binq.tables import (
     stale_sections,
     tune_section,
     w11_section,
+    zeroshot_section,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -331,3 +350,143 @@ def test_collect_then_regenerate_then_detect_a_hand_edit(tmp_path: Path) -> None
     assert "    binq bench --model runs/ckpt/b --json runs/bench/b.json" in speed
     gemv = section_body((root / "docs/BENCHMARKS.md").read_text(), "inference-gemv")
     assert "| b | 4x8 | 2 | k | 10 | 30 | 3.00x |" in gemv
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Zero-shot rows and llama.cpp agreement
+
+
+def fake_zeroshot(label: str, model: str, acc: float = 0.25, limit: int = 100, **extra: Any) -> dict[str, Any]:
+    """A ``binq eval --tasks`` report as it is written (before --collect), tasks and items as binq records them."""
+    items = {"items": limit, "items_total": 500}
+    return {
+        "schema": "binq.report/1",
+        "kind": "eval",
+        "label": label,
+        "created": "2026-11-30T11:00:00+00:00",
+        "command": [*zeroshot_command(label, model, "cpu", Path("runs/zeroshot"), limit), "--no-progress"],
+        "model": {"spec": model, "path": model, "dtype": "float32", "checkpoint": label != ORIGINAL},
+        "eval": {},
+        "tasks": {
+            "lastword": {
+                **items,
+                "items_sha256": "a" * 64,
+                "acc": acc,
+                "acc_stderr": 0.0435,
+                "target_loglik_mean": -5.5,
+            },
+            "nextsentence": {
+                **items,
+                "items_sha256": "b" * 64,
+                "acc": 0.3,
+                "acc_stderr": 0.0461,
+                "acc_norm": 0.7,
+                "acc_norm_stderr": 0.0461,
+                "choices": 4,
+            },
+        },
+        "time_s": {"eval": 300.0, "total": 300.0},
+        "versions": {"binq": "0.1.0", "transformers": "5.24.0"},
+        "machine": {"platform": "Linux-test", "processor": "x86_64", "cpu_threads": 1},
+        **extra,
+    }
+
+
+def test_zeroshot_commands() -> None:
+    assert zeroshot_command("gptq 4-bit g128", "runs/catalogue/gptq_4-bit_g128", "cpu", Path("o")) == [
+        "binq", "eval", "--model", "runs/catalogue/gptq_4-bit_g128", "--tasks", "lastword,nextsentence",
+        "--limit", "100", "--label", "gptq 4-bit g128", "--device", "cpu", "--out", "o/gptq_4-bit_g128",
+    ]  # fmt: skip
+    assert zeroshot_model(ORIGINAL, "smollm2-135m", Path("runs/catalogue")) == "smollm2-135m"
+    assert zeroshot_model("billm", "smollm2-135m", Path("runs/catalogue")) == str(Path("runs/catalogue/billm"))
+    command = zeroshot_command("billm", "/abs/runs/catalogue/billm", "cpu", Path("x"))
+    assert same_zeroshot_run([*command, "--no-progress"], "billm", "smollm2-135m")
+    assert same_zeroshot_run(zeroshot_command("billm", "billm", "cpu", Path("x"), None), "billm", "smollm2-135m")
+    assert not same_zeroshot_run(command, "arb", "smollm2-135m")  # another run's label
+    assert not same_zeroshot_run(zeroshot_command("billm", "ckpt/arb", "cpu", Path("x")), "billm", "smollm2-135m")
+    assert not same_zeroshot_run([*command, "--eval", "brit1911"], "billm", "smollm2-135m")
+    original = zeroshot_command(ORIGINAL, "smollm2-135m", "cpu", Path("x"))
+    assert same_zeroshot_run(original, ORIGINAL, "smollm2-135m")
+    assert not same_zeroshot_run(original, ORIGINAL, "other-model")
+    assert not same_zeroshot_run(original, "not in the catalogue", "smollm2-135m")
+
+
+def test_zeroshot_section() -> None:
+    made_by = run_command("billm", "smollm2-135m", "cpu", False, Path("runs/catalogue"))
+    billm = fake_zeroshot("billm", "runs/catalogue/billm", acc=0.04)
+    billm["collected"] = {"checkpoint_command": made_by}
+    original = fake_zeroshot(ORIGINAL, "smollm2-135m", acc=0.31)
+    original["collected"] = {"checkpoint_command": None}
+    reports = Reports(quick={"billm": fake_report("billm", 3.188)}, zeroshot={ORIGINAL: original, "billm": billm})
+    text = zeroshot_section(reports, (ORIGINAL, "billm", "w11"))
+    table = [line for line in text.splitlines() if line.startswith("| ")]
+    assert table[0] == (
+        "| model | storage bits linear | lastword acc | nextsentence acc | nextsentence acc_norm "
+        "| lastword word log-lik |"
+    )
+    assert table[1] == "| original | 16 | 0.310 ± 0.043 | 0.300 ± 0.046 | 0.700 ± 0.046 | -5.500 |"
+    assert table[2].startswith("| billm | 3.188 | 0.040 ± 0.043 |")
+    assert f"`lastword` the first 100 of 500 items (sha256 `{'a' * 64}`)" in text
+    assert (
+        "- w11: `binq eval --model runs/catalogue/w11 --tasks lastword,nextsentence --limit 100 --label w11 "
+        "--device cpu --out runs/zeroshot/w11`" in text
+    )
+    assert f"checkpoint: `{shlex.join(made_by)}`" in text and "`docs/reports/zeroshot/billm.json`" in text
+
+
+def test_collect_zeroshot_and_llamacpp(tmp_path: Path) -> None:
+    source, root = tmp_path / "runs", tmp_path / "repo"
+    checkpoint = tmp_path / "catalogue" / "billm"
+    made_by = run_command("billm", "smollm2-135m", "cpu", False, tmp_path / "catalogue")
+    _write(checkpoint / "report.json", {"command": made_by})
+    _write(source / "billm" / "report.json", fake_zeroshot("billm", str(checkpoint)))
+    _write(source / "original" / "report.json", fake_zeroshot(ORIGINAL, "smollm2-135m"))
+    no_report = tmp_path / "elsewhere" / "w11"
+    no_report.mkdir(parents=True)
+    _write(source / "w11" / "report.json", fake_zeroshot("w11", str(no_report)))  # whose checkpoint is unknown
+    wrong = tmp_path / "other" / "arb"
+    _write(wrong / "report.json", {"command": made_by})  # billm's checkpoint under arb's folder name
+    _write(source / "arb" / "report.json", fake_zeroshot("arb", str(wrong)))
+    record = {"kind": "llamacpp-agreement", "ppl_binq": 30.0}
+    _write(source / "q.json", record)
+    messages = collect(source, root)
+    assert sum("->" in m for m in messages) == 3, messages
+    assert any("w11" in m and "no report.json beside the checkpoint" in m for m in messages)
+    assert any("arb" in m and "not the catalogue's quick run 'arb'" in m for m in messages)
+    committed = json.loads((root / ZEROSHOT_DIR / "billm.json").read_text())
+    assert committed["collected"]["checkpoint_command"] == made_by
+    assert json.loads((root / AGREEMENT_DIR / "q.json").read_text()) == record
+    (root / AGREEMENT_DIR / "q.json").unlink()
+    loaded = load_reports(root)
+    assert set(loaded.zeroshot) == {ORIGINAL, "billm"}
+    (root / ZEROSHOT_DIR / "billm.json").rename(root / ZEROSHOT_DIR / "arb.json")
+    with pytest.raises(ValueError, match="is not the row of slug 'arb'"):
+        load_reports(root)
+
+
+def test_agreement_section() -> None:
+    base = {
+        "kind": "llamacpp-agreement", "gguf_bytes": 3 * MIB, "protocol": "brit1911: first 4 windows of 512 tokens",
+        "greedy_tokens": 24, "prompt": "The history", "threads": 1, "created": "2026-11-30T11:00:00+00:00",
+        "versions": {"binq": "0.1.0", "llama_cpp_python": "0.3.36"}, "machine": {"platform": "Linux-test"},
+        "largest_abs_logit_binq": 40.0, "argmax_positions": 2048,
+    }  # fmt: skip
+    gptq = {
+        **base, "checkpoint": "runs/catalogue/gptq_4-bit_g128", "gguf_tensor_types": {"F16": 1, "Q5_0": 210},
+        "checkpoint_command": run_command("gptq 4-bit g128", "smollm2-135m", "cpu", False, Path("runs/catalogue")),
+        "ppl_binq": 31.6, "ppl_llama_cpp": 31.9, "max_abs_logit_difference": 2.0, "mean_abs_logit_difference": 0.16,
+        "argmax_agreement": 0.971, "greedy_identical_tokens": 24, "command": ["python", "benchmarks/llamacpp.py"],
+    }  # fmt: skip
+    original = {
+        **gptq, "checkpoint": "smollm2-135m", "checkpoint_command": None, "gguf_tensor_types": {"F16": 211},
+        "ppl_llama_cpp": 31.6, "max_abs_logit_difference": 0.1, "greedy_identical_tokens": 20,
+    }  # fmt: skip
+    text = agreement_section(Reports(agreement=[("gptq_4-bit_g128", gptq), ("original", original)]))
+    rows = [line for line in text.splitlines() if line.startswith("| ")]
+    assert rows[1].startswith("| original (source GGUF as F16) | 3.0 MiB: 211 F16 | 31.60 | 31.60 | +0.000% |")
+    assert rows[2] == (
+        "| gptq 4-bit g128 | 3.0 MiB: 210 Q5_0, 1 F16 | 31.60 | 31.90 | +0.949% | 2.000 (5.0%) | 0.1600 "
+        "| 97.1% of 2048 | 24 of 24 |"
+    )
+    assert "llama_cpp_python 0.3.36" in text and "llama.cpp threads: 1" in text
+    assert agreement_section(Reports()).startswith("No llama.cpp result is committed yet")

@@ -4,6 +4,9 @@ Each run has a label (its name in tables and its ``--label``), a slug (its folde
 name of its committed report, ``docs/reports/quick/<slug>.json``) and the options of one ``binq quantize``
 (or ``binq eval``) command. ``run_command`` turns a label into the whole command line; ``same_run`` says
 whether a report's recorded ``command`` is that run (ignoring where it wrote and what it printed).
+
+The zero-shot rows are ``binq eval --tasks`` of a quantize run's checkpoint (or of the source model, the
+row ``original``): ``zeroshot_command`` and ``same_zeroshot_run`` are their counterparts.
 """
 
 from __future__ import annotations
@@ -175,4 +178,43 @@ def same_run(command: list[str], label: str) -> bool:
         return False
     model, device = _option(command, "--model", ""), _option(command, "--device", "cpu")
     expected = run_command(label, model, device, "--quick" not in command, Path("."))
+    return _essential(command) == _essential(expected)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Zero-shot rows: `binq eval --tasks` of a catalogue run's checkpoint, or of the source model
+
+ORIGINAL = "original"  # the zero-shot row of the source model itself
+ZEROSHOT_TASKS = ("lastword", "nextsentence")
+# The first 100 of each task's 500 items: a whole row (2,500 requests) takes about 23 minutes at one thread.
+ZEROSHOT_LIMIT = 100
+
+
+def zeroshot_model(label: str, source: str, checkpoints: Path) -> str:
+    """What a zero-shot row evaluates: ``source`` for ``original``, else the run's checkpoint folder."""
+    return source if label == ORIGINAL else str(checkpoints / get_run(label).slug)
+
+
+def zeroshot_command(label: str, model: str, device: str, out: Path, limit: int | None = ZEROSHOT_LIMIT) -> list[str]:
+    """``binq eval`` of ``model`` on the zero-shot tasks (the first ``limit`` items), report in ``out/<slug>``."""
+    command = ["binq", "eval", "--model", model, "--tasks", ",".join(ZEROSHOT_TASKS)]
+    if limit is not None:
+        command += ["--limit", str(limit)]
+    return [*command, "--label", label, "--device", device, "--out", str(out / slug(label))]
+
+
+def same_zeroshot_run(command: list[str], label: str, source: str) -> bool:
+    """Whether ``command`` is the zero-shot row ``label``: the source model ``source`` for ``original``, else a
+    checkpoint folder named as the run's slug; tasks, limit and device read from the command, where it wrote and
+    what it printed ignored."""
+    if label != ORIGINAL and label not in CATALOGUE:
+        return False
+    model = _option(command, "--model", "")
+    if label == ORIGINAL and model != source:
+        return False
+    if label != ORIGINAL and Path(model).name != slug(label):
+        return False
+    limit = _option(command, "--limit", "")
+    device = _option(command, "--device", "cpu")
+    expected = zeroshot_command(label, model, device, Path("."), int(limit) if limit.isdigit() else None)
     return _essential(command) == _essential(expected)

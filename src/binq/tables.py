@@ -4,10 +4,12 @@ The reports live in the repository: ``docs/reports/quick/<slug>.json`` (``report
 ``binq quantize`` run of the catalogue, ``binq.runs``) and ``docs/reports/bench/<name>.json`` (the
 records of one ``binq bench --json`` run), ``docs/reports/scale/<name>.json`` (one lane of
 ``benchmarks/scale.py``), ``docs/reports/llamacpp/<type>.json`` (one llama.cpp type of
-``benchmarks/llamacpp_frontier.py``; its ``anchors.json`` is the plot's input, not read here).
-``collect`` copies finished runs there; ``regenerate`` rewrites every section between
-``<!-- begin NAME -->`` and ``<!-- end NAME -->`` from them; ``stale_sections`` says which committed
-sections differ from what the reports give. Nothing here runs a model: every
+``benchmarks/llamacpp_frontier.py``; its ``anchors.json`` is the plot's input, not read here),
+``docs/reports/zeroshot/<slug>.json`` (``binq eval --tasks`` of a catalogue run's checkpoint, or of the
+source model: ``original.json``) and ``docs/reports/llamacpp-agreement/<name>.json`` (one
+``benchmarks/llamacpp.py --out`` result). ``collect`` copies finished runs there; ``regenerate`` rewrites
+every section between ``<!-- begin NAME -->`` and ``<!-- end NAME -->`` from them; ``stale_sections``
+says which committed sections differ from what the reports give. Nothing here runs a model: every
 number in a section is read from a report, and each section names the command of each of its rows.
 
 ``benchmarks/tables.py`` is the command line.
@@ -26,7 +28,19 @@ from pathlib import Path
 from typing import Any
 
 from binq.report import REPORT_SCHEMA, comparison_rows, extra_bit_line, fmt, fmt_ppl, markdown_grid, write_section
-from binq.runs import CATALOGUE, DEMO_DEFAULT, Run, get_run, run_command, same_run
+from binq.runs import (
+    CATALOGUE,
+    DEMO_DEFAULT,
+    ORIGINAL,
+    Run,
+    get_run,
+    run_command,
+    same_run,
+    same_zeroshot_run,
+    slug,
+    zeroshot_command,
+    zeroshot_model,
+)
 
 QUICK_DIR = Path("docs/reports/quick")
 BENCH_DIR = Path("docs/reports/bench")
@@ -35,10 +49,14 @@ LLAMACPP_DIR = Path("docs/reports/llamacpp")
 LLAMACPP_KIND = "llamacpp-frontier"  # the ``kind`` of a benchmarks/llamacpp_frontier.py report
 # The storage budgets (bits per linear weight) over which binq's runs are set against llama.cpp's types.
 VERSUS_BITS = (1.1, 4.5)
+ZEROSHOT_DIR = Path("docs/reports/zeroshot")
+AGREEMENT_DIR = Path("docs/reports/llamacpp-agreement")
+AGREEMENT_KIND = "llamacpp-agreement"  # the ``kind`` of a benchmarks/llamacpp.py result
 MIB = 2**20
 COMMAND = "python benchmarks/tables.py"
 # Where the not-rerun commands of the tables write (the folder `--collect` reads by default).
 CATALOGUE_OUT = Path("runs/catalogue")
+ZEROSHOT_OUT = Path("runs/zeroshot")
 MODEL = "smollm2-135m"
 
 Report = dict[str, Any]
@@ -47,12 +65,15 @@ BenchFile = tuple[str, list[dict[str, Any]]]
 
 @dataclass
 class Reports:
-    """The committed reports: quick-protocol quantize reports by label, and the bench files by name."""
+    """The committed reports: quick-protocol quantize reports by label, the bench files by name, the scale
+    lanes, the zero-shot reports by label and the llama.cpp agreement results by file name."""
 
     quick: dict[str, Report] = field(default_factory=dict)
     bench: list[BenchFile] = field(default_factory=list)
     scale: list[Report] = field(default_factory=list)
     llamacpp: list[Report] = field(default_factory=list)
+    zeroshot: dict[str, Report] = field(default_factory=dict)
+    agreement: list[tuple[str, Report]] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -80,7 +101,38 @@ def load_reports(root: Path) -> Reports:
         report = json.loads(path.read_text(encoding="utf-8"))
         if isinstance(report, dict) and report.get("kind") == LLAMACPP_KIND:  # anchors.json is a list
             reports.llamacpp.append(report)
+    for path in sorted((root / ZEROSHOT_DIR).glob("*.json")):
+        report = json.loads(path.read_text(encoding="utf-8"))
+        checkpoint_command = report.get("collected", {}).get("checkpoint_command")
+        problem = zeroshot_problem(report, checkpoint_command)
+        if problem is None and slug(report["label"]) != path.stem:
+            problem = f"label {report['label']!r} is not the row of slug {path.stem!r}"
+        if problem is not None:
+            raise ValueError(f"{path}: {problem}")
+        reports.zeroshot[report["label"]] = report
+    for path in sorted((root / AGREEMENT_DIR).glob("*.json")):
+        record = json.loads(path.read_text(encoding="utf-8"))
+        if record.get("kind") != AGREEMENT_KIND:
+            raise ValueError(f"{path}: not a benchmarks/llamacpp.py result (kind {AGREEMENT_KIND!r})")
+        reports.agreement.append((path.stem, record))
     return reports
+
+
+def zeroshot_problem(report: Report, checkpoint_command: list[str] | None) -> str | None:
+    """Why ``report`` is not a zero-shot row (None when it is): its command must be ``zeroshot_command`` of its
+    label, and a checkpoint's row needs the command that made the checkpoint, the catalogue's quick run."""
+    label = report.get("label")
+    if not report.get("tasks"):
+        return "no zero-shot tasks in it"
+    if not same_zeroshot_run(report["command"], label, MODEL):
+        return f"its command is not the zero-shot row {label!r}: {shlex.join(report['command'])}"
+    if label == ORIGINAL:
+        return None
+    if checkpoint_command is None:
+        return "the command that made its checkpoint is unknown (no report.json beside the checkpoint)"
+    if not same_run(checkpoint_command, label) or "--quick" not in checkpoint_command:
+        return f"its checkpoint is not the catalogue's quick run {label!r}: {shlex.join(checkpoint_command)}"
+    return None
 
 
 def slim_report(report: Report, source: str, quiet_machine: bool) -> Report:
@@ -114,8 +166,11 @@ def collect(source: Path, root: Path, quiet_machine: bool = False) -> list[str]:
     """Copy the finished runs under ``source`` into ``root/docs/reports``; one message per file considered.
 
     ``source/<slug>/report.json`` of a catalogue run (same command, quick protocol) goes to
-    ``docs/reports/quick/<slug>.json`` (see ``slim_report``); ``source/<name>.json`` holding ``binq bench``
-    records goes to ``docs/reports/bench/<name>.json`` unchanged. ``quiet_machine`` records that the
+    ``docs/reports/quick/<slug>.json`` (see ``slim_report``); one of a zero-shot row (``binq eval --tasks``,
+    ``zeroshot_problem``) to ``docs/reports/zeroshot/<slug>.json``, with the command that made its checkpoint
+    (from the checkpoint's own report.json) under ``collected``; ``source/<name>.json`` holding ``binq bench``
+    records goes to ``docs/reports/bench/<name>.json`` unchanged, and a ``benchmarks/llamacpp.py`` result
+    to ``docs/reports/llamacpp-agreement/<name>.json`` unchanged. ``quiet_machine`` records that the
     runs had the machine to themselves (their times are then stated as comparable).
     """
     messages = []
@@ -124,6 +179,8 @@ def collect(source: Path, root: Path, quiet_machine: bool = False) -> list[str]:
         label = report.get("label")
         if report.get("schema") != REPORT_SCHEMA:
             messages.append(f"skipped {path}: not a {REPORT_SCHEMA} report")
+        elif report.get("tasks"):
+            messages.append(_collect_zeroshot(path, report, root, quiet_machine))
         elif label not in CATALOGUE:
             messages.append(f"skipped {path}: label {label!r} is not in the catalogue (binq.runs)")
         elif not same_run(report["command"], label):
@@ -136,6 +193,12 @@ def collect(source: Path, root: Path, quiet_machine: bool = False) -> list[str]:
             messages.append(f"{path} -> {target.relative_to(root)}")
     for path in sorted(source.glob("*.json")):
         records = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(records, dict) and records.get("kind") == AGREEMENT_KIND:
+            target = root / AGREEMENT_DIR / path.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target)
+            messages.append(f"{path} -> {target.relative_to(root)}")
+            continue
         if not _is_bench(records):
             messages.append(f"skipped {path}: not a list of binq bench records")
             continue
@@ -144,6 +207,22 @@ def collect(source: Path, root: Path, quiet_machine: bool = False) -> list[str]:
         shutil.copyfile(path, target)
         messages.append(f"{path} -> {target.relative_to(root)}")
     return messages
+
+
+def _collect_zeroshot(path: Path, report: Report, root: Path, quiet_machine: bool) -> str:
+    """Copy one zero-shot report (``collect``), adding the command that made its checkpoint; the message."""
+    checkpoint_command = None
+    if report.get("model", {}).get("checkpoint"):
+        made_by = Path(report["model"]["path"]) / "report.json"
+        if made_by.is_file():
+            checkpoint_command = json.loads(made_by.read_text(encoding="utf-8")).get("command")
+    problem = zeroshot_problem(report, checkpoint_command)
+    if problem is not None:
+        return f"skipped {path}: {problem}"
+    collected = {"source": str(path), "checkpoint_command": checkpoint_command, "quiet_machine": quiet_machine}
+    target = root / ZEROSHOT_DIR / f"{slug(report['label'])}.json"
+    _write_json(target, {**report, "collected": collected})
+    return f"{path} -> {target.relative_to(root)}"
 
 
 def _write_json(path: Path, value: Any) -> None:
@@ -746,6 +825,10 @@ W11_ROWS = (
     "w11 obs a4 smooth", "w11 obs a4 token", "w11 obs a4 sym", "w11 obs a4 noclip", "gptq 2-bit g128 a4",
     "w16 a4", "w16 a4 smooth",
 )  # fmt: skip
+ZEROSHOT_ROWS = (
+    ORIGINAL, "gptq 4-bit g128", "gptq 3-bit g128", "gptq 2-bit g128", "msb g32 lo", "w11", "arb-llm-x", "billm",
+    "arb-group g128", "rtn 1-bit",
+)  # fmt: skip
 SIZE_ROWS = (
     *QUALITY_ROWS, "rtn 1-bit g128", "arb-group g128", "arb-llm-rc", "arb-llm-x", "w11", "msb g32", "msb g32 lo",
 )  # fmt: skip
@@ -1087,6 +1170,141 @@ def versus_section(reports: Reports) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Zero-shot accuracy (binq eval --tasks) and llama.cpp agreement (benchmarks/llamacpp.py)
+
+
+def _share_cell(task: Report, metric: str) -> str:
+    stderr = task.get(f"{metric}_stderr")
+    return f"{task[metric]:.3f}" + ("" if stderr is None else f" ± {stderr:.3f}")
+
+
+def _zeroshot_columns(report: Report) -> list[tuple[str, str]]:
+    """(task, metric) of each accuracy column: ``acc`` of every task, ``acc_norm`` where the task has it."""
+    return [(name, m) for name, task in report["tasks"].items() for m in ("acc", "acc_norm") if m in task]
+
+
+def _items_text(report: Report) -> str:
+    return "; ".join(
+        f"`{name}` the first {t['items']} of {t['items_total']} items (sha256 `{t['items_sha256']}`)"
+        for name, t in report["tasks"].items()
+    )
+
+
+def _zeroshot_items_key(report: Report) -> tuple:
+    return tuple((name, t["items"], t["items_sha256"]) for name, t in report["tasks"].items())
+
+
+def zeroshot_section(reports: Reports, labels: Sequence[str]) -> str:
+    """Accuracy ± standard error on binq's offline zero-shot tasks, per checkpoint, with the stored bits."""
+    present = [reports.zeroshot[label] for label in labels if label in reports.zeroshot]
+    missing = [label for label in labels if label not in reports.zeroshot]
+    lines = [] if present else _no_rows()
+    if present:
+        columns = _zeroshot_columns(present[0])
+        header = ["model", "storage bits linear", *(f"{task} {metric}" for task, metric in columns)]
+        if "lastword" in present[0]["tasks"]:
+            header.append("lastword word log-lik")
+        rows = []
+        for r in present:
+            label = r["label"]
+            bits = "16" if label == ORIGINAL else "-"
+            if label in reports.quick:
+                bits = f"{reports.quick[label]['storage_bits']['linear']:.3f}"
+            row = [label if label == ORIGINAL else _named_label(label), bits]
+            row += [_share_cell(r["tasks"][task], metric) if task in r["tasks"] else "-" for task, metric in columns]
+            if "lastword" in present[0]["tasks"]:
+                row.append(fmt(r["tasks"].get("lastword", {}).get("target_loglik_mean"), ".3f"))
+            rows.append(row)
+        lines += [markdown_grid(header, rows), ""]
+        lines += ["Items: " + "; ".join(_grouped(present, _zeroshot_items_key, _items_text)) + ".", ""]
+    if missing:
+        lines += ["Not rerun in this environment (no committed report; left out of the table):", ""]
+        for label in missing:
+            model = zeroshot_model(label, MODEL, CATALOGUE_OUT)
+            lines.append(f"- {label}: {_cmd(zeroshot_command(label, model, 'cpu', ZEROSHOT_OUT))}")
+        lines.append("")
+    if present:
+        lines += ["Commands, one per row (each report's `command`; then the command that made its checkpoint):", ""]
+        for r in present:
+            made_by = r["collected"].get("checkpoint_command")
+            lines.append(
+                f"- {r['label']}: {_cmd(r['command'])}" + (f"; checkpoint: {_cmd(made_by)}" if made_by else "")
+            )
+        files = ", ".join(f"`{(ZEROSHOT_DIR / (slug(r['label']) + '.json')).as_posix()}`" for r in present)
+        seconds = [r["time_s"]["eval"] for r in present]
+        lines += [
+            "",
+            f"Generated by `{COMMAND}` from the committed reports {files}; made {_dates(present)} (UTC) with "
+            + "; ".join(_grouped(present, _environment_key, _environment))
+            + f". Each row's evaluation took {min(seconds):.0f}-{max(seconds):.0f} s on a CPU shared with other "
+            "work (times not comparable).",
+        ]
+    return "\n".join(lines)
+
+
+def _named_label(label: str) -> str:
+    description = CATALOGUE[label].description
+    return f"{label} ({description})" if description else label
+
+
+def _agreement_name(record: Report) -> str:
+    command = record.get("checkpoint_command")
+    if not command:
+        return "original (source GGUF as F16)"
+    return _option_of(command, "--label") or Path(record["checkpoint"]).name
+
+
+def _option_of(command: Sequence[str], name: str) -> str | None:
+    return command[command.index(name) + 1] if name in command[:-1] else None
+
+
+def agreement_section(reports: Reports) -> str:
+    """binq against llama.cpp on the same GGUF bits and token ids: PPL, logits, argmax, greedy continuation."""
+    if not reports.agreement:
+        return f"No llama.cpp result is committed yet (`{AGREEMENT_DIR.as_posix()}`; `benchmarks/llamacpp.py --out`)."
+    records = sorted(reports.agreement, key=lambda item: (item[1].get("checkpoint_command") is not None, item[0]))
+    header = ["checkpoint", "GGUF (2-D tensors)", "binq PPL", "llama.cpp PPL", "PPL difference"]
+    header += ["max abs logit difference (of largest abs logit)", "mean abs logit difference", "argmax agreement"]
+    header += ["greedy tokens identical"]
+    rows = []
+    for _, r in records:
+        types = ", ".join(
+            f"{count} {name}" for name, count in sorted(r["gguf_tensor_types"].items(), key=lambda t: -t[1])
+        )
+        largest = r["max_abs_logit_difference"] / r["largest_abs_logit_binq"]
+        rows.append(
+            [
+                _agreement_name(r), f"{r['gguf_bytes'] / MIB:.1f} MiB: {types}", fmt_ppl(r["ppl_binq"]),
+                fmt_ppl(r["ppl_llama_cpp"]), f"{r['ppl_llama_cpp'] / r['ppl_binq'] - 1:+.3%}",
+                f"{r['max_abs_logit_difference']:.3f} ({largest:.1%})", f"{r['mean_abs_logit_difference']:.4f}",
+                f"{r['argmax_agreement']:.1%} of {r['argmax_positions']}",
+                f"{r['greedy_identical_tokens']} of {r['greedy_tokens']}",
+            ]
+        )  # fmt: skip
+    lines = [markdown_grid(header, rows), ""]
+    protocols = sorted(
+        {f"{r['protocol']}; greedy: {r['greedy_tokens']} tokens after {r['prompt']!r}" for _, r in records}
+    )
+    lines += ["Protocol: " + "; ".join(protocols) + ".", "", "Commands, one per row (then the checkpoint's):", ""]
+    for _, r in records:
+        made_by = r.get("checkpoint_command")
+        lines.append(
+            f"- {_agreement_name(r)}: {_cmd(r['command'])}" + (f"; checkpoint: {_cmd(made_by)}" if made_by else "")
+        )
+    first = records[0][1]
+    files = ", ".join(f"`{(AGREEMENT_DIR / (name + '.json')).as_posix()}`" for name, _ in records)
+    versions = ", ".join(f"{k} {v}" for k, v in first["versions"].items())
+    threads = sorted({r["threads"] for _, r in records})
+    lines += [
+        "",
+        f"Generated by `{COMMAND}` from the committed results {files}; made "
+        f"{', '.join(sorted({r['created'][:10] for _, r in records}))} (UTC) with {versions}; "
+        f"{first['machine'].get('platform', '?')}, llama.cpp threads: {'/'.join(map(str, threads))}.",
+    ]
+    return "\n".join(lines)
+
+
 def _quality(labels: tuple[str, ...]) -> Callable[[Reports], str]:
     return lambda reports: quality_section(reports, labels)
 
@@ -1126,6 +1344,10 @@ SECTIONS: tuple[Section, ...] = (
     Section("docs/MEMORY.md", "scale-nproc", scale_nproc_section),
     Section("docs/BENCHMARKS.md", "scale-memory", scale_memory_section),
     Section("docs/BENCHMARKS.md", "scale-nproc", scale_nproc_section),
+    # The zero-shot rows are `binq eval` of these runs' checkpoints (and of the source model, `original`).
+    Section("docs/BENCHMARKS.md", "zeroshot", lambda r: zeroshot_section(r, ZEROSHOT_ROWS), ZEROSHOT_ROWS[1:]),
+    Section("docs/BENCHMARKS.md", "llamacpp-agreement", agreement_section),
+    Section("docs/FORMAT.md", "llamacpp-agreement", agreement_section),
 )
 
 
