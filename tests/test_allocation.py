@@ -26,6 +26,7 @@ from binq.engine.allocation import (
     LinearMeasurement,
     parse_candidates,
 )
+from binq.engine.tune import TuneConfig
 from binq.errors import BinqError
 from binq.nn import quantized_weights
 from binq.pipeline import CalibrationConfig, EvaluationConfig
@@ -312,3 +313,21 @@ def test_the_committed_report_and_its_table(tiny_llama_folder: Path, texts: tupl
     for kind in ("self_attn.q_proj", "mlp.down_proj"):  # one linear of each kind per block, two blocks
         row = next(line for line in text.splitlines() if line.startswith(f"| {kind} |"))
         assert sum(int(cell) for cell in row.strip("| ").split(" | ")[1:]) == 2
+
+
+def test_a_mixed_run_tunes_within_its_budget(tiny_llama_folder: Path, texts: tuple[Path, Path]) -> None:
+    """--tune on a --target-bits run: every layout of the mix is tuned, the allocation's bits are unchanged."""
+    plain = mixed_run(tiny_llama_folder, texts, 2.5)
+    tune = TuneConfig(steps=6, lr=0.01, batch=2, tokens=0, holdout=1, eval_every=2, patience=2)
+    tuned = binq.quantize(
+        str(tiny_llama_folder), "mixed", AllocationConfig(2.5, SPEC),
+        calibration=CalibrationConfig(source=str(texts[0]), nsamples=4, seqlen=24),
+        evaluation=EvaluationConfig(sets=(str(texts[1]),), seqlen=24, windows=3), progress=False, tune=tune,
+    )  # fmt: skip
+    assert tuned.report["label"].endswith(" tuned") and len(tuned.report["tuning"]["blocks"]) >= 2
+    assert all(b["error_after"] <= b["error_before"] for b in tuned.report["tuning"]["blocks"])
+    assert tuned.report["bits"]["linear"]["storage_bits"] <= 2.5
+    # Pass 1 measures the original model, before any tuning; these candidates have fixed bits: no re-plan.
+    assert [r["candidate"] for r in tuned.report["allocation"]["linears"]] == [
+        r["candidate"] for r in plain.report["allocation"]["linears"]
+    ]

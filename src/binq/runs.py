@@ -113,6 +113,7 @@ RUNS: tuple[Run, ...] = (
     ),
     # A method per linear under a storage-bit budget (issue 15, docs/ALLOCATION.md).
     _q("target 2.5 bits", "--target-bits", "2.5", description="per linear: arb-group, w11, arb-rc or gptq 2/3/4-bit"),
+    _q("target 2.5 bits tuned", "--target-bits", "2.5", "--tune", description="the same allocation, each block tuned"),
     Run("w16 a4", ("--act-bits", "4", "--smooth", "none"), "fp weights, INT4 activations", "eval"),
     Run("w16 a4 smooth", ("--act-bits", "4", "--smooth", "channel"), "fp weights, INT4 activations", "eval"),
 )

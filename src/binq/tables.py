@@ -397,6 +397,7 @@ TUNE_PAIRS = (
     ("arb-group g128", "arb-group g128 tuned"),
     ("w11", "w11 tuned"),
     ("gptq 2-bit g128", "gptq 2-bit g128 tuned"),
+    ("target 2.5 bits", "target 2.5 bits tuned"),
 )
 TUNE_ROWS = tuple(label for pair in TUNE_PAIRS for label in pair)
 
