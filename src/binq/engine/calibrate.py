@@ -492,4 +492,8 @@ def _record_block(
         items = [item for part in gathered for item in part]
     assert resume is not None
     by_name = {item[0]: item for item in items}
-    resume.save(index, [by_name[name] for name in names], None if tune_record is None else asdict(tune_record))
+    ordered = [by_name[name] for name in names]
+    if tune_record is None:
+        resume.save(index, ordered)
+    else:
+        resume.save(index, ordered, tuning=asdict(tune_record))
