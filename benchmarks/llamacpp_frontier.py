@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=1 python benchmarks/llamacpp_frontier.py            # every type, reports to docs/reports/llamacpp/
     python benchmarks/tables.py                                          # the table in docs/BENCHMARKS.md
-    binq plot $(ls docs/reports/quick/*.json | grep -v _seed_) -o docs/frontier.png --eval all \
+    binq plot $(ls docs/reports/quick/*.json | grep -v -e _seed_ -e /w16_) -o docs/frontier.png --eval all \
         --anchors docs/reports/llamacpp/anchors.json                    # the plot, default seeds only
 
 Steps (needs ``llama-cpp-python``, which compiles llama.cpp; not in CI):
