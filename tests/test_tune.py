@@ -38,7 +38,7 @@ from binq.models import get_architecture, get_blocks
 from binq.pipeline import CalibrationConfig, EvaluationConfig
 from binq.quant.structured import QuantizedWeight
 from conftest import build_tiny_model, random_ids
-from test_gguf_export import WIDE, byte_level_bpe_tokenizer, gguf_tensor
+from test_gguf_export import WIDE, assert_llama_cpp_follows, byte_level_bpe_tokenizer, gguf_tensor
 
 FAST = TuneConfig(steps=12, lr=0.01, batch=2, tokens=0, holdout=2, eval_every=3, patience=2)
 
@@ -302,8 +302,6 @@ def test_a_tuned_arb_group_still_exports_to_q1_0_exactly(tmp_path: Path) -> None
 def test_llama_cpp_runs_a_tuned_q1_0_export(tmp_path: Path) -> None:
     """llama.cpp computes the tuned model from its Q1_0 export (its activations rounded to 8 bits, so not
     bit for bit): its logits follow binq's tuned model far closer than the original's."""
-    from llama_cpp import Llama
-
     model = build_tiny_model("llama", **WIDE)
     ids = [5, 17, 40, 99, 120, 3, 60, 70]
     with torch.no_grad():
@@ -319,12 +317,4 @@ def test_llama_cpp_runs_a_tuned_q1_0_export(tmp_path: Path) -> None:
         tuned = model(torch.tensor([ids])).logits[0]
     save_checkpoint(model, result.weights, tmp_path / "ckpt", tokenizer=byte_level_bpe_tokenizer(), method="arb-group")
     out = export_gguf(tmp_path / "ckpt", tmp_path / "m.gguf")
-    llm = Llama(model_path=str(out), n_ctx=16, n_batch=16, n_threads=1, logits_all=True, verbose=False)
-    try:
-        llm.eval(ids)
-        logits = torch.tensor(np.array(llm.scores[: len(ids)]), dtype=torch.float32)
-    finally:
-        llm.close()
-    error = (logits - tuned).abs().max().item()
-    assert error < 0.02 * tuned.abs().max().item()
-    assert error < (logits - original).abs().max().item() / 4
+    assert_llama_cpp_follows(out, ids, tuned, original)
