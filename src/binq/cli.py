@@ -397,7 +397,9 @@ def _launch(args: argparse.Namespace, argv: list[str]) -> int | None:
     if args.workers not in (None, 1) and nproc > 1:
         raise BinqError("--workers does not combine with --nproc: the processes share the linears")
     if args.tune and nproc > 1:
-        raise BinqError("--tune runs in one process: leave out --nproc (or torchrun)")
+        from binq.engine.tune import ONE_PROCESS
+
+        raise BinqError(ONE_PROCESS)
     if not method.calibration_free and args.nsamples < nproc:
         raise BinqError(f"--nsamples {args.nsamples} is fewer than the {nproc} processes that share them")
     _eval_sets(args.eval)

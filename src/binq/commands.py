@@ -82,17 +82,13 @@ def _print_protocols(evaluations: dict[str, dict[str, Any]]) -> None:
 
 def tune_config(args: argparse.Namespace) -> TuneConfig | None:
     """The :class:`~binq.engine.tune.TuneConfig` of ``--tune`` and its options, or ``None`` without ``--tune``."""
-    given = [name for name in ("steps", "lr", "batch", "tokens", "holdout", "target", "eval_every", "patience")
-             if getattr(args, f"tune_{name}") != getattr(TuneConfig(), name)]  # fmt: skip
+    values = {item.name: getattr(args, f"tune_{item.name}") for item in dataclasses.fields(TuneConfig)}
     if not args.tune:
+        given = [name for name, value in values.items() if value != getattr(TuneConfig(), name)]
         if given:
             raise BinqError(f"--tune-{given[0].replace('_', '-')} applies to --tune: add --tune")
         return None
-    return TuneConfig(
-        steps=args.tune_steps, lr=args.tune_lr, batch=args.tune_batch, tokens=args.tune_tokens,
-        holdout=args.tune_holdout, target=args.tune_target, eval_every=args.tune_eval_every,
-        patience=args.tune_patience,
-    )  # fmt: skip
+    return TuneConfig(**values)
 
 
 def run_quantize(

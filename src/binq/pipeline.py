@@ -56,7 +56,7 @@ from binq.engine.calibrate import EngineConfig, EngineResult, LayerRecord, quant
 from binq.engine.independent import default_workers, quantize_independent
 from binq.engine.resume import RUN_FILE, SCHEMA, Progress, model_identity, progress_folder, windows_digest
 from binq.engine.streamed import StreamedRun, quantize_free_streamed
-from binq.engine.tune import BlockTuneRecord, TuneConfig, tune_options
+from binq.engine.tune import BlockTuneRecord, TuneConfig, tune_options, tuning_enabled
 from binq.errors import BinqError
 from binq.evaluation import Protocol, WeightSwap, evaluate_perplexity
 from binq.evaluation.layerwise import LayerwiseEvaluation
@@ -211,7 +211,7 @@ def default_label(
         label += f" g{config.group_size}"
     if activations is not None and activations.enabled:
         label += f" A{activations.bits}"
-    if tune is not None and tune.steps > 0:
+    if tuning_enabled(tune):
         label += " tuned"
     return label
 
@@ -308,7 +308,7 @@ class _Run:
 
     @property
     def tuning(self) -> bool:
-        return self.tune is not None and self.tune.steps > 0
+        return tuning_enabled(self.tune)
 
     @property
     def uses_engine(self) -> bool:
@@ -453,10 +453,8 @@ def quantize(
     calibration = calibration or FULL_CALIBRATION
     if world > 1 and not method.calibration_free and calibration.nsamples < world:
         raise BinqError(f"--nsamples {calibration.nsamples} is fewer than the {world} processes that share them")
-    if tune is not None and tune.steps > 0:
-        if world > 1:
-            raise BinqError("--tune runs in one process: leave out --nproc (or torchrun)")
-        tune.check_windows(calibration.nsamples)
+    if tuning_enabled(tune):
+        tune.check_run(calibration.nsamples, world)
     engine = engine or EngineConfig()
     if world > 1:  # each rank computes on its own GPU, cuda:LOCAL_RANK
         engine = dataclasses.replace(engine, device=distributed.rank_device(engine.device))

@@ -40,7 +40,7 @@ import torch.distributed as dist
 from torch import nn
 
 from binq.engine.capture import capture_block_inputs, to_device
-from binq.engine.tune import BlockTuneRecord, TuneConfig, tune_block
+from binq.engine.tune import BlockTuneRecord, TuneConfig, tune_block, tuning_enabled
 from binq.engine.walker import BlockStep, walk_blocks
 from binq.errors import BinqError
 from binq.methods.registry import Method
@@ -222,12 +222,10 @@ def quantize_model(
     full module name, asked for just before the linear is quantized; ``method`` then only names the run.
     """
     engine = engine or EngineConfig()
-    tuning = tune is not None and tune.steps > 0
-    if tuning and rank_and_world()[1] > 1:
-        raise BinqError("--tune runs in one process: leave out --nproc (or torchrun)")
+    tuning = tuning_enabled(tune)
     prefix_inputs = None  # the blocks' arguments for windows of tune.tokens tokens
     if tuning:
-        tune.check_windows(calibration.shape[0])
+        tune.check_run(calibration.shape[0], rank_and_world()[1])
         if 0 < tune.tokens < calibration.shape[1]:
             prefix_inputs = capture_block_inputs(model, get_blocks(model, arch), calibration[:1, : tune.tokens])
     reference: list[torch.Tensor] | None = None  # the unquantized model's stream (--tune-target original)

@@ -45,6 +45,7 @@ from binq.errors import BinqError
 from binq.quant.structured import QuantizedWeight
 
 TARGETS = ("original", "quantized")
+ONE_PROCESS = "--tune runs in one process: leave out --nproc (or torchrun)"
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,12 @@ class TuneConfig:
         if self.target not in TARGETS:
             raise BinqError(f"--tune-target must be one of {', '.join(TARGETS)}, got '{self.target}'")
 
+    def check_run(self, nsamples: int, world: int) -> None:
+        """Refuse what tuning cannot do: several processes, or no calibration window left to tune on."""
+        if world > 1:
+            raise BinqError(ONE_PROCESS)
+        self.check_windows(nsamples)
+
     def check_windows(self, nsamples: int) -> None:
         """Refuse a held-out slice that leaves no window to tune on."""
         if self.steps and self.holdout >= nsamples:
@@ -98,6 +105,11 @@ class TuneConfig:
                 f"--tune-holdout {self.holdout} leaves none of the {nsamples} calibration windows to tune on "
                 "(raise --nsamples or lower --tune-holdout)"
             )
+
+
+def tuning_enabled(tune: TuneConfig | None) -> bool:
+    """Whether ``tune`` asks for any tuning (``None`` or zero steps: none)."""
+    return tune is not None and tune.steps > 0
 
 
 @dataclass
@@ -118,7 +130,7 @@ class _Tunable:
 
     start: torch.Tensor  # float32, the method's stored value
     kind: str
-    unit: torch.Tensor | float  # what one unit of ``delta`` is worth (offsets)
+    unit: float  # what one unit of ``delta`` is worth (offsets: the RMS of the weight's scales)
     delta: torch.Tensor  # float32, requires grad
 
     def value(self) -> torch.Tensor:
