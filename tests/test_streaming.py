@@ -10,6 +10,7 @@ one-line errors.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import stat
@@ -25,6 +26,7 @@ from binq.checkpoint import INDEX_FILE, WEIGHTS_FILE, checkpoint_entries, load, 
 from binq.cli import main
 from binq.engine.resume import tensor_digest
 from binq.errors import BinqError
+from binq.evaluation import perplexity
 from binq.models import load_model
 from binq.models.streaming import BlockStore
 from binq.pipeline import CalibrationConfig, EvaluationConfig
@@ -129,6 +131,63 @@ def test_embeddings_stay_fp16_and_give_the_in_memory_results(
     streamed = run(folder, texts, "gptq", {"bits": 4}, True, None)
     whole = run(folder, texts, "gptq", {"bits": 4}, False, None)
     assert records(streamed) == records(whole) and streamed.evaluations == whole.evaluations
+
+
+CHUNKED = [("llama", False), ("gemma2", True)]  # gemma2: a soft-capped head, tied to a scaled embedding
+
+
+@pytest.mark.parametrize(("arch", "tied"), CHUNKED, ids=[a for a, _ in CHUNKED])
+def test_the_head_scored_by_chunks_gives_the_in_memory_results(
+    save_tiny_model: Callable[..., Path],
+    texts: tuple[Path, Path],
+    monkeypatch: pytest.MonkeyPatch,
+    arch: str,
+    tied: bool,
+) -> None:
+    """A streamed run scores a window's positions a chunk at a time through a head widened a few vocabulary
+    rows at a time: with chunks of 8 positions and 7 rows (the tail of either shorter), the numbers are the
+    whole-window evaluation's to the last bit."""
+    monkeypatch.setattr(perplexity, "ROWS", 8)
+    monkeypatch.setattr(perplexity, "HEAD_ROWS", 7)
+    folder = save_tiny_model(arch, edit=lambda model: model.half(), num_hidden_layers=2, tie_word_embeddings=tied)
+    streamed = run(folder, texts, "gptq", {"bits": 4}, True, None)
+    whole = run(folder, texts, "gptq", {"bits": 4}, False, None)
+    assert streamed.evaluations == whole.evaluations
+    assert len(perplexity.row_chunks(24)) == 3  # the runs' 24-token windows went through in 3 chunks
+
+
+def test_a_chunked_head_multiplies_by_chunks_and_widens_a_narrow_head(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(perplexity, "ROWS", 8)
+    monkeypatch.setattr(perplexity, "HEAD_ROWS", 7)
+    model = torch.nn.Module()
+    head = torch.nn.Linear(16, 20).half()
+    model.get_output_embeddings = lambda: head
+    hidden = torch.randn(1, 24, 16)
+    shapes = []
+    linear = torch.nn.functional.linear
+
+    def spy(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        shapes.append((x.shape[-2], weight.shape[0], weight.dtype))
+        return linear(x, weight, bias)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", spy)
+    with perplexity.chunked_head(model) as chunked:
+        logits = head(hidden)
+    assert chunked and "forward" not in vars(head)  # the head's own forward is back
+    assert sorted({s[:2] for s in shapes}) == [(8, 6), (8, 7)] and {s[2] for s in shapes} == {torch.float32}
+    assert len(shapes) == 3 * 3
+    expected = linear(hidden, head.weight.float(), head.bias.float())
+    torch.testing.assert_close(logits, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("positions", [1, 2, 31, 32, 63, 64, 65, 95, 96, 97, 511, 2047])
+def test_row_chunks_cover_every_position_and_never_one_alone(positions: int) -> None:
+    chunks = perplexity.row_chunks(positions)
+    assert chunks[0].start == 0 and chunks[-1].stop == positions
+    assert all(a.stop == b.start for a, b in itertools.pairwise(chunks))
+    sizes = [c.stop - c.start for c in chunks]
+    assert max(sizes) < perplexity.ROWS * 3 // 2
+    assert positions == 1 or min(sizes) >= min(positions, perplexity.ROWS // 2)
 
 
 def test_the_model_never_holds_more_than_one_block(

@@ -13,7 +13,10 @@ memory:
 :meth:`LayerwiseEvaluation.finish` turns each stream's last hidden states into logits with the model's
 own head (final norm, LM head, any logit soft-capping: the model's forward with every block replaced by
 a replay of the stored states) and scores them exactly as :func:`~binq.evaluation.evaluate_perplexity`
-does (:class:`~binq.evaluation.perplexity.WindowScores`). Every window is computed with the same
+does (:class:`~binq.evaluation.perplexity.WindowScores`), a chunk of positions at a time
+(:func:`~binq.evaluation.perplexity.row_chunks`): the head acts on each position alone, so a chunk's
+logits are the whole window's rows, while only one chunk of each model's logits is ever alive (at
+512 positions and a 49152-token vocabulary, 12 MiB instead of 100 MiB). Every window is computed with the same
 operations, in the same order, as the whole model's forward computes it, so the numbers are the same,
 bit for bit, as the in-memory evaluation's; the original's block outputs are computed on the fly, never
 from a second copy of the model.
@@ -33,7 +36,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from binq.engine.capture import BlockInputs, block_output, capture_block_inputs, to_device
-from binq.evaluation.perplexity import Protocol, WindowScores, check_windows
+from binq.evaluation.perplexity import Protocol, WindowScores, check_windows, chunked_head
 from binq.memory import trim_free_memory
 from binq.models.architectures import Architecture, get_blocks
 
@@ -108,31 +111,38 @@ class LayerwiseEvaluation:
         blocks = get_blocks(self.model, self.arch)
         saved = list(blocks)
         original_replay, quantized_replay = _Replay([]), _Replay([])
+        stack = contextlib.ExitStack()
         try:
             blocks[0] = quantized_replay
             for i in range(1, len(saved)):
                 blocks[i] = _Replay(None)
             self.model.to(self.device)  # only the parts outside the blocks: the blocks are out of the model
             results = {}
+            head = stack.enter_context(chunked_head(self.model))
             for name, streams in self.sets.items():
                 scores = WindowScores(streams.protocol, len(streams.samples))
                 desc = f"eval {streams.protocol.text}"
                 for i in tqdm(range(len(streams.samples)), desc=desc, unit="window", disable=not progress):
                     x = streams.samples[i : i + 1].to(self.device)
 
-                    def logits(states: list[torch.Tensor], replay: _Replay, x: torch.Tensor = x) -> torch.Tensor:
-                        replay.states = [states[0]]
+                    def logits(states: torch.Tensor, replay: _Replay, rows: slice, x: torch.Tensor = x) -> torch.Tensor:
+                        # A chunk of positions through the head alone; a head that is not chunked sees the
+                        # whole window each time, as the in-memory forward does (and its rows are taken).
+                        part = rows if head else slice(None)
+                        replay.states = [states[:, part]]
                         blocks[0] = replay
-                        return self.model(x, use_cache=False).logits
+                        out = self.model(x[:, part], use_cache=False).logits
+                        return out if head else out[:, rows]
 
-                    scores.add(
+                    scores.add_rows(
                         x,
-                        lambda i=i, streams=streams: logits(streams.quantized[i : i + 1], quantized_replay),
-                        lambda i=i, streams=streams: logits(streams.original[i : i + 1], original_replay),
+                        lambda rows, i=i, streams=streams: logits(streams.quantized[i], quantized_replay, rows),
+                        lambda rows, i=i, streams=streams: logits(streams.original[i], original_replay, rows),
                     )
                     trim_free_memory()
                 results[name] = scores.result().to_dict()
         finally:
+            stack.close()
             with contextlib.suppress(RuntimeError):
                 self.model.to("cpu")
             for i, block in enumerate(saved):

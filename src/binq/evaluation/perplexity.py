@@ -74,12 +74,57 @@ class EvalResult:
         return {**asdict(self), "protocol": asdict(self.protocol)}
 
 
-ROWS = 64  # positions whose log-probabilities are alive at once while a window is scored
+ROWS = 64  # positions whose logits and log-probabilities are alive at once while a window is scored
+HEAD_ROWS = 4096  # vocabulary rows of the head multiplied (and, when stored narrow, widened) at a time
 
 
-def _log_probs(logits: torch.Tensor, rows: slice) -> torch.Tensor:
-    """Log-probabilities of the next token at positions ``rows`` (of the ``L - 1`` that predict one)."""
-    return F.log_softmax(logits[:, rows].float(), dim=-1)
+def row_chunks(positions: int) -> list[slice]:
+    """The slices of a window's ``positions`` put through the head and scored together: :data:`ROWS` at a
+    time, a short tail (under half of :data:`ROWS`) joined to the chunk before it. A chunk is never a
+    single row (a matrix product computes one as a matrix-vector product, which rounds differently), and
+    a chunk's own chunks are itself, so a window split here and put through :func:`chunked_head` meets
+    the same products as the whole window put through it."""
+    starts = list(range(0, positions, ROWS))
+    if len(starts) > 1 and positions - starts[-1] < ROWS // 2:
+        starts.pop()
+    ends = [*starts[1:], positions]
+    return [slice(start, end) for start, end in zip(starts, ends, strict=True)]
+
+
+def _head_by_chunks(head: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
+    """``head(hidden)`` computed :func:`row_chunks` positions by :data:`HEAD_ROWS` vocabulary rows at a
+    time, the weight widened to ``hidden``'s type per chunk (exact: widening a float loses nothing)."""
+    rows = head.weight.shape[0]
+    out = hidden.new_empty(*hidden.shape[:-1], rows)
+    for positions in row_chunks(hidden.shape[-2]):
+        x = hidden[..., positions, :]
+        for start in range(0, rows, HEAD_ROWS):
+            end = min(start + HEAD_ROWS, rows)
+            bias = None if head.bias is None else head.bias[start:end].to(hidden.dtype)
+            out[..., positions, start:end] = F.linear(x, head.weight[start:end].to(hidden.dtype), bias)
+    return out
+
+
+@contextmanager
+def chunked_head(model: nn.Module) -> Iterator[bool]:
+    """Within the block, the model's output head (a plain linear one) computes its logits by chunks
+    (:func:`_head_by_chunks`): the same products for a whole window and for the window cut by
+    :func:`row_chunks`, and never a widened copy of a head stored narrow (503 MB for a 49152 x 2560
+    head in fp32). Yields whether the head is chunked (a head of another kind is left as it is)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, nn.Linear) or head.weight.dim() != 2:
+        yield False
+        return
+    head.forward = lambda hidden: _head_by_chunks(head, hidden)  # type: ignore[method-assign]
+    try:
+        yield True
+    finally:
+        del head.forward
+
+
+def _log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities of the next token from ``logits`` ``[1, rows, vocab]``."""
+    return F.log_softmax(logits.float(), dim=-1)
 
 
 def _target_nll(logp: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -101,7 +146,23 @@ def evaluate_perplexity(
     """Evaluate ``model`` (and, with ``swap``, the original model and the KL) on ``tokens`` ``[1, T]``."""
     windows = check_windows(tokens, seqlen, protocol, max_windows)
     scores = WindowScores(protocol, windows)
-    for i in tqdm(range(windows), desc=f"eval {protocol.text}", unit="window", disable=not progress):
+    with chunked_head(model):
+        _score_windows(model, tokens, seqlen, windows, scores, swap, device, progress, protocol.text)
+    return scores.result()
+
+
+def _score_windows(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    seqlen: int,
+    windows: int,
+    scores: WindowScores,
+    swap: WeightSwap | None,
+    device: str,
+    progress: bool,
+    text: str,
+) -> None:
+    for i in tqdm(range(windows), desc=f"eval {text}", unit="window", disable=not progress):
         x = tokens[:, i * seqlen : (i + 1) * seqlen].to(device)
 
         def original(x: torch.Tensor = x) -> torch.Tensor:
@@ -110,7 +171,6 @@ def evaluate_perplexity(
                 return model(x, use_cache=False).logits
 
         scores.add(x, lambda x=x: model(x, use_cache=False).logits, original if swap is not None else None)
-    return scores.result()
 
 
 def check_windows(tokens: torch.Tensor, seqlen: int, protocol: Protocol, max_windows: int | None) -> int:
@@ -137,26 +197,44 @@ class WindowScores:
         logits: Callable[[], torch.Tensor],
         original: Callable[[], torch.Tensor] | None = None,
     ) -> None:
-        """Score window ``x`` (``[1, L]``): ``logits()`` are the model's, ``original()`` the original's.
-
-        The log-probabilities are computed :data:`ROWS` positions at a time: every position's value is
-        what the whole window's computation gives (row by row), and the means are taken over all
-        positions at once, so the numbers are the same while only the two sets of logits and one slice
-        of log-probabilities are ever alive."""
+        """Score window ``x`` (``[1, L]``): ``logits()`` are the model's whole-window logits, ``original()``
+        the original's (both alive at once, each scored a chunk of positions at a time)."""
         quantized = logits()
         reference = original() if original is not None else None
-        targets = x[:, 1:]
+        self.add_rows(
+            x,
+            lambda rows: quantized[:, rows],
+            None if reference is None else lambda rows: reference[:, rows],
+        )
+
+    def add_rows(
+        self,
+        x: torch.Tensor,
+        logits: Callable[[slice], torch.Tensor],
+        original: Callable[[slice], torch.Tensor] | None = None,
+    ) -> None:
+        """Score window ``x`` (``[1, L]``) from the logits of its positions ``rows``, asked for chunk by
+        chunk (:func:`row_chunks` of ``L``): ``logits(rows)`` the model's, ``original(rows)`` the
+        original's, each ``[1, rows, vocab]``; the last position, which predicts nothing, is dropped.
+
+        Every position's value is what the whole window's computation gives (row by row), and the means
+        are taken over all positions at once, so the numbers are the same while only one chunk of
+        logits and log-probabilities per model is alive."""
+        length = x.shape[1]
         nll_rows, nll_original_rows, kl_rows = [], [], []
-        for start in range(0, targets.shape[1], ROWS):
-            rows = slice(start, min(start + ROWS, targets.shape[1]))
-            logp = _log_probs(quantized, rows)
-            nll_rows.append(_target_nll(logp, targets[:, rows]))
-            if reference is not None:
-                logp_original = _log_probs(reference, rows)
-                nll_original_rows.append(_target_nll(logp_original, targets[:, rows]))
+        for rows in row_chunks(length):
+            keep = min(rows.stop, length - 1) - rows.start  # positions of the chunk that predict a token
+            if keep <= 0:
+                continue
+            targets = x[:, rows.start + 1 : rows.start + 1 + keep]
+            logp = _log_probs(logits(rows)[:, :keep])
+            nll_rows.append(_target_nll(logp, targets))
+            if original is not None:
+                logp_original = _log_probs(original(rows)[:, :keep])
+                nll_original_rows.append(_target_nll(logp_original, targets))
                 kl_rows.append((logp_original.exp() * (logp_original - logp)).sum(-1))
         self.nll_sum += float(torch.cat(nll_rows, dim=1).mean())
-        if reference is not None:
+        if original is not None:
             self.with_original = True
             self.nll_original_sum += float(torch.cat(nll_original_rows, dim=1).mean())
             self.kl_sum += float(torch.cat(kl_rows, dim=1).mean())
