@@ -27,7 +27,7 @@ from binq.cli import main
 from binq.engine.resume import tensor_digest
 from binq.errors import BinqError
 from binq.evaluation import perplexity
-from binq.models import load_model
+from binq.models import load_model, streaming
 from binq.models.streaming import BlockStore
 from binq.pipeline import CalibrationConfig, EvaluationConfig
 
@@ -295,6 +295,44 @@ def test_a_nan_in_a_later_block_is_named_when_that_block_is_read(folder: Path, t
     assert loaded.streamed
     with pytest.raises(BinqError, match=r"model\.layers\.2\.mlp\.up_proj\.weight"):
         run(folder, texts, "gptq", {"bits": 4}, True, None)
+
+
+@pytest.mark.parametrize(("arch", "tied"), [("llama", False), ("llama", True), ("gemma", True)])
+def test_large_embeddings_are_mapped_from_the_file_and_give_the_in_memory_results(
+    save_tiny_model: Callable[..., Path],
+    texts: tuple[Path, Path],
+    monkeypatch: pytest.MonkeyPatch,
+    arch: str,
+    tied: bool,
+) -> None:
+    """Tensors kept as stored are mapped from the file (here every one, the threshold at 0 bytes), not read:
+    the same numbers as the in-memory run, bit for bit; Gemma's scaled embedding is widened, so read."""
+    monkeypatch.setattr(streaming, "MAPPED_BYTES", 0)
+    mapped: list[str] = []
+    real_map = streaming.SourceTensors.map
+
+    def spy(self: streaming.SourceTensors, name: str) -> torch.Tensor:
+        mapped.append(name)
+        return real_map(self, name)
+
+    monkeypatch.setattr(streaming.SourceTensors, "map", spy)
+    folder = save_tiny_model(arch, edit=lambda model: model.half(), num_hidden_layers=2, tie_word_embeddings=tied)
+    streamed = run(folder, texts, "gptq", {"bits": 4}, True, None)
+    whole = run(folder, texts, "gptq", {"bits": 4}, False, None)
+    assert records(streamed) == records(whole) and streamed.evaluations == whole.evaluations
+    expected = set() if arch == "gemma" else {"model.embed_tokens.weight"} | (set() if tied else {"lm_head.weight"})
+    assert set(mapped) == expected
+
+
+def test_a_nan_in_a_mapped_embedding_is_named(
+    folder: Path, texts: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(streaming, "MAPPED_BYTES", 0)
+    tensors = load_file(str(folder / WEIGHTS_FILE))
+    tensors["model.embed_tokens.weight"][5, 3] = float("inf")
+    save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    with pytest.raises(BinqError, match=r"NaN or Inf values in model\.embed_tokens\.weight"):
+        load_model(str(folder), stream=True)
 
 
 def test_a_sharded_source_streams(folder: Path, texts: tuple[Path, Path], tmp_path: Path) -> None:

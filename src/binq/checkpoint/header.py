@@ -18,6 +18,7 @@ loader ever reads a byte range that is not in the file:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import struct
@@ -53,6 +54,7 @@ class TensorEntry:
     dtype: torch.dtype
     shape: tuple[int, ...]
     nbytes: int
+    offset: int = 0  # where its bytes start in the file (set by :func:`read_header`)
 
 
 def _is_count(value: Any) -> bool:
@@ -155,6 +157,9 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
             raise BinqError(
                 f"{path} is truncated: tensor '{name}' ends at byte {end} of a {data_bytes}-byte data section"
             )
+    data_start = path.stat().st_size - data_bytes
+    for begin, _end, name in ranges:
+        entries[name] = dataclasses.replace(entries[name], offset=data_start + begin)
     position = 0
     for begin, end, name in ranges:
         if begin != position:

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import mmap
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,6 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from binq.checkpoint.header import TensorEntry, read_header
 from binq.errors import BinqError
 from binq.memory import trim_free_memory
 from binq.models.architectures import Architecture, get_architecture, get_blocks
@@ -44,6 +47,31 @@ def all_finite(tensor: torch.Tensor, rows: int = 4096) -> bool:
     return all(bool(torch.isfinite(flat[i : i + rows]).all()) for i in range(0, flat.shape[0], rows))
 
 
+MAPPED_BYTES = 16 << 20  # a tensor kept as stored and at least this large is mapped from its file, not read
+FINITE_CHUNK_BYTES = 16 << 20
+
+
+def _file_finite(file: Path, entry: TensorEntry) -> bool:
+    """Whether the stored float tensor ``entry`` of ``file`` has only finite values, read a chunk at a
+    time into one buffer (the file's pages go to the page cache, not to this process)."""
+    item = entry.dtype.itemsize
+    buffer = bytearray(min(FINITE_CHUNK_BYTES // item * item, entry.nbytes))
+    try:
+        with file.open("rb") as handle:
+            handle.seek(entry.offset)
+            left = entry.nbytes
+            while left:
+                view = memoryview(buffer)[: min(len(buffer), left)]
+                if handle.readinto(view) < len(view):
+                    raise BinqError(f"{file} is truncated inside the tensor {entry.name}")
+                left -= len(view)
+                if not bool(torch.isfinite(torch.frombuffer(view, dtype=entry.dtype)).all()):
+                    return False
+    except OSError as error:
+        raise BinqError(f"cannot read {entry.name} from {file} ({error})") from None
+    return True
+
+
 def block_store(model: nn.Module) -> BlockStore | None:
     """The store of a streamed model; ``None`` for a model held whole in memory."""
     return _STORES.get(model)
@@ -55,6 +83,7 @@ class SourceTensors:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.files: dict[str, Path] = {}
+        self._headers: dict[Path, dict[str, TensorEntry]] = {}
         index = folder / INDEX_FILE
         if index.is_file():
             try:
@@ -75,6 +104,37 @@ class SourceTensors:
         missing = sorted({str(f.name) for f in self.files.values() if not f.is_file()})
         if missing:
             raise BinqError(f"{folder}: the shard {missing[0]} named by {INDEX_FILE} is missing")
+
+    def stored_dtype(self, name: str) -> torch.dtype:
+        """The dtype ``name`` is stored in (from its file's header)."""
+        return self._entry(name).dtype
+
+    def _entry(self, name: str) -> TensorEntry:
+        file = self.files[name]
+        if file not in self._headers:
+            self._headers[file] = read_header(file)
+        entries = self._headers[file]
+        if name not in entries:
+            raise BinqError(f"{file} does not hold the tensor {name} that {INDEX_FILE} puts there")
+        return entries[name]
+
+    def map(self, name: str) -> torch.Tensor:
+        """``name`` as stored, its bytes mapped from the file (private, copy-on-write) rather than read:
+        a page is resident only once something reads it, so a large embedding whose rows are looked up
+        a few at a time costs the memory of those rows (until the head reads all of it). Checked finite
+        by reading the file (not the mapping), so the check leaves no page of it resident."""
+        entry, file = self._entry(name), self.files[name]
+        if not entry.dtype.is_floating_point or entry.offset % entry.dtype.itemsize or entry.nbytes == 0:
+            return self.read([name], None)[name]
+        if not _file_finite(file, entry):
+            raise BinqError(f"model '{self.folder.name}' has NaN or Inf values in {name}; binq needs finite weights")
+        try:
+            with file.open("rb") as handle:
+                mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+        except (OSError, ValueError) as error:
+            raise BinqError(f"cannot map {name} from {file} ({error})") from None
+        count = entry.nbytes // entry.dtype.itemsize
+        return torch.frombuffer(mapped, dtype=entry.dtype, count=count, offset=entry.offset).view(entry.shape)
 
     def read(self, names: list[str], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
         """The tensors ``names``, floats cast to ``dtype`` (``None``: as stored)."""
@@ -182,12 +242,23 @@ def open_streamed(folder: Path, dtype: torch.dtype) -> nn.Module | None:
         log.info("%s does not name the tensor %s as the model does: loading it whole", folder, absent[0])
         return None
     narrow = _narrowable(model, dtype)
-    tensors = source.read([name for name in other_keys if name not in tied], None)
-    for name, tensor in tensors.items():
+    tensors: dict[str, torch.Tensor] = {}
+    for name in other_keys:
+        if name in tied:
+            continue
+        stored = source.stored_dtype(name)
+        as_stored = stored == dtype or (
+            name in narrow and stored.is_floating_point and stored.itemsize < dtype.itemsize
+        )
+        if as_stored and math.prod(state[name].shape) * stored.itemsize >= MAPPED_BYTES:
+            tensors[name] = source.map(name)  # checked finite on the way
+            continue
+        tensor = source.read([name], None)[name]
         if tensor.is_floating_point() and not all_finite(tensor):
             raise BinqError(f"model '{folder.name}' has NaN or Inf values in {name}; binq needs finite weights")
-        if tensor.is_floating_point() and not (name in narrow and tensor.itemsize < dtype.itemsize):
-            tensors[name] = tensor.to(dtype)
+        if tensor.is_floating_point() and not as_stored:
+            tensor = tensor.to(dtype)
+        tensors[name] = tensor
     model.load_state_dict(tensors, strict=False, assign=True)
     model.tie_weights()
     _widen_on_use(model, dtype)
