@@ -254,7 +254,8 @@ def quantize_model(
             if observer is not None:
                 observer.before(index, step.block)
             if tuning and tune.target == "original" and reference is None:
-                reference = step.inputs  # block 0: both streams start from the embeddings
+                reference = list(step.inputs)  # block 0: both streams start from the embeddings (the walk
+                # writes each block's outputs over its own list, so the original stream keeps a list of its own)
             if index < resume_from:
                 loaded = preloaded.pop(index) if index in preloaded else _load_block(resume, model, arch, index, device)
                 if loaded is not None:

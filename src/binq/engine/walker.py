@@ -48,13 +48,21 @@ class BlockStep:
         return module_name(self.arch, self.index, name)
 
     @torch.no_grad()
+    def _output(self, x: torch.Tensor) -> torch.Tensor:
+        out = block_output(self.block(x.to(self.device), *self.args, **self.kwargs))
+        return out if x.device == self.device else out.to(x.device)
+
     def run(self) -> list[torch.Tensor]:
         """The block's outputs for every sample, where the inputs live."""
-        outputs = []
-        for x in self.inputs:
-            out = block_output(self.block(x.to(self.device), *self.args, **self.kwargs))
-            outputs.append(out if x.device == self.device else out.to(x.device))
-        return outputs
+        return [self._output(x) for x in self.inputs]
+
+    def advance(self) -> list[torch.Tensor]:
+        """:meth:`run`, each output written over its input in :attr:`inputs` as soon as it is made, so that
+        one set of activations is alive instead of two: the walk's own list, which a consumer that keeps
+        inputs beyond its step must copy (``list(step.inputs)``)."""
+        for i, x in enumerate(self.inputs):
+            self.inputs[i] = self._output(x)
+        return self.inputs
 
     def hessians(
         self, groups: list[tuple[str, ...]], dtype: torch.dtype = torch.float32
@@ -69,7 +77,8 @@ class BlockStep:
             accumulators[group] = acc
             handles.append(first.register_forward_hook(lambda _m, inp, _out, acc=acc: acc.add(inp[0])))
         try:
-            self.run()
+            for x in self.inputs:
+                self._output(x)  # the hooks take what they need; no output is kept
         finally:
             for handle in handles:
                 handle.remove()
@@ -124,6 +133,7 @@ def walk_blocks(
     inputs = capture_block_inputs(model, blocks, calibration)
     on_device = activations_fit(inputs, device) if activations_on_device is None else activations_on_device
     hidden = [x.to(device) if on_device else x for x in inputs.hidden_states]
+    inputs.hidden_states = []  # the walk's list is the only one: each block's outputs replace its inputs
     count = len(blocks) if last_block is None else last_block + 1
     for index in tqdm(range(count), desc=desc, unit="block", disable=not progress):
         if store is not None:
@@ -141,7 +151,7 @@ def walk_blocks(
         )
         try:
             yield step
-            hidden = step.outputs if step.outputs is not None else step.run()
+            hidden = step.outputs if step.outputs is not None else step.advance()
         finally:
             blocks[index] = block.to("cpu")
             if store is not None:

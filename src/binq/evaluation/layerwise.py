@@ -90,9 +90,13 @@ class LayerwiseEvaluation:
 
     @torch.no_grad()
     def _run(self, block: nn.Module, index: int, streams: _Streams, states: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``states`` advanced through ``block``, each window's output written over its input (each stream
+        has a list of its own), so that one window's states are alive twice at most, not the whole set."""
         args = to_device(streams.inputs.args[index], self.device)
         kwargs = to_device(streams.inputs.kwargs[index], self.device)
-        return [block_output(block(x.to(self.device), *args, **kwargs)).to(x.device) for x in states]
+        for i, x in enumerate(states):
+            states[i] = block_output(block(x.to(self.device), *args, **kwargs)).to(x.device)
+        return states
 
     def before(self, index: int, block: nn.Module) -> None:
         """Block ``index`` holds the source's weights: advance the original stream through it."""
