@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import os
 from pathlib import Path
 
 import gguf
@@ -41,9 +43,57 @@ def test_round_q8_0_is_ggml_q8_0() -> None:
     assert round_q8_0(x.double()).dtype == torch.float64
 
 
+def ggml_cpu_function(name: str) -> ctypes._CFuncPtr:
+    """A function of llama.cpp's CPU backend library (the one llama-cpp-python loads), initialised."""
+    import llama_cpp
+
+    library = ctypes.CDLL(os.path.join(os.path.dirname(llama_cpp.__file__), "lib", "libggml-cpu.so"))
+    if not hasattr(library, name):
+        pytest.skip(f"this llama-cpp-python's libggml-cpu does not export {name}")
+    library.ggml_cpu_init()
+    return getattr(library, name)
+
+
+def ggml_quantize_row_q8_0(x: np.ndarray) -> np.ndarray:
+    """llama.cpp's own CPU ``quantize_row_q8_0`` (the activation quantizer of its Q1_0-Q8_0 matmuls),
+    its blocks dequantized: ``q * d``."""
+    quantize = ggml_cpu_function("quantize_row_q8_0")
+    quantize.argtypes, quantize.restype = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64], None
+    x = np.ascontiguousarray(x, dtype=np.float32).ravel()
+    blocks = np.zeros((x.size // 32, 34), dtype=np.uint8)
+    quantize(x.ctypes.data, blocks.ctypes.data, x.size)
+    scales = blocks[:, :2].copy().view(np.float16).astype(np.float32)
+    return (blocks[:, 2:].view(np.int8).astype(np.float32) * scales).ravel()
+
+
+@pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))
+def test_round_q8_0_is_llama_cpps_quantizer_bit_for_bit() -> None:
+    """Ties included (half to even: 17.5 -> 18, 18.5 -> 18, 54.5 -> 54), and 1M random values over 6 decades."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(4096, 256, generator=generator) * torch.logspace(-3, 3, 4096)[:, None]
+    assert np.array_equal(round_q8_0(x).numpy().ravel(), ggml_quantize_row_q8_0(x.numpy()))
+    ties = torch.zeros(32)
+    ties[:7] = torch.tensor([127.0, 17.5, 18.5, -17.5, 54.5, 17.499998, 54.500008])
+    assert round_q8_0(ties)[:7].tolist() == [127.0, 18.0, 18.0, -18.0, 54.0, 17.0, 55.0]
+    assert np.array_equal(round_q8_0(ties).numpy(), ggml_quantize_row_q8_0(ties.numpy()))
+
+
 def test_round_fp16() -> None:
     x = torch.tensor([1 + 2**-12, 1 + 3 * 2**-12, 70000.0])
     assert round_fp16(x).tolist() == [1.0, 1 + 2**-10, float("inf")]
+
+
+@pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))
+def test_round_fp16_is_llama_cpps_conversion_bit_for_bit() -> None:
+    """``ggml_cpu_fp32_to_fp16``: what its matmuls apply to the activations of F16 weights."""
+    convert = ggml_cpu_function("ggml_cpu_fp32_to_fp16")
+    convert.argtypes, convert.restype = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64], None
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(1 << 16, generator=generator) * torch.logspace(-8, 5, 1 << 16)
+    x[:3] = torch.tensor([1 + 2**-11, 1 + 3 * 2**-11, 70000.0])  # ties, and past fp16's range
+    halves = np.zeros(x.numel(), dtype=np.float16)
+    convert(x.numpy().ctypes.data, halves.ctypes.data, x.numel())
+    assert np.array_equal(round_fp16(x).numpy(), halves.astype(np.float32))
 
 
 def test_rounding_hooks_come_off(tmp_path: Path) -> None:
