@@ -2,7 +2,8 @@
 
 A GGUF that ``binq export`` writes holds binq's weights exactly (docs/FORMAT.md), yet llama.cpp's logits
 differ from binq's: its CPU backend does not multiply weights by the fp32 activations. What it does
-instead, on x86 (AVX2/AVX-512; read from ggml's CPU backend, the version llama-cpp-python 0.3.36 builds):
+instead on x86 (AVX2/AVX-512), as its source reads; the two roundings are checked bit for bit against
+the library llama-cpp-python 0.3.36 builds (``tests/test_ggml_rounding.py``):
 
 - Q4_0, Q5_0, Q8_0 and Q1_0 weights are multiplied against the activations quantized to Q8_0: per
   block of 32 values along the dot product, ``amax = max |x|``, the block's scale ``d = fp16(amax / 127)``
@@ -113,7 +114,11 @@ def ggml_attention(
     dropout: float = 0.0,
     **kwargs: object,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eager attention with llama.cpp's roundings: fp16 K/V cache, fp16 queries, fp16 probabilities."""
+    """Eager attention with llama.cpp's roundings: fp16 K/V cache, fp16 queries, fp16 probabilities.
+
+    Plain causal attention only (Llama, Mistral without its window, Qwen): no logit soft-capping, no
+    sliding window, no attention sinks; the mask comes in additive, as transformers' eager one.
+    """
     del dropout, kwargs
     groups = query.shape[1] // key.shape[1]
     key = round_fp16(key).repeat_interleave(groups, dim=1)
