@@ -298,3 +298,97 @@ def measure(
         "model_bytes": gguf.stat().st_size,
         "gguf": str(gguf),
     }
+
+
+class _GgmlTensor:  # ctypes view of ggml.h's ``struct ggml_tensor`` (the fields read here), built on first use
+    struct: Any = None
+
+    @classmethod
+    def get(cls) -> Any:
+        if cls.struct is None:
+            import ctypes
+
+            class GgmlTensor(ctypes.Structure):
+                _fields_ = [
+                    ("type", ctypes.c_int),
+                    ("buffer", ctypes.c_void_p),
+                    ("ne", ctypes.c_int64 * 4),
+                    ("nb", ctypes.c_size_t * 4),
+                    ("op", ctypes.c_int),
+                    ("op_params", ctypes.c_int32 * 16),
+                    ("flags", ctypes.c_int32),
+                    ("src", ctypes.c_void_p * 10),
+                    ("view_src", ctypes.c_void_p),
+                    ("view_offs", ctypes.c_size_t),
+                    ("data", ctypes.c_void_p),
+                    ("name", ctypes.c_char * 64),
+                ]
+
+            cls.struct = GgmlTensor
+        return cls.struct
+
+
+def llama_cpp_tensors(
+    gguf_path: Path | str, ids: list[int], wanted: Any, threads: int = 1
+) -> tuple[dict[str, Any], Any]:
+    """llama.cpp's intermediate tensors for one batch of ``ids``: ``{name: float32 array}``, and its logits.
+
+    ``wanted(name) -> bool`` picks the graph tensors by their llama.cpp name (``l_out-3``, ``ffn_out-3``,
+    ``result_norm``, ...); each must be F32 and contiguous. The graph's eval callback reads them as they
+    are computed (CPU backend: the data is in host memory). One decode of the whole batch, flash
+    attention off and an fp16 KV cache, as ``llama_cpp.Llama``'s defaults.
+    """
+    import ctypes
+
+    import llama_cpp
+    import numpy as np
+
+    struct = _GgmlTensor.get()
+    found: dict[str, Any] = {}
+
+    def callback(pointer: int, ask: bool, _user: int) -> bool:
+        tensor = ctypes.cast(pointer, ctypes.POINTER(struct)).contents
+        name = tensor.name.decode(errors="replace")
+        if ask:
+            return bool(wanted(name))
+        if wanted(name):
+            if tensor.type != 0:  # GGML_TYPE_F32
+                raise BinqError(f"llama.cpp tensor {name} is not F32 (type {tensor.type})")
+            shape = [tensor.ne[i] for i in range(4)]
+            if tensor.nb[1] != 4 * shape[0] or tensor.nb[2] != tensor.nb[1] * shape[1]:
+                raise BinqError(f"llama.cpp tensor {name} is not contiguous")
+            count = int(np.prod(shape))
+            values = np.ctypeslib.as_array(ctypes.cast(tensor.data, ctypes.POINTER(ctypes.c_float)), (count,))
+            found[name] = values.copy().reshape(shape[::-1]).squeeze()
+        return True
+
+    c_callback = llama_cpp.ggml_backend_sched_eval_callback(callback)
+    llama_cpp.llama_backend_init()
+    model_params = llama_cpp.llama_model_default_params()
+    model = llama_cpp.llama_model_load_from_file(str(gguf_path).encode(), model_params)
+    if not model:
+        raise BinqError(f"llama.cpp cannot load {gguf_path}")
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx = params.n_batch = params.n_ubatch = len(ids)
+    params.n_threads = params.n_threads_batch = threads
+    params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    params.cb_eval = c_callback
+    params.cb_eval_user_data = None
+    context = llama_cpp.llama_init_from_model(model, params)
+    try:
+        batch = llama_cpp.llama_batch_init(len(ids), 0, 1)
+        for i, token in enumerate(ids):  # every position an output, as Llama(logits_all=True)
+            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, i, 1, 1
+            batch.seq_id[i][0] = 0
+        batch.n_tokens = len(ids)
+        try:
+            if llama_cpp.llama_decode(context, batch) != 0:
+                raise BinqError("llama_decode failed")
+        finally:
+            llama_cpp.llama_batch_free(batch)
+        vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model))
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits(context), (len(ids), vocab)).copy()
+    finally:
+        llama_cpp.llama_free(context)
+        llama_cpp.llama_model_free(model)
+    return found, logits
