@@ -36,11 +36,12 @@ from binq.inference.llamacpp import unavailable_reason
 from binq.methods import get_method
 from binq.models import get_architecture, get_blocks
 from binq.pipeline import CalibrationConfig, EvaluationConfig
-from binq.quant.structured import QuantizedWeight
+from binq.quant.structured import QuantizedWeight, sign_values
 from conftest import build_tiny_model, random_ids
 from test_gguf_export import WIDE, assert_llama_cpp_follows, byte_level_bpe_tokenizer, gguf_tensor
 
 FAST = TuneConfig(steps=12, lr=0.01, batch=2, tokens=0, holdout=2, eval_every=3, patience=2)
+SIGNS = dataclasses.replace(FAST, signs=True, sign_lr=0.2)  # a latent can cross zero within the 12 steps
 
 # Every layout and each of its optional tensors: means, column scales, salient zones, codebooks, grids.
 METHODS = {
@@ -54,14 +55,22 @@ METHODS = {
 }
 
 
-def tuned_run(method: str, tune: TuneConfig | None, arch: str = "llama", seed: int = 0):
-    """A two-block tiny model quantized (and tuned); also every weight as the method made it, before tuning."""
+def tuned_run(
+    method: str,
+    tune: TuneConfig | None,
+    arch: str = "llama",
+    seed: int = 0,
+    edit: Callable[[QuantizedWeight], QuantizedWeight] | None = None,
+):
+    """A two-block tiny model quantized (and tuned); also every weight as the method made it, before tuning.
+    ``edit`` changes each weight the method made before the engine (and tuning) sees it."""
     model = build_tiny_model(arch, seed=seed)
     spec = get_method(method)
     made: list[QuantizedWeight] = []
 
     def recording(weight: torch.Tensor, hessian: torch.Tensor, config: Any) -> QuantizedWeight:
-        made.append(spec.quantize(weight, hessian, config))
+        quantized = spec.quantize(weight, hessian, config)
+        made.append(quantized if edit is None else edit(quantized))
         return made[-1]
 
     records: list[BlockTuneRecord] = []
@@ -94,11 +103,119 @@ def test_dequantize_is_differentiable_in_every_tunable_tensor(method: str) -> No
         assert actual == pytest.approx(predicted, rel=1e-3, abs=1e-4), name
 
 
-def test_only_tunable_tensors_can_be_replaced() -> None:
-    _, result, _ = tuned_run("arb-group", None)
+def test_only_tunable_tensors_and_sign_planes_can_be_replaced() -> None:
+    _, result, _ = tuned_run("billm", None)
     weight = next(iter(result.weights.values()))
-    with pytest.raises(ValueError, match="do not tune signs"):
-        weight.with_tensors(signs=weight.signs)
+    assert weight.sign_planes() == ("signs", "residual_signs")
+    with pytest.raises(ValueError, match="do not tune group_bitmap"):
+        weight.with_tensors(group_bitmap=weight.group_bitmap)
+    with pytest.raises(ValueError, match="do not tune salient_columns"):
+        weight.with_tensors(salient_columns=weight.salient_columns)
+    flipped = weight.with_tensors(signs=~weight.signs)
+    assert torch.equal(flipped.signs, ~weight.signs) and flipped.storage_bits_total == weight.storage_bits_total
+
+
+# Every layout with sign planes: one zone, means, row and column scales, salient residual planes, codebooks.
+SIGNED = sorted(name for name in METHODS if name != "gptq")
+
+
+@pytest.mark.parametrize("method", SIGNED)
+def test_dequantize_is_differentiable_in_every_sign_plane(method: str) -> None:
+    """A sign plane given as float +-1 values dequantizes to the same weight, and the weight moves with
+    each value by its own element's magnitude: the straight-through estimator's gradient is exact for
+    the element it flips (a flip is a step of -2 s)."""
+    _, result, _ = tuned_run(method, None)
+    weight = next(iter(result.weights.values()))
+    planes = weight.sign_planes()
+    assert planes
+    values = {name: sign_values(getattr(weight, name)).requires_grad_() for name in planes}
+    rebuilt = weight.with_tensors(**values).dequantize()
+    assert torch.equal(rebuilt.detach(), weight.dequantize())
+    probe = torch.randn(rebuilt.shape, generator=torch.Generator().manual_seed(0))
+    (rebuilt * probe).sum().backward()
+    for name, value in values.items():
+        assert value.grad is not None and value.grad.abs().sum() > 0, name
+        flat = value.grad.flatten()
+        index = int(flat.abs().argmax())
+        plane = getattr(weight, name).clone()
+        plane.view(-1)[index] = ~plane.view(-1)[index]
+        moved = weight.with_tensors(**{name: plane}).dequantize()
+        predicted = float(flat[index]) * -2 * float(value.detach().flatten()[index])
+        actual = float(((moved - weight.dequantize()) * probe).sum())
+        assert actual == pytest.approx(predicted, rel=1e-4, abs=1e-5), name
+
+
+@pytest.mark.parametrize("method", SIGNED)
+def test_sign_tuning_keeps_the_layout_and_never_raises_the_held_out_error(method: str) -> None:
+    _, plain, _ = tuned_run(method, FAST)
+    _, tuned, records = tuned_run(method, SIGNS)
+    assert [r.block for r in records] == [0, 1]
+    for record in records:
+        assert record.error_after <= record.error_before
+        assert record.kept == (record.error_after < record.error_before)
+        assert record.kept or record.flipped == 0
+    assert list(plain.weights) == list(tuned.weights)
+    flips = 0
+    for name, after in tuned.weights.items():
+        made = tuned.made[name]
+        assert after.layout == made.layout and after.shape == made.shape
+        assert after.storage_bits_total == made.storage_bits_total
+        if ".layers.0." in name:  # block 0 sees the same inputs in both runs: the method made the same weight
+            assert tensor_digest(plain.made[name].packed_tensors()) == tensor_digest(made.packed_tensors())
+        a, b = made.packed_tensors(), after.packed_tensors()
+        assert {k: (t.shape, t.dtype) for k, t in a.items()} == {k: (t.shape, t.dtype) for k, t in b.items()}
+        fixed = set(a) - set(made.tunable_tensors()) - set(made.sign_planes())
+        assert all(torch.equal(a[k], b[k]) for k in fixed), name  # bitmaps, salient columns, indices as made
+        for plane in made.sign_planes():
+            assert getattr(after, plane).dtype == torch.bool
+            flips += int((getattr(after, plane) != getattr(made, plane)).sum())
+    assert flips == sum(r.flipped for r in records)
+
+
+def corrupt(share: float) -> Callable[[QuantizedWeight], QuantizedWeight]:
+    """Flip a random ``share`` of each weight's signs, after the method: flipping them back helps."""
+
+    def edit(weight: QuantizedWeight) -> QuantizedWeight:
+        wrong = torch.rand(weight.signs.shape, generator=torch.Generator().manual_seed(weight.signs.numel())) < share
+        edited = weight.with_tensors(signs=weight.signs ^ wrong)
+        edited.corrupted = wrong  # type: ignore[attr-defined]
+        return edited
+
+    return edit
+
+
+def test_sign_tuning_flips_wrong_signs_back() -> None:
+    """With 30% of the method's signs deliberately flipped, tuning the scales alone cannot undo it;
+    tuning the signs flips signs, among them wrong ones back, and ends far lower on held-out windows."""
+    longer = dataclasses.replace(FAST, steps=48, eval_every=4, patience=4)
+    _, _, scale_records = tuned_run("arb-group", longer, edit=corrupt(0.3))
+    with_signs = dataclasses.replace(longer, signs=True, sign_lr=0.1)
+    _, signs, sign_records = tuned_run("arb-group", with_signs, edit=corrupt(0.3))
+    assert sign_records[0].error_before == scale_records[0].error_before  # the same corrupted block 0
+    assert sign_records[0].flipped > 0 and sign_records[0].error_after < 0.85 * scale_records[0].error_after
+    restored = others = wrong = right = 0
+    for name, after in signs.weights.items():
+        if ".layers.0." not in name:
+            continue
+        made = signs.made[name]
+        flipped = after.signs != made.signs
+        restored += int((flipped & made.corrupted).sum())
+        others += int((flipped & ~made.corrupted).sum())
+        wrong += int(made.corrupted.sum())
+        right += int((~made.corrupted).sum())
+    # Flipping is no mere undo: with windows this few, the tuned planes move away from the method's
+    # elsewhere too; but a corrupted sign is still the likelier to flip.
+    assert restored > 0 and restored / wrong > others / right
+
+
+def test_sign_tuning_is_deterministic() -> None:
+    flipping = dataclasses.replace(SIGNS, steps=48, eval_every=4, patience=4, sign_lr=0.1)
+    _, first, a = tuned_run("billm", flipping, edit=corrupt(0.3))
+    _, second, b = tuned_run("billm", flipping, edit=corrupt(0.3))
+    assert any(r.flipped for r in a)
+    assert [dataclasses.replace(r, time_s=0) for r in a] == [dataclasses.replace(r, time_s=0) for r in b]
+    for name, weight in first.weights.items():
+        assert tensor_digest(weight.packed_tensors()) == tensor_digest(second.weights[name].packed_tensors())
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
@@ -190,6 +307,11 @@ def test_config_errors_are_one_line() -> None:
         TuneConfig(batch=0)
     with pytest.raises(BinqError, match="--tune-target must be one of original, quantized"):
         TuneConfig(target="both")
+    with pytest.raises(BinqError, match="--tune-sign-lr must be a positive number"):
+        TuneConfig(signs=True, sign_lr=-1.0)
+    with pytest.raises(BinqError, match="--tune-sign-lr applies to --tune-signs: add --tune-signs"):
+        TuneConfig(sign_lr=0.5)
+    assert tune_options(TuneConfig(signs=True, sign_lr=0.1)) == ["--tune", "--tune-signs", "--tune-sign-lr", "0.1"]
     with pytest.raises(BinqError, match="--tune-holdout 8 leaves none of the 8 calibration windows"):
         TuneConfig(holdout=8).check_windows(8)
     assert tune_options(TuneConfig()) == ["--tune"]
@@ -262,6 +384,8 @@ BAD_OPTIONS = {
     "zero learning rate": (["--tune", "--tune-lr", "0"], "--tune-lr must be a positive number"),
     "negative tokens": (["--tune", "--tune-tokens", "-1"], "--tune-tokens must be an integer >= 0"),
     "several processes": (["--tune", "--nproc", "2"], "--tune runs in one process: leave out --nproc"),
+    "signs without --tune": (["--tune-signs"], "--tune-signs applies to --tune: add --tune"),
+    "sign rate without signs": (["--tune", "--tune-sign-lr", "0.1"], "--tune-sign-lr applies to --tune-signs"),
 }
 
 
@@ -276,11 +400,11 @@ def test_bad_tune_options_are_one_line_errors(
     assert not (tmp_path / "out" / "report.json").exists()
 
 
-def test_a_tuned_arb_group_still_exports_to_q1_0_exactly(tmp_path: Path) -> None:
+@pytest.mark.parametrize("tune", [FAST, SIGNS], ids=["scales", "signs"])
+def test_a_tuned_arb_group_still_exports_to_q1_0_exactly(tmp_path: Path, tune: TuneConfig) -> None:
     model = build_tiny_model("llama", **WIDE)
     spec = get_method("arb-group")
     config = spec.make_config(group_size=128)
-    tune = FAST
     records: list[BlockTuneRecord] = []
     result = quantize_model(
         model, get_architecture(model), random_ids(6, 16), spec, config, progress=False, tune=tune,

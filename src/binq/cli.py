@@ -117,10 +117,15 @@ def _add_tune_options(parser: argparse.ArgumentParser) -> None:
         ("holdout", int, "the last N calibration windows are held out: they pick the kept step and stop early"),
         ("eval_every", int, "steps between held-out checks"),
         ("patience", int, "held-out checks without improvement before a block stops"),
+        ("sign_lr", float, "with --tune-signs: learning rate of the signs' latents (each starts at +-1)"),
     )
     for name, kind, text in settings:
         default = getattr(defaults, name)
         group.add_argument(f"--tune-{name.replace('_', '-')}", type=kind, default=default, help=f"{text} ({default})")
+    group.add_argument(
+        "--tune-signs", action="store_true",
+        help="flip signs too, by a straight-through estimator (same sign planes, layout and bits)",
+    )  # fmt: skip
     group.add_argument(
         "--tune-target", default=defaults.target, choices=TARGETS,
         help="original: the unquantized model's block outputs; quantized: the original block on the quantized inputs",

@@ -37,6 +37,7 @@ def tune_row(record: BlockTuneRecord) -> str:
     return (
         f"{record.block:>5}  {'tuned block':<22} {record.steps:>6} steps  {record.error_before:>9.3e} -> "
         f"{record.error_after:.3e} held-out block error ({outcome})  {record.time_s:>6.2f}s"
+        + (f"  {record.flipped} signs flipped" if record.flipped else "")
     )
 
 

@@ -23,6 +23,15 @@ tuned weight has the same layout, shapes and storage bits, and exports and runs 
 - **Parametrisation**: a scale ``s`` is tuned relative to itself, ``s0 * (1 + d)``; an offset in units
   of its weight's scales (their root mean square), ``m0 + d * rms(s0)``. One learning rate then suits
   every layer and model: ``lr`` is roughly the relative change per step.
+- **Signs** (``signs``, off by default): the sign planes
+  (:meth:`~binq.quant.structured.QuantizedWeight.sign_planes`) are tuned too, by a straight-through
+  estimator. Each sign has a real latent, starting at +-1 (its stored sign); the forward uses the
+  latent's sign, the backward passes the gradient to the latent unchanged. Adam moves the latents at
+  their own rate ``sign_lr`` (and no ``eps``: their gradients are often smaller than Adam's default),
+  so a latent moves at most about ``sign_lr`` per step, and a sign flips only after about
+  ``1 / sign_lr`` steps whose gradients mostly agree. The held-out checks see the hard signs, as they
+  would be stored, so the kept state is the best one with its flips; a flipped plane has the method's
+  shape, so the layout and storage bits stay.
 - **Cost**: one forward of the original block for the targets (shared with nothing), and per step a
   forward and backward of ``batch`` windows; the dequantization runs once per step, its gradient
   reached through the dequantized weights (two-stage backward), so no window's graph waits for another.
@@ -42,10 +51,11 @@ from torch.func import functional_call
 
 from binq.engine.capture import block_output
 from binq.errors import BinqError
-from binq.quant.structured import QuantizedWeight
+from binq.quant.structured import QuantizedWeight, sign_values
 
 TARGETS = ("original", "quantized")
 ONE_PROCESS = "--tune runs in one process: leave out --nproc (or torchrun)"
+_LATENT_EPS = 1e-30
 
 
 @dataclass(frozen=True)
@@ -64,6 +74,8 @@ class TuneConfig:
       block on the quantized inputs).
     - ``eval_every``: steps between held-out checks; ``patience``: checks without improvement before a
       block stops early.
+    - ``signs``: flip signs too, by a straight-through estimator (see the module docstring);
+      ``sign_lr``: Adam's learning rate on the signs' latents (a latent starts at +-1).
     """
 
     steps: int = 20
@@ -74,6 +86,8 @@ class TuneConfig:
     target: str = "original"
     eval_every: int = 5
     patience: int = 2
+    signs: bool = False
+    sign_lr: float = 5e-2
 
     def __post_init__(self) -> None:
         for name, low in (
@@ -87,8 +101,14 @@ class TuneConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise BinqError(f"--tune-{name.replace('_', '-')} must be an integer >= {low}, got {value!r}")
-        if not (isinstance(self.lr, int | float) and math.isfinite(self.lr) and self.lr > 0):
-            raise BinqError(f"--tune-lr must be a positive number, got {self.lr!r}")
+        for name in ("lr", "sign_lr"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+                raise BinqError(f"--tune-{name.replace('_', '-')} must be a positive number, got {value!r}")
+        if not isinstance(self.signs, bool):
+            raise BinqError(f"--tune-signs must be true or false, got {self.signs!r}")
+        if not self.signs and self.sign_lr != TuneConfig.sign_lr:
+            raise BinqError("--tune-sign-lr applies to --tune-signs: add --tune-signs")
         if self.target not in TARGETS:
             raise BinqError(f"--tune-target must be one of {', '.join(TARGETS)}, got '{self.target}'")
 
@@ -122,13 +142,17 @@ class BlockTuneRecord:
     steps: int
     kept: bool  # the tuned tensors replaced the method's (they lowered the held-out error)
     time_s: float
+    flipped: int = 0  # signs the kept weights flipped (--tune-signs)
 
 
 @dataclass
 class _Tunable:
-    """One tuned tensor of one weight: where it started, its kind, its free parameter."""
+    """One tuned tensor of one weight: where it started, its kind, its free parameter.
 
-    start: torch.Tensor  # float32, the method's stored value
+    ``sign``: a sign plane, ``delta`` its latent (starting at the stored signs, +-1): the value is the
+    latent's sign forward, the latent itself backward (the straight-through estimator)."""
+
+    start: torch.Tensor  # float32, the method's stored value (a sign plane: +-1)
     kind: str
     unit: float  # what one unit of ``delta`` is worth (offsets: the RMS of the weight's scales)
     delta: torch.Tensor  # float32, requires grad
@@ -136,10 +160,19 @@ class _Tunable:
     def value(self) -> torch.Tensor:
         if self.kind == "scale":
             return self.start * (1 + self.delta)
+        if self.kind == "sign":
+            hard = torch.where(self.delta >= 0, 1.0, -1.0)
+            return hard + (self.delta - self.delta.detach())
         return self.start + self.delta * self.unit
 
+    def stored(self) -> torch.Tensor:
+        """The value as it is stored: fp16, or a sign plane's bits (True = +1, a zero latent too)."""
+        if self.kind == "sign":
+            return self.delta.detach() >= 0
+        return self.value().detach().half()
 
-def _tunables(weight: QuantizedWeight) -> dict[str, _Tunable]:
+
+def _tunables(weight: QuantizedWeight, signs: bool = False) -> dict[str, _Tunable]:
     kinds = weight.tunable_tensors()
     scales = [getattr(weight, name).float() for name, kind in kinds.items() if kind == "scale"]
     rms = float(torch.cat([s.flatten() for s in scales]).square().mean().sqrt()) if scales else 1.0
@@ -147,6 +180,9 @@ def _tunables(weight: QuantizedWeight) -> dict[str, _Tunable]:
     for name, kind in kinds.items():
         start = getattr(weight, name).detach().float().cpu()
         out[name] = _Tunable(start, kind, rms or 1.0, torch.zeros_like(start, requires_grad=True))
+    for name in weight.sign_planes() if signs else ():
+        start = sign_values(getattr(weight, name).detach().cpu())
+        out[name] = _Tunable(start, "sign", 1.0, start.clone().requires_grad_())
     return out
 
 
@@ -176,7 +212,7 @@ def _stored(
 ) -> dict[str, QuantizedWeight]:
     """The weights with their tuned tensors as they would be stored (fp16)."""
     return {
-        name: weight.with_tensors(**{t: p.value().detach().half() for t, p in tunables[name].items()})
+        name: weight.with_tensors(**{t: p.stored() for t, p in tunables[name].items()})
         for name, weight in weights.items()
     }
 
@@ -214,14 +250,19 @@ def tune_block(
         train_inputs = [x[:, : config.tokens] for x in train_inputs]
         train_targets = [t[:, : config.tokens] for t in train_targets]
     before = runner.error(held_inputs, held_targets, _dense(weights, device, runner.dtype))
-    tunables = {name: _tunables(weight) for name, weight in weights.items()}
-    params = [p.delta for per in tunables.values() for p in per.values()]
+    tunables = {name: _tunables(weight, config.signs) for name, weight in weights.items()}
+    params = [p.delta for per in tunables.values() for p in per.values() if p.kind != "sign"]
+    latents = [p.delta for per in tunables.values() for p in per.values() if p.kind == "sign"]
     best, best_error, steps, stale = None, before, 0, 0
-    if params and trained > 0 and config.steps > 0:
+    if (params or latents) and trained > 0 and config.steps > 0:
         frozen = [(p, p.requires_grad) for p in block.parameters()]
         for p, _ in frozen:
             p.requires_grad_(False)
-        optimizer = torch.optim.Adam(params, lr=config.lr)
+        groups = [{"params": params}] if params else []
+        if latents:
+            # Adam's eps would damp the latents' steps: their gradients are often below it.
+            groups.append({"params": latents, "lr": config.sign_lr, "eps": _LATENT_EPS})
+        optimizer = torch.optim.Adam(groups, lr=config.lr)
         order: list[int] = []
         try:
             for step in range(1, config.steps + 1):
@@ -244,8 +285,14 @@ def tune_block(
         finally:
             for p, flag in frozen:
                 p.requires_grad_(flag)
-    record = BlockTuneRecord(index, before, best_error, steps, best is not None, time.perf_counter() - started)
+    flipped = 0 if best is None else sum(_flipped(weights[name], best[name]) for name in weights)
+    record = BlockTuneRecord(index, before, best_error, steps, best is not None, time.perf_counter() - started, flipped)
     return (best if best is not None else weights), record
+
+
+def _flipped(before: QuantizedWeight, after: QuantizedWeight) -> int:
+    """How many signs ``after`` has flipped against ``before``."""
+    return sum(int((getattr(before, p) != getattr(after, p)).sum()) for p in before.sign_planes())
 
 
 def _train_step(
@@ -283,5 +330,6 @@ def tune_options(config: TuneConfig) -> list[str]:
     for item in fields(config):
         value = getattr(config, item.name)
         if value != getattr(defaults, item.name):
-            options += [f"--tune-{item.name.replace('_', '-')}", str(value)]
+            option = f"--tune-{item.name.replace('_', '-')}"
+            options += [option] if isinstance(value, bool) else [option, str(value)]
     return options

@@ -26,7 +26,7 @@ import torch
 from binq.errors import BinqError
 from binq.quant.grouping import index_bits
 from binq.quant.packing import pack_bits, pack_uint, packed_row_bytes, unpack_bits, unpack_uint
-from binq.quant.structured import QuantizedWeight, register_layout, require_tensor
+from binq.quant.structured import QuantizedWeight, register_layout, require_tensor, sign_values
 
 SCALE_BITS = 16
 
@@ -80,13 +80,16 @@ class MultiScaleWeight(QuantizedWeight):
         return self.scales.float().reshape(-1)[flat]
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        out = self.element_scales() * (self.signs.float() * 2 - 1)
+        out = self.element_scales() * sign_values(self.signs)
         if self.zero_positions is not None:
             out.view(-1)[self.zero_positions.long()] = 0.0
         return out.to(dtype)
 
     def tunable_tensors(self) -> dict[str, str]:
         return {"scales": "scale"}
+
+    def sign_planes(self) -> tuple[str, ...]:
+        return ("signs",)
 
     def packed_tensors(self) -> dict[str, torch.Tensor]:
         # Packing a large index plane takes seconds; the records ask for the bits more than once.

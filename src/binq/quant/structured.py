@@ -88,9 +88,19 @@ class QuantizedWeight(ABC):
         require grad, and :meth:`with_tensors` must accept them."""
         return {}
 
+    def sign_planes(self) -> tuple[str, ...]:
+        """The sign planes (bool, True = +1) that block-wise tuning may flip (``--tune-signs``): a flipped
+        plane keeps its shape, so the weight keeps its layout and storage bits. Bitmaps, salient columns,
+        codes and indices are never listed. None by default.
+
+        :meth:`with_tensors` must accept a plane either as bool or as a float tensor of sign values
+        (``+-1``, see :func:`sign_values`), and :meth:`dequantize` must be differentiable in the latter."""
+        return ()
+
     def with_tensors(self, **tensors: torch.Tensor) -> QuantizedWeight:
-        """A copy of this weight with the named tensors (of :meth:`tunable_tensors`) replaced."""
-        unknown = sorted(set(tensors) - set(self.tunable_tensors()))
+        """A copy of this weight with the named tensors (of :meth:`tunable_tensors` or :meth:`sign_planes`)
+        replaced."""
+        unknown = sorted(set(tensors) - set(self.tunable_tensors()) - set(self.sign_planes()))
         if unknown:
             raise ValueError(f"{self.layout} weights do not tune {', '.join(unknown)}")
         return dataclasses.replace(self, **tensors)  # type: ignore[type-var]
@@ -169,6 +179,14 @@ def _unexpected_tensors(tensors: dict[str, torch.Tensor], known: set[str]) -> No
     extra = sorted(set(tensors) - known)
     if extra:
         raise BinqError(f"unexpected tensor(s) {', '.join(extra)}")
+
+
+def sign_values(plane: torch.Tensor) -> torch.Tensor:
+    """A sign plane as float ``+-1`` values: a bool plane maps True to +1 and False to -1; a float plane
+    (sign values being tuned, :meth:`QuantizedWeight.sign_planes`) is taken as it is, gradient included."""
+    if plane.dtype == torch.bool:
+        return plane.float() * 2 - 1
+    return plane.float()
 
 
 def _block_index(cols: int, block_size: int) -> torch.Tensor:
@@ -301,7 +319,7 @@ class BinaryWeight(QuantizedWeight):
         scale = torch.gather(self.scales.float().reshape(rows, -1), 1, idx)
         if column_table is not None:
             scale = scale * column_table[columns.unsqueeze(0).expand(rows, -1), zone]
-        term = scale * (signs.float() * 2 - 1)
+        term = scale * sign_values(signs)
         if self.means is not None:
             term = term + torch.gather(self.means.float().reshape(rows, -1), 1, idx)
         return term
@@ -410,6 +428,9 @@ class BinaryWeight(QuantizedWeight):
     def tunable_tensors(self) -> dict[str, str]:
         kinds = {"scales": "scale", "means": "offset", "column_scales": "scale", "salient_column_scales": "scale"}
         return {name: kind for name, kind in kinds.items() if getattr(self, name) is not None}
+
+    def sign_planes(self) -> tuple[str, ...]:
+        return ("signs",) if self.residual_signs is None else ("signs", "residual_signs")
 
     @property
     def compute_bits(self) -> float:
