@@ -72,6 +72,17 @@ RUNS: tuple[Run, ...] = (
     _q("arb-group g128 tuned", "--method", "arb-group", "--tune", description="Q1_0's form, tuned"),
     _q("w11 tuned", "--method", "w11", "--tune"),
     _q("gptq 2-bit g128 tuned", "--method", "gptq", "--bits", "2", "--group-size", "128", "--tune"),
+    # Sign flips too (--tune-signs), with the steps, batch and patience they need (docs/TUNE.md).
+    *(
+        _q(
+            f"arb-group g128 tuned signs{f' seed {seed}' if seed else ''}",
+            *("--method", "arb-group", "--tune", "--tune-signs"),
+            *("--tune-steps", "60", "--tune-batch", "4", "--tune-patience", "4"),
+            *(("--seed", str(seed)) if seed else ()),
+            description="Q1_0's form, tuned with sign flips",
+        )
+        for seed in (0, 1, 2)
+    ),
     # Calibration seeds (issue 15): a 1-bit-class run's PPL moves with the calibration draw; these rows, with
     # seed 0's own, give each its median and range (docs/TUNE.md).
     *(_q(f"arb-group g128 seed {seed}", "--method", "arb-group", "--seed", str(seed)) for seed in (1, 2)),

@@ -398,14 +398,16 @@ TUNE_PAIRS = (
     ("w11", "w11 tuned"),
     ("gptq 2-bit g128", "gptq 2-bit g128 tuned"),
     ("target 2.5 bits", "target 2.5 bits tuned"),
+    ("arb-group g128", "arb-group g128 tuned signs"),
 )
-TUNE_ROWS = tuple(label for pair in TUNE_PAIRS for label in pair)
+TUNE_ROWS = tuple(dict.fromkeys(label for pair in TUNE_PAIRS for label in pair))
+SEED_PAIRS = (*TUNE_PAIRS, ("arb-group g128 tuned", "arb-group g128 tuned signs"))
 
 
 def tune_section(reports: Reports, pairs: Sequence[tuple[str, str]]) -> str:
     """Each method alone and with ``--tune``: bits, PPL, KL, and what tuning cost inside the tuned run itself
     (its blocks' tuning seconds against the rest of its quantize time, measured side by side in one process)."""
-    labels = [label for pair in pairs for label in pair]
+    labels = list(dict.fromkeys(label for pair in pairs for label in pair))
     present, missing = _split(reports, labels)
     if not present:
         return "\n".join([*_no_rows(), *_footer(present, missing, timed=True)])
@@ -1324,7 +1326,7 @@ SECTIONS: tuple[Section, ...] = (
     Section("README.md", "inference-speed", readme_speed_section),
     Section("docs/BENCHMARKS.md", "quality", _quality(QUALITY_ROWS), QUALITY_ROWS),
     Section("docs/TUNE.md", "tune-quality", lambda r: tune_section(r, TUNE_PAIRS), TUNE_ROWS),
-    Section("docs/TUNE.md", "tune-seeds", lambda r: seeds_section(r, TUNE_PAIRS), _SEED_ROWS),
+    Section("docs/TUNE.md", "tune-seeds", lambda r: seeds_section(r, SEED_PAIRS), _SEED_ROWS),
     Section("docs/BENCHMARKS.md", "arb-quality", _quality(ARB_ROWS), ARB_ROWS),
     Section("docs/BENCHMARKS.md", "arb-order", _compact(ARB_ORDER_ROWS), ARB_ORDER_ROWS),
     Section("docs/BENCHMARKS.md", "msb-quality", _quality(MSB_ROWS), MSB_ROWS),

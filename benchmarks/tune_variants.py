@@ -1,0 +1,73 @@
+"""Compare block-wise tuning settings block by block, every setting from the same quantized start.
+
+    python benchmarks/tune_variants.py 1 'scales:{}' 'signs:{"signs": true, "steps": 60, "patience": 4, "batch": 4}'
+    FROM=11 python benchmarks/tune_variants.py 12 'scales:{}' ...      # tune only from block 11, then compare
+
+Runs ``binq quantize --model smollm2-135m --method arb-group --tune --quick`` (plus ``$EXTRA`` options) and,
+for each of the first ``K`` blocks (from block ``$FROM``), tunes the block once per setting (a
+:class:`~binq.engine.tune.TuneConfig` field override, given as ``name:json``), each from the same generator
+state, and prints each setting's held-out error before and after, its steps and kept sign flips. The walk
+continues with the first setting's result, so later blocks see that setting's quantized inputs. A
+development tool (the numbers of docs/TUNE.md's "Sign flips" section came from it), not a benchmark with
+a report file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import sys
+import time
+
+import torch
+
+import binq.engine.calibrate as calibrate
+from binq.cli import main as binq_main
+from binq.engine.tune import tune_block
+
+
+class _Stop(Exception):
+    pass
+
+
+def main() -> int:
+    blocks = int(sys.argv[1])
+    first = int(os.environ.get("FROM", "0"))
+    settings = [(a.split(":", 1)[0], json.loads(a.split(":", 1)[1])) for a in sys.argv[2:]]
+
+    def compare(index, block, weights, inputs, targets, arguments, prefix, device, config, generator):
+        if index < first:
+            return tune_block(index, block, weights, inputs, targets, arguments, prefix, device, config, generator)
+        state = generator.get_state()
+        results = []
+        for name, override in settings:
+            own = torch.Generator()
+            own.set_state(state)
+            tuned, record = tune_block(
+                index, block, weights, inputs, targets, arguments, prefix, device,
+                dataclasses.replace(config, **override), own,
+            )  # fmt: skip
+            ratio = record.error_after / record.error_before
+            print(f"block {index} {name:>14}: {record.error_before:.4e} -> {record.error_after:.4e} ({ratio:.4f})"
+                  f" steps {record.steps} flipped {record.flipped} {record.time_s:.1f}s", flush=True)  # fmt: skip
+            results.append((tuned, record))
+        if index + 1 >= blocks:
+            raise _Stop
+        generator.set_state(state)
+        return results[0]
+
+    calibrate.tune_block = compare
+    started = time.time()
+    with contextlib.suppress(_Stop):
+        binq_main([
+            "quantize", "--model", "smollm2-135m", "--method", "arb-group", "--tune", "--device", "cpu",
+            *os.environ.get("EXTRA", "").split(), "--quick", "--no-progress", "--no-layer-table", "--eval", "none",
+        ])  # fmt: skip
+    print(f"total {time.time() - started:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
