@@ -95,8 +95,9 @@ def prepare(args: argparse.Namespace) -> tuple[Path, torch.nn.Module, object, st
     return gguf_path, loaded.model, loaded.tokenizer, f"llama.cpp's F16 of {source.name}"
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_run_options(parser: argparse.ArgumentParser, threads: int) -> None:
+    """The options of a comparison run (checkpoint, GGUF, text, windows, prompt, threads), shared with
+    ``benchmarks/q1_agreement.py``."""
     parser.add_argument("--checkpoint", required=True, help="a folder of `binq quantize --out`, or the source model")
     parser.add_argument("--like", default=None, help="the source GGUF (or embedded model name), for metadata")
     parser.add_argument("--gguf", default=None, help="where to write the GGUF (default: CHECKPOINT/model.gguf)")
@@ -106,7 +107,12 @@ def main() -> int:
     parser.add_argument("--windows", type=int, default=4)
     parser.add_argument("--prompt", default=PROMPT)
     parser.add_argument("--new-tokens", type=int, default=24)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=threads)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_run_options(parser, threads=2)
     parser.add_argument("--out", default=None, help="write the numbers as JSON here")
     args = parser.parse_args()
 

@@ -45,7 +45,7 @@ from binq.inference.llamacpp import llama_cpp_tensors, window_nll
 from binq.report import library_versions, machine, now_utc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from llamacpp import PROMPT, llama_cpp_greedy, prepare, tensor_types  # the sibling script
+from llamacpp import add_run_options, llama_cpp_greedy, prepare, tensor_types  # the sibling script
 
 ROUNDED = ("Q1_0", "Q4_0", "Q5_0", "Q8_0")
 # name -> (the ggml types whose activation rounding is applied, llama.cpp's attention too, compute dtype)
@@ -188,16 +188,7 @@ def _module_of(block: str, op: str) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True, help="a folder of `binq quantize --out`, or the source model")
-    parser.add_argument("--like", default=None, help="the source GGUF (or embedded model name), for metadata")
-    parser.add_argument("--gguf", default=None, help="where to write the GGUF (default: CHECKPOINT/model.gguf)")
-    parser.add_argument("--reuse-gguf", action="store_true", help="skip the export when the GGUF exists")
-    parser.add_argument("--text", default="brit1911", help="evaluation text (binq's names or a file)")
-    parser.add_argument("--seqlen", type=int, default=512)
-    parser.add_argument("--windows", type=int, default=4)
-    parser.add_argument("--prompt", default=PROMPT)
-    parser.add_argument("--new-tokens", type=int, default=24)
-    parser.add_argument("--threads", type=int, default=1)
+    add_run_options(parser, threads=1)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument(
         "--ops", type=int, nargs="*", default=[0, 11, 29], help="blocks whose every operation is checked on window 0"
