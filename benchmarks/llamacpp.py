@@ -110,6 +110,20 @@ def add_run_options(parser: argparse.ArgumentParser, threads: int) -> None:
     parser.add_argument("--threads", type=int, default=threads)
 
 
+def open_llama(gguf_path: Path, args: argparse.Namespace):
+    """llama.cpp on ``gguf_path`` with every position's logits, sized for a window and the greedy prompt."""
+    import llama_cpp
+
+    return llama_cpp.Llama(
+        model_path=str(gguf_path),
+        n_ctx=args.seqlen + args.new_tokens + 64,
+        n_batch=args.seqlen,
+        logits_all=True,
+        n_threads=args.threads,
+        verbose=False,
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_run_options(parser, threads=2)
@@ -128,14 +142,7 @@ def main() -> int:
     ours = evaluate_perplexity(model, tokens, args.seqlen, protocol, args.windows, progress=False)
     windows = ours.protocol.windows
 
-    llm = llama_cpp.Llama(
-        model_path=str(gguf_path),
-        n_ctx=args.seqlen + args.new_tokens + 64,
-        n_batch=args.seqlen,
-        logits_all=True,
-        n_threads=args.threads,
-        verbose=False,
-    )
+    llm = open_llama(gguf_path, args)
     nll_sum, max_diffs, mean_diffs, agree, positions, largest = 0.0, [], [], 0, 0, 0.0
     for w in range(windows):
         window = tokens[0, w * args.seqlen : (w + 1) * args.seqlen].tolist()

@@ -45,7 +45,7 @@ from binq.inference.llamacpp import llama_cpp_tensors, window_nll
 from binq.report import library_versions, machine, now_utc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from llamacpp import add_run_options, llama_cpp_greedy, prepare, tensor_types  # the sibling script
+from llamacpp import add_run_options, llama_cpp_greedy, open_llama, prepare, tensor_types  # the sibling script
 
 ROUNDED = ("Q1_0", "Q4_0", "Q5_0", "Q8_0")
 # name -> (the ggml types whose activation rounding is applied, llama.cpp's attention too, compute dtype)
@@ -208,14 +208,7 @@ def main() -> int:
     ids = [tokens[0, w * args.seqlen : (w + 1) * args.seqlen].tolist() for w in range(windows)]
     prompt = tokenizer(args.prompt, return_tensors="pt").input_ids
 
-    llm = llama_cpp.Llama(
-        model_path=str(gguf_path),
-        n_ctx=args.seqlen + args.new_tokens + 64,
-        n_batch=args.seqlen,
-        logits_all=True,
-        n_threads=args.threads,
-        verbose=False,
-    )
+    llm = open_llama(gguf_path, args)
     theirs = [window_nll(llm, window)[1] for window in ids]
     theirs_greedy, theirs_steps = greedy_with_logits(llm, prompt[0].tolist(), args.new_tokens)
     assert theirs_greedy == llama_cpp_greedy(llm, prompt[0].tolist(), args.new_tokens)
