@@ -43,6 +43,7 @@ def _q(label: str, *options: str, description: str = "") -> Run:
 
 
 _W11_OBS = ("--method", "w11", "--importance", "obs")
+_GPTQ_WIDTHS = ("--target-bits", "3.78", "--candidates", "gptq:bits=2;gptq:bits=3;gptq:bits=4")
 
 RUNS: tuple[Run, ...] = (
     # The main job (binq demo) and GPTQ's grid widths.
@@ -72,6 +73,7 @@ RUNS: tuple[Run, ...] = (
     _q("arb-group g128 tuned", "--method", "arb-group", "--tune", description="Q1_0's form, tuned"),
     _q("w11 tuned", "--method", "w11", "--tune"),
     _q("gptq 2-bit g128 tuned", "--method", "gptq", "--bits", "2", "--group-size", "128", "--tune"),
+    _q("gptq 4-bit g128 tuned", "--method", "gptq", "--bits", "4", "--group-size", "128", "--tune"),
     # Sign flips too (--tune-signs), with the steps, batch and patience they need (docs/TUNE.md).
     *(
         _q(
@@ -125,6 +127,9 @@ RUNS: tuple[Run, ...] = (
     # A method per linear under a storage-bit budget (issue 15, docs/ALLOCATION.md).
     _q("target 2.5 bits", "--target-bits", "2.5", description="per linear: arb-group, w11, arb-rc or gptq 2/3/4-bit"),
     _q("target 2.5 bits tuned", "--target-bits", "2.5", "--tune", description="the same allocation, each block tuned"),
+    # Under llama.cpp's fewest bits on SmolLM2 (IQ1_S, 3.792): GPTQ's widths only, per linear.
+    _q("target 3.78 bits gptq", *_GPTQ_WIDTHS, description="per linear: gptq 2/3/4-bit g128"),
+    _q("target 3.78 bits gptq tuned", *_GPTQ_WIDTHS, "--tune", description="the same allocation, each block tuned"),
     Run("w16 a4", ("--act-bits", "4", "--smooth", "none"), "fp weights, INT4 activations", "eval"),
     Run("w16 a4 smooth", ("--act-bits", "4", "--smooth", "channel"), "fp weights, INT4 activations", "eval"),
 )

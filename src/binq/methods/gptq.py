@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from binq.methods.registry import MethodConfig, option, register
-from binq.quant.grid import Grid, fit_minmax_grid
+from binq.quant.grid import Grid, fit_clipped_grid, fit_minmax_grid
 from binq.quant.hessian import dead_columns, factor_hessian
 from binq.quant.structured import UniformWeight
 from binq.quant.sweep import sweep_columns
@@ -28,6 +28,9 @@ class GPTQConfig(MethodConfig):
     - ``act_order``: columns in decreasing ``diag(H)`` order; ``static_groups``: fit every group's
       grid on the original weights before any update.
     - ``block_size``: the lazy-batch width; ``percdamp``: damping relative to ``mean(diag H)``.
+    - ``clip_search``: each group's range shrunk per row to the factor that minimises its rounding error
+      weighted by ``diag(H)`` (:func:`binq.quant.grid.fit_clipped_grid`) instead of min-max; the same
+      layout and bits.
     """
 
     bits: int = option(4, low=1, high=8)
@@ -37,11 +40,19 @@ class GPTQConfig(MethodConfig):
     static_groups: bool = False
     block_size: int = option(128, low=1)
     percdamp: float = option(0.01, low=0.0, high=10.0)
+    clip_search: bool = False
 
 
-def _fit_static_grids(weight: torch.Tensor, config: GPTQConfig, group_size: int) -> list[Grid]:
+def _fit_grid(columns: torch.Tensor, config: GPTQConfig, importance: torch.Tensor) -> Grid:
+    """One group's grid: min-max, or with ``clip_search`` clipped against ``importance`` (its ``diag(H)``)."""
+    if config.clip_search:
+        return fit_clipped_grid(columns, config.bits, config.sym, importance)
+    return fit_minmax_grid(columns, config.bits, config.sym)
+
+
+def _fit_static_grids(weight: torch.Tensor, config: GPTQConfig, group_size: int, diag: torch.Tensor) -> list[Grid]:
     return [
-        fit_minmax_grid(weight[:, g : g + group_size], config.bits, config.sym)
+        _fit_grid(weight[:, g : g + group_size], config, diag[g : g + group_size])
         for g in range(0, weight.shape[1], group_size)
     ]
 
@@ -60,7 +71,9 @@ def quantize_gptq(weight: torch.Tensor, hessian: torch.Tensor, config: GPTQConfi
     u = factor.inverse_cholesky_upper
     w = weight.to(u.dtype).clone()
     w[:, dead_columns(hessian)] = 0
-    static = _fit_static_grids(w, config, group_size) if config.static_groups else None
+    diag = torch.diagonal(hessian).to(u.dtype)
+    static = _fit_static_grids(w, config, group_size, diag) if config.static_groups else None
+    diag_in_order = diag[perm]
     if config.act_order:
         w = w[:, perm]
     # Group of each column, in the layer's own column order: by position in quantization order,
@@ -79,7 +92,7 @@ def quantize_gptq(weight: torch.Tensor, hessian: torch.Tensor, config: GPTQConfi
     group_in_order = group_of_original[perm]
 
     def fit_group(j: int, current: torch.Tensor) -> None:
-        grids.append(fit_minmax_grid(current, config.bits, config.sym))
+        grids.append(_fit_grid(current, config, diag_in_order[j : j + current.shape[1]]))
 
     def quantize_column(j: int, column: torch.Tensor) -> torch.Tensor:
         g = int(group_in_order[j])
