@@ -527,10 +527,15 @@ def test_the_mapping_threshold_covers_one_window_of_activations() -> None:
 def test_a_streamed_run_leaves_a_high_mapping_threshold(
     folder: Path, texts: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A low threshold left in place would map every temporary of whatever the process does next."""
-    from binq import memory
+    """Mapped from the start (loading and tokenizing too), at one window's hidden states once the model's
+    width is known, and high again at the end: a low threshold left in place would map every temporary
+    of whatever the process does next."""
+    from binq import memory, pipeline
 
     calls: list[int] = []
-    monkeypatch.setattr(memory, "map_large_allocations", lambda threshold: calls.append(threshold) or True)
+    record = lambda threshold: calls.append(threshold) or True  # noqa: E731
+    monkeypatch.setattr(memory, "map_large_allocations", record)
+    monkeypatch.setattr(pipeline, "map_large_allocations", record)
     run(folder, texts, "rtn", {"bits": 2}, True, None)
-    assert calls[0] == memory.mapping_threshold(64 * 24 * 4) and calls[-1] == memory.AFTER_RUN_THRESHOLD
+    window = memory.mapping_threshold(64 * 24 * 4)
+    assert calls == [memory.STREAM_LOAD_THRESHOLD, window, memory.AFTER_RUN_THRESHOLD]

@@ -61,7 +61,7 @@ from binq.errors import BinqError
 from binq.evaluation import Protocol, WeightSwap, evaluate_perplexity
 from binq.evaluation.layerwise import LayerwiseEvaluation
 from binq.evaluation.zeroshot import TaskResult, ZeroShotConfig, score_task
-from binq.memory import large_allocations_mapped, mapping_threshold
+from binq.memory import STREAM_LOAD_THRESHOLD, large_allocations_mapped, map_large_allocations, mapping_threshold
 from binq.methods import Method, get_method
 from binq.models import LoadedModel, get_architecture, get_blocks, load_model, named_linears, parameter_inventory
 from binq.models.streaming import block_store
@@ -474,9 +474,22 @@ def quantize(
 
 
 def _quantize(run: _Run, resume: Progress | None) -> QuantizationResult:
-    """:func:`quantize` once its arguments are checked and its progress folder (``resume``) is open."""
+    """:func:`quantize` once its arguments are checked and its progress folder (``resume``) is open.
+
+    A streamed run has glibc map its large allocations from the start (:mod:`binq.memory`): the source's
+    finite checks, the tokenizer and the measurements of ``--target-bits`` allocate and free megabytes
+    before the first block, and from the heap those would stay resident all run."""
+    if not run.stream:
+        return _quantize_loaded(run, resume)
+    with large_allocations_mapped(STREAM_LOAD_THRESHOLD):
+        return _quantize_loaded(run, resume)
+
+
+def _quantize_loaded(run: _Run, resume: Progress | None) -> QuantizationResult:
     method, calibration, evaluation = run.method, run.calibration, run.evaluation
     loaded = _load(run.model, run.engine.device, run.stream)
+    if loaded.streamed:  # the model's own size is known now
+        map_large_allocations(_stream_threshold(run, loaded))
     arch = get_architecture(loaded.model)
     check_seqlen(loaded.model, max(calibration.seqlen, evaluation.seqlen if evaluation.sets else 0))
     windows = None
@@ -568,36 +581,40 @@ def _quantize_streamed(
 ) -> QuantizationResult:
     """:func:`_quantize` for a streamed model: every block quantized, evaluated layer-wise and written to
     its shard while it is in memory (:mod:`binq.engine.streamed`)."""
+    evaluation = None
+    if eval_tokens:
+        protocols = {name: _protocol(loaded, name, run.evaluation) for name in eval_tokens}
+        evaluation = LayerwiseEvaluation(
+            loaded.model, arch, eval_tokens, protocols, run.evaluation.seqlen, run.evaluation.windows,
+            run.engine.device,
+        )  # fmt: skip
+    checkpoint = None
+    if run.out is not None:
+        blocks = len(get_blocks(loaded.model, arch))
+        checkpoint = ShardedCheckpoint(run.out, loaded.model, arch.blocks, blocks, source_dtype(loaded))
+    observer = StreamedRun(evaluation, checkpoint)
+    if not run.uses_engine:
+        engine_result = quantize_free_streamed(
+            loaded.model, arch, run.method, run.config, observer, run.on_layer, run.progress, resume
+        )
+    else:
+        engine_result = quantize_model(
+            loaded.model, arch, windows, run.method, run.config, run.engine, run.on_layer, run.progress,
+            resume=resume, observer=observer, plan=run.allocator, tune=run.tune, on_tune=run.on_tune,
+            seed=run.calibration.seed,
+        )  # fmt: skip
+    eval_started = time.perf_counter()
+    evaluations = evaluation.finish(run.progress) if evaluation is not None else {}
+    eval_s = time.perf_counter() - eval_started
+    outcome = _Outcome(windows, engine_result, evaluations, eval_s, plan)
+    return _finish(run, resume, loaded, arch, outcome, checkpoint)
+
+
+def _stream_threshold(run: _Run, loaded: LoadedModel) -> int:
+    """The allocation size glibc maps on its own during a streamed run: one window's hidden states."""
     hidden = int(getattr(loaded.model.config, "hidden_size", 0) or 0)
-    seqlen = min(run.calibration.seqlen, run.evaluation.seqlen) if eval_tokens else run.calibration.seqlen
-    with large_allocations_mapped(mapping_threshold(hidden * seqlen * 4)):  # freed activations go back at once
-        evaluation = None
-        if eval_tokens:
-            protocols = {name: _protocol(loaded, name, run.evaluation) for name in eval_tokens}
-            evaluation = LayerwiseEvaluation(
-                loaded.model, arch, eval_tokens, protocols, run.evaluation.seqlen, run.evaluation.windows,
-                run.engine.device,
-            )  # fmt: skip
-        checkpoint = None
-        if run.out is not None:
-            blocks = len(get_blocks(loaded.model, arch))
-            checkpoint = ShardedCheckpoint(run.out, loaded.model, arch.blocks, blocks, source_dtype(loaded))
-        observer = StreamedRun(evaluation, checkpoint)
-        if not run.uses_engine:
-            engine_result = quantize_free_streamed(
-                loaded.model, arch, run.method, run.config, observer, run.on_layer, run.progress, resume
-            )
-        else:
-            engine_result = quantize_model(
-                loaded.model, arch, windows, run.method, run.config, run.engine, run.on_layer, run.progress,
-                resume=resume, observer=observer, plan=run.allocator, tune=run.tune, on_tune=run.on_tune,
-                seed=run.calibration.seed,
-            )  # fmt: skip
-        eval_started = time.perf_counter()
-        evaluations = evaluation.finish(run.progress) if evaluation is not None else {}
-        eval_s = time.perf_counter() - eval_started
-        outcome = _Outcome(windows, engine_result, evaluations, eval_s, plan)
-        return _finish(run, resume, loaded, arch, outcome, checkpoint)
+    seqlen = min(run.calibration.seqlen, run.evaluation.seqlen) if run.evaluation.sets else run.calibration.seqlen
+    return mapping_threshold(hidden * seqlen * 4)
 
 
 def _protocol(loaded: LoadedModel, name: str, evaluation: EvaluationConfig) -> Protocol:

@@ -393,15 +393,20 @@ def quality_section(reports: Reports, labels: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-TUNE_PAIRS = (
+_ONE_SHOT_PAIRS = (
     ("arb-group g128", "arb-group g128 tuned"),
     ("w11", "w11 tuned"),
     ("gptq 2-bit g128", "gptq 2-bit g128 tuned"),
     ("target 2.5 bits", "target 2.5 bits tuned"),
     ("arb-group g128", "arb-group g128 tuned signs"),
 )
+TUNE_PAIRS = (
+    *_ONE_SHOT_PAIRS,
+    ("gptq 4-bit g128", "gptq 4-bit g128 tuned"),
+    ("target 3.78 bits gptq", "target 3.78 bits gptq tuned"),
+)
 TUNE_ROWS = tuple(dict.fromkeys(label for pair in TUNE_PAIRS for label in pair))
-SEED_PAIRS = (*TUNE_PAIRS, ("arb-group g128 tuned", "arb-group g128 tuned signs"))
+SEED_PAIRS = (*_ONE_SHOT_PAIRS, ("arb-group g128 tuned", "arb-group g128 tuned signs"))
 
 
 def tune_section(reports: Reports, pairs: Sequence[tuple[str, str]]) -> str:
@@ -821,7 +826,7 @@ MSB_ROWS = (
     "gptq 2-bit g128", "gptq 3-bit g128", "gptq 4-bit g128", "msb g2", "msb g4", "msb g4 lo", "msb g8", "msb g8 lo",
     "msb g16", "msb g16 lo", "msb g32", "msb g32 lo", "msb block g4", "msb-hessian g8",
 )  # fmt: skip
-ALLOCATION_ROWS = ("arb-group g128", "w11", "arb-rc", *GPTQ_ROWS[1:], "target 2.5 bits")
+ALLOCATION_ROWS = ("arb-group g128", "w11", "arb-rc", *GPTQ_ROWS[1:], "target 2.5 bits", "target 3.78 bits gptq")
 W11_ROWS = (
     "gptq 2-bit g128", "billm", "arb-llm-rc", "w11", "w11 a4", "w11 obs", "w11 obs init median",
     "w11 obs init salience", "w11 obs offsets", "w11 obs no em", "w11 importance review", "w11 obs a4",

@@ -48,9 +48,9 @@ def pack_uint(values: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def _rows_per_chunk(bits_per_row: int) -> int:
-    """Rows whose int32 bit stream stays near 4 MB, at least one: the few stream-sized temporaries of a
-    chunk stay small beside what a run holds (at 16 MB they made a streamed run's peak)."""
-    return max(1, (1 << 20) // max(1, bits_per_row))
+    """Rows whose int32 bit stream stays near 1 MB, at least one: the few stream-sized temporaries of a
+    chunk stay small beside what a run holds (at 16 MB, then 4 MB, they showed in a streamed run's peak)."""
+    return max(1, (1 << 18) // max(1, bits_per_row))
 
 
 def _pack_rows(values: torch.Tensor, bits: int, nbytes: int) -> torch.Tensor:
