@@ -539,3 +539,30 @@ def test_a_streamed_run_leaves_a_high_mapping_threshold(
     run(folder, texts, "rtn", {"bits": 2}, True, None)
     window = memory.mapping_threshold(64 * 24 * 4)
     assert calls == [memory.STREAM_LOAD_THRESHOLD, window, memory.AFTER_RUN_THRESHOLD]
+
+
+def test_the_evaluation_streams_live_in_files_and_give_the_numbers_held_in_memory(
+    folder: Path, texts: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import functools
+
+    from binq import pipeline
+    from binq.evaluation import layerwise
+
+    made: list[layerwise.StateFile] = []
+    original_init = layerwise.StateFile.__init__
+
+    def counted(self, *args, **kwargs) -> None:
+        original_init(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(layerwise.StateFile, "__init__", counted)
+    in_files = run(folder, texts, "gptq", {"bits": 3, "group_size": 32}, True, tmp_path / "files")
+    assert len(made) == 4 and all(store.count == 3 for store in made)  # 2 streams x 2 sets, 3 windows each
+    assert all(store._file.closed for store in made)  # closed once scored
+    monkeypatch.setattr(
+        pipeline, "LayerwiseEvaluation", functools.partial(layerwise.LayerwiseEvaluation, states_in_file=False)
+    )
+    in_memory = run(folder, texts, "gptq", {"bits": 3, "group_size": 32}, True, tmp_path / "memory")
+    assert len(made) == 4
+    assert in_files.evaluations == in_memory.evaluations  # PPL and KL to the last bit

@@ -584,9 +584,10 @@ def _quantize_streamed(
     evaluation = None
     if eval_tokens:
         protocols = {name: _protocol(loaded, name, run.evaluation) for name in eval_tokens}
+        folder = run.out if run.out is not None and Path(run.out).is_dir() else None  # else the system's
         evaluation = LayerwiseEvaluation(
             loaded.model, arch, eval_tokens, protocols, run.evaluation.seqlen, run.evaluation.windows,
-            run.engine.device,
+            run.engine.device, folder=folder,
         )  # fmt: skip
     checkpoint = None
     if run.out is not None:

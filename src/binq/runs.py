@@ -52,6 +52,11 @@ RUNS: tuple[Run, ...] = (
     _q("gptq 2-bit g128", "--method", "gptq", "--bits", "2", "--group-size", "128"),
     _q("gptq 3-bit g128", "--method", "gptq", "--bits", "3", "--group-size", "128"),
     _q("gptq 4-bit g128", "--method", "gptq", "--bits", "4", "--group-size", "128"),
+    _q(
+        "gptq 3-bit g128 clip",
+        *("--method", "gptq", "--bits", "3", "--group-size", "128", "--clip-search"),
+        description="ranges clipped by a diag(H)-weighted search",
+    ),
     _q("billm", "--method", "billm"),
     # The ARB family (issue 3).
     _q(

@@ -21,14 +21,17 @@ operations, in the same order, as the whole model's forward computes it, so the 
 bit for bit, as the in-memory evaluation's; the original's block outputs are computed on the fly, never
 from a second copy of the model.
 
-Memory: both streams of every window (``windows x seqlen x hidden`` each, per evaluation set), held
-on the CPU as the papers' layer-wise evaluation holds them.
+Memory: both streams of every window (``windows x seqlen x hidden`` each, per evaluation set). By
+default they live in temporary files (:class:`~binq.evaluation.state_file.StateFile`), one window in
+memory at a time, since each is touched only when its block is in memory; ``states_in_file=False``
+holds them in memory, as the papers' layer-wise evaluation does. The numbers are the same either way.
 """
 
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,6 +40,7 @@ from tqdm.auto import tqdm
 
 from binq.engine.capture import BlockInputs, block_output, capture_block_inputs, to_device
 from binq.evaluation.perplexity import Protocol, WindowScores, check_windows, chunked_head
+from binq.evaluation.state_file import StateFile
 from binq.memory import trim_free_memory
 from binq.models.architectures import Architecture, get_blocks
 
@@ -46,8 +50,8 @@ class _Streams:
     protocol: Protocol
     samples: torch.Tensor  # [windows, seqlen] token ids
     inputs: BlockInputs  # each block's extra arguments
-    original: list[torch.Tensor]
-    quantized: list[torch.Tensor]
+    original: list[torch.Tensor] | StateFile
+    quantized: list[torch.Tensor] | StateFile
 
 
 class _Replay(nn.Module):
@@ -75,7 +79,11 @@ class LayerwiseEvaluation:
         seqlen: int,
         max_windows: int | None,
         device: str = "cpu",
+        states_in_file: bool = True,
+        folder: str | Path | None = None,
     ) -> None:
+        """``states_in_file``: the streams in temporary files in ``folder`` (the system's temporary folder
+        when ``None``), one window in memory at a time."""
         self.model, self.arch, self.device = model, arch, torch.device(device)
         blocks = get_blocks(model, arch)
         self.sets: dict[str, _Streams] = {}
@@ -85,16 +93,28 @@ class LayerwiseEvaluation:
             samples = ids[0, : windows * seqlen].reshape(windows, seqlen)
             inputs = capture_block_inputs(model, blocks, samples)
             states = inputs.hidden_states
-            self.sets[name] = _Streams(protocol, samples, inputs, list(states), list(states))
             inputs.hidden_states = []
+            if states_in_file:
+                original = StateFile(len(states), tuple(states[0].shape), states[0].dtype, folder)
+                quantized = StateFile(len(states), tuple(states[0].shape), states[0].dtype, folder)
+                for i in range(len(states)):
+                    original[i] = quantized[i] = states[i]
+                    states[i] = None  # type: ignore[call-overload]
+                self.sets[name] = _Streams(protocol, samples, inputs, original, quantized)
+            else:
+                self.sets[name] = _Streams(protocol, samples, inputs, list(states), list(states))
+            del states
 
     @torch.no_grad()
-    def _run(self, block: nn.Module, index: int, streams: _Streams, states: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _run(
+        self, block: nn.Module, index: int, streams: _Streams, states: list[torch.Tensor] | StateFile
+    ) -> list[torch.Tensor] | StateFile:
         """``states`` advanced through ``block``, each window's output written over its input (each stream
-        has a list of its own), so that one window's states are alive twice at most, not the whole set."""
+        has a list or file of its own), so that one window's states are alive twice at most, not the whole set."""
         args = to_device(streams.inputs.args[index], self.device)
         kwargs = to_device(streams.inputs.kwargs[index], self.device)
-        for i, x in enumerate(states):
+        for i in range(len(states)):
+            x = states[i]
             states[i] = block_output(block(x.to(self.device), *args, **kwargs)).to(x.device)
         return states
 
@@ -138,11 +158,13 @@ class LayerwiseEvaluation:
                         out = self.model(x[:, part], use_cache=False).logits
                         return out if head else out[:, rows]
 
+                    quantized, original = streams.quantized[i], streams.original[i]  # read once per window
                     scores.add_rows(
                         x,
-                        lambda rows, i=i, streams=streams: logits(streams.quantized[i], quantized_replay, rows),
-                        lambda rows, i=i, streams=streams: logits(streams.original[i], original_replay, rows),
+                        lambda rows, states=quantized: logits(states, quantized_replay, rows),
+                        lambda rows, states=original: logits(states, original_replay, rows),
                     )
+                    del quantized, original
                     trim_free_memory()
                 results[name] = scores.result().to_dict()
         finally:
@@ -151,4 +173,8 @@ class LayerwiseEvaluation:
                 self.model.to("cpu")
             for i, block in enumerate(saved):
                 blocks[i] = block
+            for streams in self.sets.values():
+                for states in (streams.original, streams.quantized):
+                    if isinstance(states, StateFile):
+                        states.close()
         return results
