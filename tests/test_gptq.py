@@ -293,7 +293,7 @@ def test_clipped_grid_keeps_an_all_zero_row_exact() -> None:
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_clip_search_lowers_gptq_output_error_with_the_same_layout(bits: int) -> None:
     # Not a law: on strongly correlated inputs (``_problem``) the min-max grid can do better, since
-    # GPTQ's feedback then repairs much of a clipped outlier's error elsewhere (docs/ALLOCATION.md).
+    # GPTQ's feedback then repairs much of a clipped outlier's error elsewhere (docs/BENCHMARKS.md).
     weight, hessian = _outlier_problem()
     plain = quantize_gptq(weight, hessian, GPTQConfig(bits=bits, group_size=64))
     clipped = quantize_gptq(weight, hessian, GPTQConfig(bits=bits, group_size=64, clip_search=True))

@@ -817,6 +817,7 @@ def readme_speed_section(reports: Reports) -> str:
 
 GPTQ_ROWS = ("gptq 1-bit g128", "gptq 2-bit g128", "gptq 3-bit g128", "gptq 4-bit g128")
 QUALITY_ROWS = ("rtn 1-bit", *GPTQ_ROWS, "billm")
+CLIP_ROWS = ("gptq 3-bit g128", "gptq 3-bit g128 clip")
 README_ARB_ROWS = ("rtn 1-bit g128", "arb-group g128", "arb-llm-rc", "arb-llm-x", "arb-llm-x intra")
 ARB_ROWS = (
     "rtn 1-bit g128", "arb-group g128", "arb", "arb-x", "arb-llm-x", "arb-llm-x intra", "arb-rc", "arb-llm-rc",
@@ -1330,6 +1331,7 @@ SECTIONS: tuple[Section, ...] = (
     Section("README.md", "results-frontier", lambda r: frontier_section(r, only_frontier=True), _WEIGHT_ONLY),
     Section("README.md", "inference-speed", readme_speed_section),
     Section("docs/BENCHMARKS.md", "quality", _quality(QUALITY_ROWS), QUALITY_ROWS),
+    Section("docs/BENCHMARKS.md", "gptq-clip", _quality(CLIP_ROWS), CLIP_ROWS),
     Section("docs/TUNE.md", "tune-quality", lambda r: tune_section(r, TUNE_PAIRS), TUNE_ROWS),
     Section("docs/TUNE.md", "tune-seeds", lambda r: seeds_section(r, SEED_PAIRS), _SEED_ROWS),
     Section("docs/BENCHMARKS.md", "arb-quality", _quality(ARB_ROWS), ARB_ROWS),
