@@ -78,7 +78,14 @@ RUNS: tuple[Run, ...] = (
     _q("arb-group g128 tuned", "--method", "arb-group", "--tune", description="Q1_0's form, tuned"),
     _q("w11 tuned", "--method", "w11", "--tune"),
     _q("gptq 2-bit g128 tuned", "--method", "gptq", "--bits", "2", "--group-size", "128", "--tune"),
-    _q("gptq 4-bit g128 tuned", "--method", "gptq", "--bits", "4", "--group-size", "128", "--tune"),
+    *(
+        _q(
+            f"gptq 4-bit g128 tuned{f' seed {seed}' if seed else ''}",
+            *("--method", "gptq", "--bits", "4", "--group-size", "128", "--tune"),
+            *(("--seed", str(seed)) if seed else ()),
+        )
+        for seed in (0, 1, 2)
+    ),
     # Sign flips too (--tune-signs), with the steps, batch and patience they need (docs/TUNE.md).
     *(
         _q(
