@@ -54,6 +54,16 @@ def run(folder: Path, texts: tuple[Path, Path], method: str, config, stream: boo
     )  # fmt: skip
 
 
+def half_model(save_tiny_model: Callable[..., Path], arch: str, tied: bool) -> Path:
+    """A 2-block tiny model of ``arch`` stored in fp16, its head tied to its embedding or not."""
+    return save_tiny_model(arch, edit=lambda model: model.half(), num_hidden_layers=2, tie_word_embeddings=tied)
+
+
+def streamed_and_whole(folder: Path, texts: tuple[Path, Path]):
+    """GPTQ 4-bit of ``folder`` streamed and held whole, without an output folder."""
+    return run(folder, texts, "gptq", {"bits": 4}, True, None), run(folder, texts, "gptq", {"bits": 4}, False, None)
+
+
 def records(result) -> list[dict]:
     """The records less their timing."""
     return [{k: v for k, v in dataclasses.asdict(r).items() if k != "time_s"} for r in result.records]
@@ -118,7 +128,7 @@ def test_embeddings_stay_fp16_and_give_the_in_memory_results(
     save_tiny_model: Callable[..., Path], texts: tuple[Path, Path], arch: str, tied: bool, narrow: bool
 ) -> None:
     """A plain embedding and head are held as stored (half the memory) and widened per use: same numbers."""
-    folder = save_tiny_model(arch, edit=lambda model: model.half(), num_hidden_layers=2, tie_word_embeddings=tied)
+    folder = half_model(save_tiny_model, arch, tied)
     loaded = load_model(str(folder), stream=True)
     embedding, head = loaded.model.get_input_embeddings(), loaded.model.get_output_embeddings()
     assert embedding.weight.dtype == (torch.float16 if narrow else torch.float32)
@@ -128,8 +138,7 @@ def test_embeddings_stay_fp16_and_give_the_in_memory_results(
     ids = torch.randint(0, embedding.num_embeddings, (1, 7), generator=torch.Generator().manual_seed(0))
     assert embedding(ids).dtype == torch.float32
     assert head(torch.randn(1, 3, embedding.embedding_dim)).dtype == torch.float32
-    streamed = run(folder, texts, "gptq", {"bits": 4}, True, None)
-    whole = run(folder, texts, "gptq", {"bits": 4}, False, None)
+    streamed, whole = streamed_and_whole(folder, texts)
     assert records(streamed) == records(whole) and streamed.evaluations == whole.evaluations
 
 
@@ -149,9 +158,8 @@ def test_the_head_scored_by_chunks_gives_the_in_memory_results(
     whole-window evaluation's to the last bit."""
     monkeypatch.setattr(perplexity, "ROWS", 8)
     monkeypatch.setattr(perplexity, "HEAD_ROWS", 7)
-    folder = save_tiny_model(arch, edit=lambda model: model.half(), num_hidden_layers=2, tie_word_embeddings=tied)
-    streamed = run(folder, texts, "gptq", {"bits": 4}, True, None)
-    whole = run(folder, texts, "gptq", {"bits": 4}, False, None)
+    folder = half_model(save_tiny_model, arch, tied)
+    streamed, whole = streamed_and_whole(folder, texts)
     assert streamed.evaluations == whole.evaluations
     assert len(perplexity.row_chunks(24)) == 3  # the runs' 24-token windows went through in 3 chunks
 
@@ -316,9 +324,8 @@ def test_large_embeddings_are_mapped_from_the_file_and_give_the_in_memory_result
         return real_map(self, name)
 
     monkeypatch.setattr(streaming.SourceTensors, "map", spy)
-    folder = save_tiny_model(arch, edit=lambda model: model.half(), num_hidden_layers=2, tie_word_embeddings=tied)
-    streamed = run(folder, texts, "gptq", {"bits": 4}, True, None)
-    whole = run(folder, texts, "gptq", {"bits": 4}, False, None)
+    folder = half_model(save_tiny_model, arch, tied)
+    streamed, whole = streamed_and_whole(folder, texts)
     assert records(streamed) == records(whole) and streamed.evaluations == whole.evaluations
     expected = set() if arch == "gemma" else {"model.embed_tokens.weight"} | (set() if tied else {"lm_head.weight"})
     assert set(mapped) == expected

@@ -42,6 +42,16 @@ def _q(label: str, *options: str, description: str = "") -> Run:
     return Run(label, options, description)
 
 
+def _seeds(label: str, *options: str, seeds: tuple[int, ...] = (0, 1, 2), description: str = "") -> tuple[Run, ...]:
+    """The run at each calibration seed of ``seeds``: seed 0 (the default) as ``label``, seed N as
+    ``label seed N`` with ``--seed N`` after the options."""
+    return tuple(
+        _q(f"{label} seed {seed}" if seed else label, *options, *(("--seed", str(seed)) if seed else ()),
+           description=description)
+        for seed in seeds
+    )  # fmt: skip
+
+
 _W11_OBS = ("--method", "w11", "--importance", "obs")
 _GPTQ_WIDTHS = ("--target-bits", "3.78", "--candidates", "gptq:bits=2;gptq:bits=3;gptq:bits=4")
 
@@ -78,32 +88,18 @@ RUNS: tuple[Run, ...] = (
     _q("arb-group g128 tuned", "--method", "arb-group", "--tune", description="Q1_0's form, tuned"),
     _q("w11 tuned", "--method", "w11", "--tune"),
     _q("gptq 2-bit g128 tuned", "--method", "gptq", "--bits", "2", "--group-size", "128", "--tune"),
-    *(
-        _q(
-            f"gptq 4-bit g128 tuned{f' seed {seed}' if seed else ''}",
-            *("--method", "gptq", "--bits", "4", "--group-size", "128", "--tune"),
-            *(("--seed", str(seed)) if seed else ()),
-        )
-        for seed in (0, 1, 2)
-    ),
+    *_seeds("gptq 4-bit g128 tuned", "--method", "gptq", "--bits", "4", "--group-size", "128", "--tune"),
     # Sign flips too (--tune-signs), with the steps, batch and patience they need (docs/TUNE.md).
-    *(
-        _q(
-            f"arb-group g128 tuned signs{f' seed {seed}' if seed else ''}",
-            *("--method", "arb-group", "--tune", "--tune-signs"),
-            *("--tune-steps", "60", "--tune-batch", "4", "--tune-patience", "4"),
-            *(("--seed", str(seed)) if seed else ()),
-            description="Q1_0's form, tuned with sign flips",
-        )
-        for seed in (0, 1, 2)
+    *_seeds(
+        "arb-group g128 tuned signs",
+        *("--method", "arb-group", "--tune", "--tune-signs"),
+        *("--tune-steps", "60", "--tune-batch", "4", "--tune-patience", "4"),
+        description="Q1_0's form, tuned with sign flips",
     ),
     # Calibration seeds (issue 15): a 1-bit-class run's PPL moves with the calibration draw; these rows, with
     # seed 0's own, give each its median and range (docs/TUNE.md).
-    *(_q(f"arb-group g128 seed {seed}", "--method", "arb-group", "--seed", str(seed)) for seed in (1, 2)),
-    *(
-        _q(f"arb-group g128 tuned seed {seed}", "--method", "arb-group", "--tune", "--seed", str(seed))
-        for seed in (1, 2)
-    ),
+    *_seeds("arb-group g128", "--method", "arb-group", seeds=(1, 2)),
+    *_seeds("arb-group g128 tuned", "--method", "arb-group", "--tune", seeds=(1, 2)),
     # MSB / dynamic grouping (issue 4).
     _q("msb g2", "--method", "msb", "--groups", "2"),
     _q("msb g4", "--method", "msb", "--groups", "4"),
