@@ -98,7 +98,7 @@ def _add_activation_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_tune_options(parser: argparse.ArgumentParser) -> None:
-    from binq.engine.tune import TARGETS, TuneConfig
+    from binq.engine.tune import LOSSES, TARGETS, TuneConfig
 
     defaults = TuneConfig()
     group = parser.add_argument_group(
@@ -125,6 +125,14 @@ def _add_tune_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--tune-signs", action="store_true",
         help="flip signs too, by a straight-through estimator (same sign planes, layout and bits)",
+    )  # fmt: skip
+    group.add_argument(
+        "--tune-norms", action="store_true",
+        help="tune the blocks' norm weights too (per-channel scales of the linears' inputs; not linear weights)",
+    )  # fmt: skip
+    group.add_argument(
+        "--tune-loss", default=defaults.loss, choices=LOSSES,
+        help="stream: the residual stream's error; token: each token's relative error, averaged (docs/TUNE.md)",
     )  # fmt: skip
     group.add_argument(
         "--tune-target", default=defaults.target, choices=TARGETS,
