@@ -37,33 +37,26 @@ def main() -> int:
     first = int(os.environ.get("FROM", "0"))
     settings = [(a.split(":", 1)[0], json.loads(a.split(":", 1)[1])) for a in sys.argv[2:]]
 
-    def compare(index, block, weights, inputs, targets, arguments, prefix, device, config, generator, norms=()):
+    def compare(index, block, weights, inputs, targets, arguments, prefix, device, config, generator):
         if index < first:
-            return tune_block(index, block, weights, inputs, targets, arguments, prefix, device, config, generator,
-                              norms)  # fmt: skip
-        originals = {name: block.get_parameter(name).detach().clone() for name in norms}
+            return tune_block(index, block, weights, inputs, targets, arguments, prefix, device, config, generator)
         state = generator.get_state()
         results = []
         for name, override in settings:
             own = torch.Generator()
             own.set_state(state)
-            for norm, value in originals.items():  # every setting from the block's own norms
-                block.get_parameter(norm).data = value.clone()
             tuned, record = tune_block(
                 index, block, weights, inputs, targets, arguments, prefix, device,
-                dataclasses.replace(config, **override), own, norms,
+                dataclasses.replace(config, **override), own,
             )  # fmt: skip
-            kept_norms = {norm: block.get_parameter(norm).detach().clone() for norm in norms}
             ratio = record.error_after / record.error_before
             print(f"block {index} {name:>14}: {record.error_before:.4e} -> {record.error_after:.4e} ({ratio:.4f})"
-                  f" steps {record.steps} flipped {record.flipped} norms {record.norms} {record.time_s:.1f}s", flush=True)  # fmt: skip
-            results.append((tuned, record, kept_norms))
+                  f" steps {record.steps} flipped {record.flipped} {record.time_s:.1f}s", flush=True)  # fmt: skip
+            results.append((tuned, record))
         if index + 1 >= blocks:
             raise _Stop
         generator.set_state(state)
-        for name, value in results[0][2].items():  # the walk continues with the first setting's result
-            block.get_parameter(name).data = value
-        return results[0][:2]
+        return results[0]
 
     calibrate.tune_block = compare
     started = time.time()

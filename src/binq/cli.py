@@ -127,10 +127,6 @@ def _add_tune_options(parser: argparse.ArgumentParser) -> None:
         help="flip signs too, by a straight-through estimator (same sign planes, layout and bits)",
     )  # fmt: skip
     group.add_argument(
-        "--tune-norms", action="store_true",
-        help="tune the blocks' norm weights too (per-channel scales of the linears' inputs; not linear weights)",
-    )  # fmt: skip
-    group.add_argument(
         "--tune-loss", default=defaults.loss, choices=LOSSES,
         help="stream: the residual stream's error; token: each token's relative error, averaged (docs/TUNE.md)",
     )  # fmt: skip

@@ -321,7 +321,7 @@ def quantize_model(
                         to_device(prefix_inputs.args[index], device),
                         to_device(prefix_inputs.kwargs[index], device),
                     )
-                tune_record = _tune_step(step, made, targets, tune, generator, order, prefix, arch.norm_weights)
+                tune_record = _tune_step(step, made, targets, tune, generator, order, prefix)
                 result.weights.update({name: weight for name, (_, weight) in made.items()})
                 _tuned(result, tune_record, on_tune)
                 if tune.target == "original":
@@ -359,7 +359,6 @@ def _tune_step(
     generator: torch.Generator,
     order: list[str],
     prefix: tuple[tuple[Any, ...], dict[str, Any]] | None,
-    norms: tuple[str, ...] = (),
 ) -> BlockTuneRecord:
     """Tune the block's quantized linears; their kept weights replace the method's in ``made`` and in
     the block (as :func:`_quantize_linear` puts them)."""
@@ -367,7 +366,7 @@ def _tune_step(
     weights = {name: made[step.full_name(name)][1] for name in names}
     tuned, record = tune_block(
         step.index, step.block, weights, step.inputs, targets, (step.args, step.kwargs), prefix, step.device, tune,
-        generator, norms,
+        generator,
     )  # fmt: skip
     if record.kept:
         for name in names:

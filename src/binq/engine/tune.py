@@ -84,8 +84,6 @@ class TuneConfig:
     - ``loss``: ``stream``, the error of the whole residual stream (``sum ||Y - T||^2 / sum ||T||^2``), or
       ``token``, each token's relative error ``||y - t||^2 / ||t||^2`` averaged over tokens (see the
       module docstring); the held-out checks measure the same.
-    - ``norms``: tune the block's norm weights too (its architecture's per-channel norm scales, see the
-      module docstring), as scales at ``lr``.
     """
 
     steps: int = 20
@@ -98,7 +96,6 @@ class TuneConfig:
     patience: int = 2
     signs: bool = False
     sign_lr: float = 5e-2
-    norms: bool = False
     loss: str = "stream"
 
     def __post_init__(self) -> None:
@@ -117,9 +114,8 @@ class TuneConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
                 raise BinqError(f"--tune-{name.replace('_', '-')} must be a positive number, got {value!r}")
-        for name in ("signs", "norms"):
-            if not isinstance(getattr(self, name), bool):
-                raise BinqError(f"--tune-{name} must be true or false, got {getattr(self, name)!r}")
+        if not isinstance(self.signs, bool):
+            raise BinqError(f"--tune-signs must be true or false, got {self.signs!r}")
         if not self.signs and self.sign_lr != TuneConfig.sign_lr:
             raise BinqError("--tune-sign-lr applies to --tune-signs: add --tune-signs")
         if self.loss not in LOSSES:
@@ -158,7 +154,6 @@ class BlockTuneRecord:
     kept: bool  # the tuned tensors replaced the method's (they lowered the held-out error)
     time_s: float
     flipped: int = 0  # signs the kept weights flipped (--tune-signs)
-    norms: int = 0  # norm weights the kept state changed (--tune-norms)
 
 
 @dataclass
@@ -209,30 +204,20 @@ class _Block:
         self.block, self.args, self.kwargs, self.device, self.loss = block, args, kwargs, device, loss
         self.dtype = next(block.parameters()).dtype
 
-    def run(
-        self, x: torch.Tensor, weights: dict[str, torch.Tensor], params: dict[str, torch.Tensor] | None = None
-    ) -> torch.Tensor:
-        """The block on ``x`` with ``weights`` for its linears (by module name) and ``params`` for other
-        parameters (by parameter name, e.g. a norm's ``input_layernorm.weight``)."""
-        overrides = {f"{name}.weight": w for name, w in weights.items()} | (params or {})
+    def run(self, x: torch.Tensor, weights: dict[str, torch.Tensor]) -> torch.Tensor:
+        overrides = {f"{name}.weight": w for name, w in weights.items()}
         return block_output(functional_call(self.block, overrides, (x.to(self.device), *self.args), self.kwargs))
 
-    def error(
-        self,
-        inputs: Sequence[torch.Tensor],
-        targets: Sequence[torch.Tensor],
-        weights: dict,
-        params: dict[str, torch.Tensor] | None = None,
-    ) -> float:
+    def error(self, inputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor], weights: dict) -> float:
         num = den = 0.0
         with torch.no_grad():
             for x, t in zip(inputs, targets, strict=True):
                 target = t.to(self.device).float()
                 if self.loss == "token":
-                    num += float(_token_errors(self.run(x, weights, params).float(), target).sum())
+                    num += float(_token_errors(self.run(x, weights).float(), target).sum())
                     den += target[..., 0].numel()
                 else:
-                    num += float((self.run(x, weights, params).float() - target).square().sum())
+                    num += float((self.run(x, weights).float() - target).square().sum())
                     den += float(target.square().sum())
         return num / den if den > 0 else float("nan")
 
@@ -268,7 +253,6 @@ def tune_block(
     device: torch.device,
     config: TuneConfig,
     generator: torch.Generator,
-    norms: Sequence[str] = (),
 ) -> tuple[dict[str, QuantizedWeight], BlockTuneRecord]:
     """Tune ``weights`` (the block's quantized linears, by their name in the block) so that ``block`` maps
     ``inputs`` closer to ``targets``; returns the weights to keep (the method's when tuning did not lower
@@ -276,10 +260,7 @@ def tune_block(
 
     ``arguments`` are the block's extra positional and keyword arguments for whole windows;
     ``prefix_arguments`` the same for windows of ``config.tokens`` tokens (``None``: steps use whole
-    windows). ``norms``: names of the block's norm weights (per-channel scales, the architecture's
-    :attr:`~binq.models.architectures.Architecture.norm_weights`); with ``config.norms`` they are tuned as
-    scales beside the linears and their kept values written into ``block``, whose other parameters are
-    left as they were."""
+    windows)."""
     started = time.perf_counter()
     trained = len(inputs) - config.holdout  # the first windows train, the last ones judge
     train_inputs, train_targets = inputs[:trained], targets[:trained]
@@ -291,11 +272,9 @@ def tune_block(
         train_targets = [t[:, : config.tokens] for t in train_targets]
     before = runner.error(held_inputs, held_targets, _dense(weights, device, runner.dtype))
     tunables = {name: _tunables(weight, config.signs) for name, weight in weights.items()}
-    scales = {name: _norm_tunable(block.get_parameter(name)) for name in norms} if config.norms else {}
     params = [p.delta for per in tunables.values() for p in per.values() if p.kind != "sign"]
-    params += [p.delta for p in scales.values()]
     latents = [p.delta for per in tunables.values() for p in per.values() if p.kind == "sign"]
-    best, best_norms, best_error, steps, stale = None, None, before, 0, 0
+    best, best_error, steps, stale = None, before, 0, 0
     if (params or latents) and trained > 0 and config.steps > 0:
         frozen = [(p, p.requires_grad) for p in block.parameters()]
         for p, _ in frozen:
@@ -311,19 +290,15 @@ def tune_block(
                 if len(order) < config.batch:
                     order += torch.randperm(trained, generator=generator).tolist()
                 batch, order = order[: config.batch], order[config.batch :]
-                _train_step(trainer, weights, tunables, scales, [train_inputs[i] for i in batch],
+                _train_step(trainer, weights, tunables, [train_inputs[i] for i in batch],
                             [train_targets[i] for i in batch], optimizer)  # fmt: skip
                 steps = step
                 if step % config.eval_every and step != config.steps:
                     continue
                 candidate = _stored(weights, tunables)
-                candidate_norms = {name: p.stored() for name, p in scales.items()}
-                error = runner.error(
-                    held_inputs, held_targets, _dense(candidate, device, runner.dtype),
-                    _on(candidate_norms, device, runner.dtype),
-                )  # fmt: skip
+                error = runner.error(held_inputs, held_targets, _dense(candidate, device, runner.dtype))
                 if error < best_error:
-                    best, best_norms, best_error, stale = candidate, candidate_norms, error, 0
+                    best, best_error, stale = candidate, error, 0
                 else:
                     stale += 1
                     if stale >= config.patience:
@@ -331,27 +306,9 @@ def tune_block(
         finally:
             for p, flag in frozen:
                 p.requires_grad_(flag)
-    flipped = changed = 0
-    if best is not None:
-        flipped = sum(_flipped(weights[name], best[name]) for name in weights)
-        for name, value in (best_norms or {}).items():
-            parameter = block.get_parameter(name)
-            changed += int((value.to(parameter) != parameter.data).sum())
-            parameter.data = value.to(parameter)
-    elapsed = time.perf_counter() - started
-    record = BlockTuneRecord(index, before, best_error, steps, best is not None, elapsed, flipped, changed)
+    flipped = 0 if best is None else sum(_flipped(weights[name], best[name]) for name in weights)
+    record = BlockTuneRecord(index, before, best_error, steps, best is not None, time.perf_counter() - started, flipped)
     return (best if best is not None else weights), record
-
-
-def _norm_tunable(parameter: torch.Tensor) -> _Tunable:
-    """A norm's per-channel weight, tuned relative to itself like a scale, stored as fp16 (as the method's
-    scales are)."""
-    start = parameter.detach().float().cpu()
-    return _Tunable(start, "scale", 1.0, torch.zeros_like(start, requires_grad=True))
-
-
-def _on(values: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    return {name: value.to(device=device, dtype=dtype) for name, value in values.items()}
 
 
 def _flipped(before: QuantizedWeight, after: QuantizedWeight) -> int:
@@ -363,13 +320,12 @@ def _train_step(
     runner: _Block,
     weights: dict[str, QuantizedWeight],
     tunables: dict[str, dict[str, _Tunable]],
-    norms: dict[str, _Tunable],
     inputs: Sequence[torch.Tensor],
     targets: Sequence[torch.Tensor],
     optimizer: torch.optim.Optimizer,
 ) -> None:
-    """One Adam step on the batch's error: windows one at a time into the dense weights' gradients (and
-    the norms' own), then those through the dequantization into the tuned tensors."""
+    """One Adam step on the batch's error: windows one at a time into the dense weights' gradients, then
+    those through the dequantization into the tuned tensors."""
     optimizer.zero_grad(set_to_none=True)
     with torch.enable_grad():
         graphs = {
@@ -384,8 +340,7 @@ def _train_step(
         else:
             energy = sum(float(t.float().square().sum()) for t in targets) or 1.0
         for x, t in zip(inputs, targets, strict=True):
-            params = {name: p.value().to(device=runner.device, dtype=runner.dtype) for name, p in norms.items()}
-            out, target = runner.run(x, leaves, params).float(), t.to(runner.device).float()
+            out, target = runner.run(x, leaves).float(), t.to(runner.device).float()
             if runner.loss == "token":
                 error = _token_errors(out, target).sum()
             else:

@@ -39,13 +39,6 @@ class Architecture:
     smoothing_sources: tuple[str | None, ...] = ()
 
     @property
-    def norm_weights(self) -> tuple[str, ...]:
-        """The block's norm weights that are plain per-channel scales of a linear group's input (the
-        smoothing sources that are not linears), as parameter names relative to the block."""
-        linears = set(self.linear_names)
-        return tuple(f"{s}.weight" for s in self.smoothing_sources if s is not None and s not in linears)
-
-    @property
     def linear_names(self) -> tuple[str, ...]:
         """All declared block linears, flattened in execution order."""
         return tuple(name for group in self.linear_groups for name in group)
