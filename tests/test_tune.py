@@ -21,6 +21,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from torch.func import functional_call
 
 import binq
 from binq.checkpoint import open_tensors, save_checkpoint
@@ -28,13 +29,13 @@ from binq.cli import main
 from binq.engine.calibrate import quantize_model
 from binq.engine.capture import block_output, capture_block_inputs
 from binq.engine.resume import tensor_digest
-from binq.engine.tune import BlockTuneRecord, TuneConfig, tune_options
+from binq.engine.tune import LOSSES, BlockTuneRecord, TuneConfig, tune_block, tune_options
 from binq.errors import BinqError
 from binq.export.gguf import export_gguf
 from binq.export.q1_0 import dequantize_q1_0
 from binq.inference.llamacpp import unavailable_reason
 from binq.methods import get_method
-from binq.models import get_architecture, get_blocks
+from binq.models import block_linears, get_architecture, get_blocks
 from binq.pipeline import CalibrationConfig, EvaluationConfig
 from binq.quant.structured import QuantizedWeight, sign_values
 from conftest import build_tiny_model, random_ids
@@ -284,6 +285,72 @@ def test_tuning_is_deterministic() -> None:
         assert tensor_digest(weight.packed_tensors()) == tensor_digest(second.weights[name].packed_tensors())
 
 
+def massive_first_token_block(seed: int = 0):
+    """Block 0 of a tiny llama whose targets carry a massive first token: its original outputs, the first
+    token's moved by 300x a token's size along one channel, out of the block's reach (SmolLM2-135M's
+    12th block writes such a token, 98 % of the stream's energy, that its binarized copy cannot match);
+    and its linears binarized per group of 32 (``rtn``, sign x mean abs) as the weights to tune."""
+    model = build_tiny_model("llama", seed=seed)
+    blocks = get_blocks(model, get_architecture(model))
+    captured = capture_block_inputs(model, blocks, random_ids(8, 32, seed=1))
+    inputs = list(captured.hidden_states)
+    block, arguments = blocks[0], (captured.args[0], captured.kwargs[0])
+    with torch.no_grad():
+        targets = [block_output(block(x, *arguments[0], **arguments[1])) for x in inputs]
+    for t in targets:
+        t[:, 0, 0] += 300 * float(t[:, 1:].norm(dim=-1).median())
+    spec = get_method("rtn")
+    config = spec.make_config(bits=1, group_size=32)
+    linears = block_linears(block, get_architecture(model))
+    weights = {name: spec.quantize(linear.weight.data, None, config) for name, linear in linears.items()}
+    return block, arguments, inputs, targets, weights
+
+
+def token_errors_after(weights: dict[str, QuantizedWeight], block, arguments, inputs, targets) -> torch.Tensor:
+    """Every held-out token's relative error under ``weights``, first tokens apart: ``[windows, tokens]``."""
+    overrides = {f"{name}.weight": w.dequantize() for name, w in weights.items()}
+    rows = []
+    with torch.no_grad():
+        for x, t in zip(inputs, targets, strict=True):
+            y = block_output(functional_call(block, overrides, (x, *arguments[0]), arguments[1]))
+            rows.append(((y - t).square().sum(-1) / t.square().sum(-1))[0])
+    return torch.stack(rows)
+
+
+def test_the_token_loss_is_each_tokens_relative_error_averaged() -> None:
+    block, arguments, inputs, targets, weights = massive_first_token_block()
+    config = dataclasses.replace(FAST, loss="token")
+    _, record = tune_block(0, block, weights, inputs, targets, arguments, None, torch.device("cpu"), config,
+                           torch.Generator().manual_seed(0))  # fmt: skip
+    held = slice(len(inputs) - config.holdout, None)
+    before = token_errors_after(weights, block, arguments, inputs[held], targets[held])
+    assert record.error_before == pytest.approx(float(before.mean()), rel=1e-5)
+    _, stream = tune_block(0, block, weights, inputs, targets, arguments, None, torch.device("cpu"), FAST,
+                           torch.Generator().manual_seed(0))  # fmt: skip
+    energy = torch.stack([t.square().sum(-1)[0] for t in targets[held]])
+    assert stream.error_before == pytest.approx(float((before * energy).sum() / energy.sum()), rel=1e-5)
+
+
+def test_the_token_loss_fits_the_tokens_a_massive_one_hides() -> None:
+    """With a first token 300x the others that the block cannot reach, the stream's error is nearly that
+    token's: tuning on it finds nothing that lowers it and the other tokens' error stays where it was; the
+    token loss lowers theirs."""
+    block, arguments, inputs, targets, weights = massive_first_token_block()
+    held = slice(len(inputs) - FAST.holdout, None)
+    longer = dataclasses.replace(FAST, steps=48, patience=6, batch=4)
+    results = {}
+    for loss in LOSSES:
+        config = dataclasses.replace(longer, loss=loss)
+        tuned, record = tune_block(0, block, weights, inputs, targets, arguments, None, torch.device("cpu"), config,
+                                   torch.Generator().manual_seed(0))  # fmt: skip
+        assert record.error_after <= record.error_before
+        results[loss] = (token_errors_after(tuned, block, arguments, inputs[held], targets[held]), record)
+    start = token_errors_after(weights, block, arguments, inputs[held], targets[held])
+    token, record = results["token"]
+    assert record.kept and token[:, 1:].mean() < 0.985 * start[:, 1:].mean()
+    assert token[:, 1:].mean() < 0.985 * results["stream"][0][:, 1:].mean()
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "opt", "gemma3_text", "mistral"])
 def test_a_prefix_under_its_own_arguments_is_the_whole_windows_beginning(arch: str) -> None:
     overrides = {"mistral": {"sliding_window": 8}, "gemma3_text": {"sliding_window": 8}}.get(arch, {})
@@ -307,6 +374,9 @@ def test_config_errors_are_one_line() -> None:
         TuneConfig(batch=0)
     with pytest.raises(BinqError, match="--tune-target must be one of original, quantized"):
         TuneConfig(target="both")
+    with pytest.raises(BinqError, match="--tune-loss must be one of stream, token"):
+        TuneConfig(loss="window")
+    assert tune_options(TuneConfig(loss="token")) == ["--tune", "--tune-loss", "token"]
     with pytest.raises(BinqError, match="--tune-sign-lr must be a positive number"):
         TuneConfig(signs=True, sign_lr=-1.0)
     with pytest.raises(BinqError, match="--tune-sign-lr applies to --tune-signs: add --tune-signs"):
@@ -386,6 +456,7 @@ BAD_OPTIONS = {
     "several processes": (["--tune", "--nproc", "2"], "--tune runs in one process: leave out --nproc"),
     "signs without --tune": (["--tune-signs"], "--tune-signs applies to --tune: add --tune"),
     "sign rate without signs": (["--tune", "--tune-sign-lr", "0.1"], "--tune-sign-lr applies to --tune-signs"),
+    "loss without --tune": (["--tune-loss", "token"], "--tune-loss applies to --tune: add --tune"),
 }
 
 
