@@ -96,6 +96,25 @@ RUNS: tuple[Run, ...] = (
         *("--tune-steps", "60", "--tune-batch", "4", "--tune-patience", "4"),
         description="Q1_0's form, tuned with sign flips",
     ),
+    # Each token's relative error as the loss (--tune-loss token, docs/TUNE.md), with 128-token prefixes, whole
+    # windows or 256-token prefixes at the same tokens per step.
+    _q("arb-group g128 tuned token", "--method", "arb-group", "--tune", "--tune-loss", "token"),
+    _q(
+        "arb-group g128 tuned signs token",
+        *("--method", "arb-group", "--tune", "--tune-signs"),
+        *("--tune-steps", "60", "--tune-batch", "4", "--tune-patience", "4", "--tune-loss", "token"),
+    ),
+    _q(
+        "arb-group g128 tuned signs token whole",
+        *("--method", "arb-group", "--tune", "--tune-signs"),
+        *("--tune-steps", "60", "--tune-batch", "1", "--tune-tokens", "0", "--tune-patience", "4", "--tune-loss", "token"),
+    ),
+    *_seeds(
+        "arb-group g128 tuned signs token 256",
+        *("--method", "arb-group", "--tune", "--tune-signs"),
+        *("--tune-steps", "60", "--tune-batch", "2", "--tune-tokens", "256", "--tune-patience", "4", "--tune-loss", "token"),
+        description="Q1_0's form: signs flipped, each token's error, 256-token prefixes",
+    ),
     # Calibration seeds (issue 15): a 1-bit-class run's PPL moves with the calibration draw; these rows, with
     # seed 0's own, give each its median and range (docs/TUNE.md).
     *_seeds("arb-group g128", "--method", "arb-group", seeds=(1, 2)),

@@ -403,8 +403,20 @@ TUNE_PAIRS = (
     ("target 3.78 bits gptq", "target 3.78 bits gptq tuned"),
 )
 TUNE_ROWS = tuple(dict.fromkeys(label for pair in TUNE_PAIRS for label in pair))
+# The residual stream's error against each token's (--tune-loss), at seed 0 (docs/TUNE.md).
+LOSS_PAIRS = (
+    ("arb-group g128 tuned", "arb-group g128 tuned token"),
+    ("arb-group g128 tuned signs", "arb-group g128 tuned signs token"),
+    ("arb-group g128 tuned signs", "arb-group g128 tuned signs token whole"),
+    ("arb-group g128 tuned signs", "arb-group g128 tuned signs token 256"),
+)
+LOSS_ROWS = tuple(dict.fromkeys(label for pair in LOSS_PAIRS for label in pair))
 # seeds_section judges only the pairs whose two runs both have seed variants.
-SEED_PAIRS = (*TUNE_PAIRS, ("arb-group g128 tuned", "arb-group g128 tuned signs"))
+SEED_PAIRS = (
+    *TUNE_PAIRS,
+    ("arb-group g128 tuned", "arb-group g128 tuned signs"),
+    ("arb-group g128 tuned signs", "arb-group g128 tuned signs token 256"),
+)
 
 
 def tune_section(reports: Reports, pairs: Sequence[tuple[str, str]]) -> str:
@@ -1332,6 +1344,7 @@ SECTIONS: tuple[Section, ...] = (
     Section("docs/BENCHMARKS.md", "gptq-clip", _quality(CLIP_ROWS), CLIP_ROWS),
     Section("docs/TUNE.md", "tune-quality", lambda r: tune_section(r, TUNE_PAIRS), TUNE_ROWS),
     Section("docs/TUNE.md", "tune-seeds", lambda r: seeds_section(r, SEED_PAIRS), _SEED_ROWS),
+    Section("docs/TUNE.md", "tune-loss", lambda r: tune_section(r, LOSS_PAIRS), LOSS_ROWS),
     Section("docs/BENCHMARKS.md", "arb-quality", _quality(ARB_ROWS), ARB_ROWS),
     Section("docs/BENCHMARKS.md", "arb-order", _compact(ARB_ORDER_ROWS), ARB_ORDER_ROWS),
     Section("docs/BENCHMARKS.md", "msb-quality", _quality(MSB_ROWS), MSB_ROWS),
