@@ -52,6 +52,16 @@ def _seeds(label: str, *options: str, seeds: tuple[int, ...] = (0, 1, 2), descri
     )  # fmt: skip
 
 
+def _signs_token(batch: str, tokens: str | None = None) -> tuple[str, ...]:
+    """``arb-group`` tuned with sign flips and each token's error: 60 steps of ``batch`` windows, patience 4, on
+    prefixes of ``tokens`` tokens (the default 128 when ``None``; 0: whole windows)."""
+    prefix = () if tokens is None else ("--tune-tokens", tokens)
+    return (
+        *("--method", "arb-group", "--tune", "--tune-signs", "--tune-steps", "60", "--tune-batch", batch),
+        *prefix, "--tune-patience", "4", "--tune-loss", "token",
+    )  # fmt: skip
+
+
 _W11_OBS = ("--method", "w11", "--importance", "obs")
 _GPTQ_WIDTHS = ("--target-bits", "3.78", "--candidates", "gptq:bits=2;gptq:bits=3;gptq:bits=4")
 
@@ -99,60 +109,15 @@ RUNS: tuple[Run, ...] = (
     # Each token's relative error as the loss (--tune-loss token, docs/TUNE.md), with 128-token prefixes, whole
     # windows or 256-token prefixes at the same tokens per step.
     _q("arb-group g128 tuned token", "--method", "arb-group", "--tune", "--tune-loss", "token"),
-    _q(
-        "arb-group g128 tuned signs token",
-        *("--method", "arb-group", "--tune", "--tune-signs"),
-        *("--tune-steps", "60", "--tune-batch", "4", "--tune-patience", "4", "--tune-loss", "token"),
-    ),
-    _q(
-        "arb-group g128 tuned signs token whole",
-        *("--method", "arb-group", "--tune", "--tune-signs"),
-        *(
-            "--tune-steps",
-            "60",
-            "--tune-batch",
-            "1",
-            "--tune-tokens",
-            "0",
-            "--tune-patience",
-            "4",
-            "--tune-loss",
-            "token",
-        ),
-    ),
+    _q("arb-group g128 tuned signs token", *_signs_token("4")),
+    _q("arb-group g128 tuned signs token whole", *_signs_token("1", "0")),
     *_seeds(
         "arb-group g128 tuned signs token 256",
-        *("--method", "arb-group", "--tune", "--tune-signs"),
-        *(
-            "--tune-steps",
-            "60",
-            "--tune-batch",
-            "2",
-            "--tune-tokens",
-            "256",
-            "--tune-patience",
-            "4",
-            "--tune-loss",
-            "token",
-        ),
+        *_signs_token("2", "256"),
         description="Q1_0's form: signs flipped, each token's error, 256-token prefixes",
     ),
     _q(
-        "arb-group g128 tuned signs token 256 target quantized",
-        *("--method", "arb-group", "--tune", "--tune-signs"),
-        *(
-            "--tune-steps",
-            "60",
-            "--tune-batch",
-            "2",
-            "--tune-tokens",
-            "256",
-            "--tune-patience",
-            "4",
-            "--tune-loss",
-            "token",
-        ),
-        *("--tune-target", "quantized"),
+        "arb-group g128 tuned signs token 256 target quantized", *_signs_token("2", "256"), "--tune-target", "quantized"
     ),
     _q(
         "gptq 4-bit g128 tuned token",
