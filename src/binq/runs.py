@@ -62,6 +62,7 @@ def _signs_token(batch: str, tokens: str | None = None) -> tuple[str, ...]:
     )  # fmt: skip
 
 
+_GPTQ_4 = ("--method", "gptq", "--bits", "4", "--group-size", "128")
 _W11_OBS = ("--method", "w11", "--importance", "obs")
 _GPTQ_WIDTHS = ("--target-bits", "3.78", "--candidates", "gptq:bits=2;gptq:bits=3;gptq:bits=4")
 
@@ -98,7 +99,7 @@ RUNS: tuple[Run, ...] = (
     _q("arb-group g128 tuned", "--method", "arb-group", "--tune", description="Q1_0's form, tuned"),
     _q("w11 tuned", "--method", "w11", "--tune"),
     _q("gptq 2-bit g128 tuned", "--method", "gptq", "--bits", "2", "--group-size", "128", "--tune"),
-    *_seeds("gptq 4-bit g128 tuned", "--method", "gptq", "--bits", "4", "--group-size", "128", "--tune"),
+    *_seeds("gptq 4-bit g128 tuned", *_GPTQ_4, "--tune"),
     # Sign flips too (--tune-signs), with the steps, batch and patience they need (docs/TUNE.md).
     *_seeds(
         "arb-group g128 tuned signs",
@@ -119,18 +120,7 @@ RUNS: tuple[Run, ...] = (
     _q(
         "arb-group g128 tuned signs token 256 target quantized", *_signs_token("2", "256"), "--tune-target", "quantized"
     ),
-    _q(
-        "gptq 4-bit g128 tuned token",
-        "--method",
-        "gptq",
-        "--bits",
-        "4",
-        "--group-size",
-        "128",
-        "--tune",
-        "--tune-loss",
-        "token",
-    ),
+    *_seeds("gptq 4-bit g128 tuned token", *_GPTQ_4, "--tune", "--tune-loss", "token"),
     # Calibration seeds (issue 15): a 1-bit-class run's PPL moves with the calibration draw; these rows, with
     # seed 0's own, give each its median and range (docs/TUNE.md).
     *_seeds("arb-group g128", "--method", "arb-group", seeds=(1, 2)),

@@ -409,6 +409,8 @@ LOSS_PAIRS = (
     ("arb-group g128 tuned signs", "arb-group g128 tuned signs token"),
     ("arb-group g128 tuned signs", "arb-group g128 tuned signs token whole"),
     ("arb-group g128 tuned signs", "arb-group g128 tuned signs token 256"),
+    ("arb-group g128 tuned signs token 256", "arb-group g128 tuned signs token 256 target quantized"),
+    ("gptq 4-bit g128 tuned", "gptq 4-bit g128 tuned token"),
 )
 LOSS_ROWS = tuple(dict.fromkeys(label for pair in LOSS_PAIRS for label in pair))
 # seeds_section judges only the pairs whose two runs both have seed variants.
@@ -416,6 +418,7 @@ SEED_PAIRS = (
     *TUNE_PAIRS,
     ("arb-group g128 tuned", "arb-group g128 tuned signs"),
     ("arb-group g128 tuned signs", "arb-group g128 tuned signs token 256"),
+    ("gptq 4-bit g128 tuned", "gptq 4-bit g128 tuned token"),
 )
 
 
