@@ -288,7 +288,7 @@ def test_tuning_is_deterministic() -> None:
 def massive_first_token_block(seed: int = 0):
     """Block 0 of a tiny llama whose targets carry a massive first token: its original outputs, the first
     token's moved by 300x a token's size along one channel, out of the block's reach (SmolLM2-135M's
-    12th block writes such a token, 98 % of the stream's energy, that its binarized copy cannot match);
+    block 11 writes such a token, 98 % of the stream's energy, that its binarized copy cannot match);
     and its linears binarized per group of 32 (``rtn``, sign x mean abs) as the weights to tune."""
     model = build_tiny_model("llama", seed=seed)
     blocks = get_blocks(model, get_architecture(model))

@@ -16,9 +16,10 @@ tuned weight has the same layout, shapes and storage bits, and exports and runs 
   for a whole block).
 - **Error** (``loss``): ``stream``, ``sum ||Y - T||^2 / sum ||T||^2`` over windows, ``Y`` the quantized
   block's outputs; or ``token``, the mean over tokens of ``||y - t||^2 / ||t||^2``. A residual stream can
-  hold most of its energy in a few tokens: from its 12th block on, SmolLM2-135M's first token has a norm
-  near 25,000 against a median of about 130, 98 % of the stream's energy, so the ``stream`` error is
-  nearly that one token's. ``token`` weighs every token alike.
+  hold most of its energy in a few tokens: from block 11's output on, SmolLM2-135M's first token has a
+  norm near 23,000 against a median of about 130, 98 % of the stream's energy
+  (``benchmarks/stream_energy.py``), so the ``stream`` error is nearly that one token's. ``token``
+  weighs every token alike.
 - **Held-out windows**: the last ``holdout`` calibration windows are never trained on. Every
   ``eval_every`` steps their error is measured with the tensors rounded to fp16, as they are stored;
   the best such state is kept, and ``patience`` checks in a row without a better one stop the block
