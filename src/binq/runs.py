@@ -163,6 +163,7 @@ RUNS: tuple[Run, ...] = (
     # Under llama.cpp's fewest bits on SmolLM2 (IQ1_S, 3.792): GPTQ's widths only, per linear.
     _q("target 3.78 bits gptq", *_GPTQ_WIDTHS, description="per linear: gptq 2/3/4-bit g128"),
     _q("target 3.78 bits gptq tuned", *_GPTQ_WIDTHS, "--tune", description="the same allocation, each block tuned"),
+    _q("target 3.78 bits gptq tuned token", *_GPTQ_WIDTHS, "--tune", "--tune-loss", "token"),
     Run("w16 a4", ("--act-bits", "4", "--smooth", "none"), "fp weights, INT4 activations", "eval"),
     Run("w16 a4 smooth", ("--act-bits", "4", "--smooth", "channel"), "fp weights, INT4 activations", "eval"),
 )

@@ -411,6 +411,7 @@ LOSS_PAIRS = (
     ("arb-group g128 tuned signs", "arb-group g128 tuned signs token 256"),
     ("arb-group g128 tuned signs token 256", "arb-group g128 tuned signs token 256 target quantized"),
     ("gptq 4-bit g128 tuned", "gptq 4-bit g128 tuned token"),
+    ("target 3.78 bits gptq tuned", "target 3.78 bits gptq tuned token"),
 )
 LOSS_ROWS = tuple(dict.fromkeys(label for pair in LOSS_PAIRS for label in pair))
 # seeds_section judges only the pairs whose two runs both have seed variants.
