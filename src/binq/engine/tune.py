@@ -214,19 +214,23 @@ class _Block:
         with torch.no_grad():
             for x, t in zip(inputs, targets, strict=True):
                 target = t.to(self.device).float()
-                if self.loss == "token":
-                    num += float(_token_errors(self.run(x, weights).float(), target).sum())
-                    den += target[..., 0].numel()
-                else:
-                    num += float((self.run(x, weights).float() - target).square().sum())
-                    den += float(target.square().sum())
+                num += float(_error_sum(self.run(x, weights).float(), target, self.loss))
+                den += _error_weight(target, self.loss)
         return num / den if den > 0 else float("nan")
 
 
-def _token_errors(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Each token's relative error ``||y - t||^2 / ||t||^2`` (a zero target counts its absolute error)."""
-    energy = target.square().sum(-1)
-    return (output - target).square().sum(-1) / torch.where(energy > 0, energy, 1.0)
+def _error_sum(output: torch.Tensor, target: torch.Tensor, loss: str) -> torch.Tensor:
+    """A window's share of the error's numerator: its squared error (``stream``), or the sum of its tokens'
+    relative errors ``||y - t||^2 / ||t||^2`` (``token``; a zero target counts its absolute error)."""
+    if loss == "token":
+        energy = target.square().sum(-1)
+        return ((output - target).square().sum(-1) / torch.where(energy > 0, energy, 1.0)).sum()
+    return (output - target).square().sum()
+
+
+def _error_weight(target: torch.Tensor, loss: str) -> float:
+    """A window's share of the error's denominator: its energy (``stream``) or its token count (``token``)."""
+    return float(target[..., 0].numel()) if loss == "token" else float(target.float().square().sum())
 
 
 def _stored(
@@ -336,17 +340,10 @@ def _train_step(
         leaves = {
             name: g.detach().to(device=runner.device, dtype=runner.dtype).requires_grad_() for name, g in graphs.items()
         }
-        if runner.loss == "token":
-            energy = float(sum(t[..., 0].numel() for t in targets)) or 1.0
-        else:
-            energy = sum(float(t.float().square().sum()) for t in targets) or 1.0
+        energy = sum(_error_weight(t, runner.loss) for t in targets) or 1.0
         for x, t in zip(inputs, targets, strict=True):
-            out, target = runner.run(x, leaves).float(), t.to(runner.device).float()
-            if runner.loss == "token":
-                error = _token_errors(out, target).sum()
-            else:
-                error = (out - target).square().sum()
-            (error / energy).backward()
+            out = runner.run(x, leaves).float()
+            (_error_sum(out, t.to(runner.device).float(), runner.loss) / energy).backward()
         names = [n for n in graphs if leaves[n].grad is not None]
         torch.autograd.backward([graphs[n] for n in names], [leaves[n].grad.to(graphs[n]) for n in names])
     optimizer.step()
