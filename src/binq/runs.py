@@ -117,7 +117,7 @@ RUNS: tuple[Run, ...] = (
         *_signs_token("2", "256"),
         description="Q1_0's form: signs flipped, each token's error, 256-token prefixes",
     ),
-    _q(
+    *_seeds(
         "arb-group g128 tuned signs token 256 target quantized", *_signs_token("2", "256"), "--tune-target", "quantized"
     ),
     *_seeds("gptq 4-bit g128 tuned token", *_GPTQ_4, "--tune", "--tune-loss", "token"),

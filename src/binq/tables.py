@@ -419,6 +419,7 @@ SEED_PAIRS = (
     *TUNE_PAIRS,
     ("arb-group g128 tuned", "arb-group g128 tuned signs"),
     ("arb-group g128 tuned signs", "arb-group g128 tuned signs token 256"),
+    ("arb-group g128 tuned signs token 256", "arb-group g128 tuned signs token 256 target quantized"),
     ("gptq 4-bit g128 tuned", "gptq 4-bit g128 tuned token"),
 )
 
