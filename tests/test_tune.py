@@ -29,7 +29,7 @@ from binq.cli import main
 from binq.engine.calibrate import quantize_model
 from binq.engine.capture import block_output, capture_block_inputs
 from binq.engine.resume import tensor_digest
-from binq.engine.tune import LOSSES, BlockTuneRecord, TuneConfig, _margins, _tunables, tune_block, tune_options
+from binq.engine.tune import LOSSES, BlockTuneRecord, TuneConfig, tune_block, tune_options
 from binq.errors import BinqError
 from binq.export.gguf import export_gguf
 from binq.export.q1_0 import dequantize_q1_0
@@ -146,11 +146,10 @@ def test_dequantize_is_differentiable_in_every_sign_plane(method: str) -> None:
         assert actual == pytest.approx(predicted, rel=1e-4, abs=1e-5), name
 
 
-@pytest.mark.parametrize("start", ["unit", "margin"])
 @pytest.mark.parametrize("method", SIGNED)
-def test_sign_tuning_keeps_the_layout_and_never_raises_the_held_out_error(method: str, start: str) -> None:
+def test_sign_tuning_keeps_the_layout_and_never_raises_the_held_out_error(method: str) -> None:
     _, plain, _ = tuned_run(method, FAST)
-    _, tuned, records = tuned_run(method, dataclasses.replace(SIGNS, sign_start=start))
+    _, tuned, records = tuned_run(method, SIGNS)
     assert [r.block for r in records] == [0, 1]
     for record in records:
         assert record.error_after <= record.error_before
@@ -172,45 +171,6 @@ def test_sign_tuning_keeps_the_layout_and_never_raises_the_held_out_error(method
             assert getattr(after, plane).dtype == torch.bool
             flips += int((getattr(after, plane) != getattr(made, plane)).sum())
     assert flips == sum(r.flipped for r in records)
-
-
-@pytest.mark.parametrize("method", SIGNED)
-def test_a_margin_is_where_the_original_weight_lies_between_the_boundary_and_the_stored_value(method: str) -> None:
-    """For sampled signs of every plane, flip the one sign: the two values it picks between give the
-    boundary (their midpoint) and half their distance; the margin is the original weight's distance from
-    that boundary, towards the stored value, in those units (1: on the stored value)."""
-    _, result, _ = tuned_run(method, None)
-    weight = next(iter(result.weights.values()))
-    generator = torch.Generator().manual_seed(3)
-    original = weight.dequantize() * (1 + torch.randn(weight.shape, generator=generator))  # either side of zero
-    for plane in weight.sign_planes():
-        margins = _margins(weight, plane, original)
-        bits = getattr(weight, plane)
-        assert margins.shape == bits.shape and (margins < 0).any() and (margins > 1).any()
-        for index in torch.randperm(bits.numel(), generator=generator)[:24].tolist():
-            flipped = bits.clone()
-            flipped.view(-1)[index] = ~flipped.view(-1)[index]
-            stored, other = weight.dequantize(), weight.with_tensors(**{plane: flipped}).dequantize()
-            element = (stored != other).nonzero()
-            if len(element) == 0:  # a zero scale: the sign moves nothing and its latent starts at 1
-                assert float(margins.view(-1)[index]) == 1.0
-                continue
-            ((row, col),) = element.tolist()
-            half = (stored[row, col] - other[row, col]) / 2
-            expected = (original[row, col] - (stored[row, col] + other[row, col]) / 2) / half
-            assert float(margins.view(-1)[index]) == pytest.approx(float(expected), rel=1e-4, abs=1e-4), plane
-
-
-def test_a_margin_start_clips_each_latent_and_keeps_its_sign() -> None:
-    _, result, _ = tuned_run("arb-group", None)
-    weight = next(iter(result.weights.values()))
-    original = weight.dequantize() * torch.randn(weight.shape, generator=torch.Generator().manual_seed(4))
-    latent = _tunables(weight, True, original, 0.05)["signs"].delta.detach()
-    margins = _margins(weight, "signs", original)
-    assert torch.equal(latent >= 0, weight.signs)
-    assert torch.equal(latent.abs(), margins.clamp(0.05, 1.0))
-    assert (latent.abs() == 0.05).any() and (latent.abs() == 1.0).any()
-    assert torch.equal(_tunables(weight, True)["signs"].delta.detach(), sign_values(weight.signs))
 
 
 def corrupt(share: float) -> Callable[[QuantizedWeight], QuantizedWeight]:
@@ -247,32 +207,6 @@ def test_sign_tuning_flips_wrong_signs_back() -> None:
     # Flipping is no mere undo: with windows this few, the tuned planes move away from the method's
     # elsewhere too; but a corrupted sign is still the likelier to flip.
     assert restored > 0 and restored / wrong > others / right
-
-
-def restored_share(run: Any) -> float:
-    """The share of block 0's corrupted signs (:func:`corrupt`) that tuning flipped back."""
-    restored = wrong = 0
-    for name, after in run.weights.items():
-        if ".layers.0." in name:
-            made = run.made[name]
-            restored += int(((after.signs != made.signs) & made.corrupted).sum())
-            wrong += int(made.corrupted.sum())
-    return restored / wrong
-
-
-def test_a_margin_start_flips_the_corrupted_signs_back_sooner() -> None:
-    """A corrupted sign sits across the boundary from its original weight: its margin is negative, so
-    with ``--tune-sign-start margin`` its latent starts at the floor and the first steps that push it
-    flip it. The same steps then restore far more of them, and block 0 ends lower."""
-    flipping = dataclasses.replace(FAST, steps=48, eval_every=4, patience=4, signs=True, sign_lr=0.1)
-    _, unit, unit_records = tuned_run("arb-group", flipping, edit=corrupt(0.3))
-    _, margin, margin_records = tuned_run("arb-group", dataclasses.replace(flipping, sign_start="margin"),
-                                          edit=corrupt(0.3))  # fmt: skip
-    assert margin_records[0].error_before == unit_records[0].error_before
-    assert margin_records[0].error_after < 0.9 * unit_records[0].error_after
-    assert restored_share(margin) > 1.4 * restored_share(unit)
-    for record in margin_records:
-        assert record.error_after <= record.error_before
 
 
 def test_sign_tuning_is_deterministic() -> None:
@@ -448,13 +382,6 @@ def test_config_errors_are_one_line() -> None:
     with pytest.raises(BinqError, match="--tune-sign-lr applies to --tune-signs: add --tune-signs"):
         TuneConfig(sign_lr=0.5)
     assert tune_options(TuneConfig(signs=True, sign_lr=0.1)) == ["--tune", "--tune-signs", "--tune-sign-lr", "0.1"]
-    with pytest.raises(BinqError, match="--tune-sign-start must be one of unit, margin"):
-        TuneConfig(signs=True, sign_start="random")
-    with pytest.raises(BinqError, match="--tune-sign-start applies to --tune-signs: add --tune-signs"):
-        TuneConfig(sign_start="margin")
-    assert tune_options(TuneConfig(signs=True, sign_start="margin")) == [
-        "--tune", "--tune-signs", "--tune-sign-start", "margin",
-    ]  # fmt: skip
     with pytest.raises(BinqError, match="--tune-holdout 8 leaves none of the 8 calibration windows"):
         TuneConfig(holdout=8).check_windows(8)
     assert tune_options(TuneConfig()) == ["--tune"]
@@ -530,7 +457,6 @@ BAD_OPTIONS = {
     "signs without --tune": (["--tune-signs"], "--tune-signs applies to --tune: add --tune"),
     "sign rate without signs": (["--tune", "--tune-sign-lr", "0.1"], "--tune-sign-lr applies to --tune-signs"),
     "loss without --tune": (["--tune-loss", "token"], "--tune-loss applies to --tune: add --tune"),
-    "margin start without signs": (["--tune", "--tune-sign-start", "margin"], "--tune-sign-start applies to --tune-s"),
 }
 
 

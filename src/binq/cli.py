@@ -98,7 +98,7 @@ def _add_activation_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_tune_options(parser: argparse.ArgumentParser) -> None:
-    from binq.engine.tune import LOSSES, SIGN_STARTS, TARGETS, TuneConfig
+    from binq.engine.tune import LOSSES, TARGETS, TuneConfig
 
     defaults = TuneConfig()
     group = parser.add_argument_group(
@@ -125,11 +125,6 @@ def _add_tune_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--tune-signs", action="store_true",
         help="flip signs too, by a straight-through estimator (same sign planes, layout and bits)",
-    )  # fmt: skip
-    group.add_argument(
-        "--tune-sign-start", default=defaults.sign_start, choices=SIGN_STARTS,
-        help="with --tune-signs: unit, each latent starts at +-1; margin, at the original weight's margin "
-        "from the boundary between its two values, so the least certain signs flip first (docs/TUNE.md)",
     )  # fmt: skip
     group.add_argument(
         "--tune-loss", default=defaults.loss, choices=LOSSES,

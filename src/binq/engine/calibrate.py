@@ -279,8 +279,6 @@ def quantize_model(
                 resume_from = index  # a damaged file: this block and every later one are recomputed
                 _discard_from(resume, index + 1, count)
             made: dict[str, tuple[LayerRecord, QuantizedWeight]] = {}
-            originals: dict[str, torch.Tensor] = {}  # the weights before the method (--tune-sign-start margin)
-            keep_originals = tuning and tune.signs and tune.sign_start == "margin"
             targets = None
             if tuning:  # the original block's outputs, while its weights are still the original ones
                 targets = _run_on(step, reference if tune.target == "original" else step.inputs)
@@ -303,8 +301,6 @@ def quantize_model(
                         full_name = step.full_name(name)
                         t0 = time.perf_counter()
                         chosen = plan(full_name) if plan is not None else (method, method_config)
-                        if keep_originals:  # _quantize_linear puts a new tensor in, so this one stays as it is
-                            originals[name] = linear.weight.data
                         quantized, error = _quantize_linear(full_name, linear, hessian, *chosen)
                         record = LayerRecord.of(index, name, quantized, error, time.perf_counter() - t0)
                         result.weights[full_name] = quantized
@@ -325,8 +321,7 @@ def quantize_model(
                         to_device(prefix_inputs.args[index], device),
                         to_device(prefix_inputs.kwargs[index], device),
                     )
-                tune_record = _tune_step(step, made, targets, tune, generator, order, prefix, originals)
-                del originals
+                tune_record = _tune_step(step, made, targets, tune, generator, order, prefix)
                 result.weights.update({name: weight for name, (_, weight) in made.items()})
                 _tuned(result, tune_record, on_tune)
                 if tune.target == "original":
@@ -364,16 +359,14 @@ def _tune_step(
     generator: torch.Generator,
     order: list[str],
     prefix: tuple[tuple[Any, ...], dict[str, Any]] | None,
-    originals: dict[str, torch.Tensor],
 ) -> BlockTuneRecord:
     """Tune the block's quantized linears; their kept weights replace the method's in ``made`` and in
-    the block (as :func:`_quantize_linear` puts them). ``originals``: their weights before the method,
-    by name in the block (only ``--tune-sign-start margin`` reads them)."""
+    the block (as :func:`_quantize_linear` puts them)."""
     names = [name for name in order if step.full_name(name) in made]
     weights = {name: made[step.full_name(name)][1] for name in names}
     tuned, record = tune_block(
         step.index, step.block, weights, step.inputs, targets, (step.args, step.kwargs), prefix, step.device, tune,
-        generator, originals=originals or None,
+        generator,
     )  # fmt: skip
     if record.kept:
         for name in names:

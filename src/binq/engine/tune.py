@@ -36,11 +36,7 @@ tuned weight has the same layout, shapes and storage bits, and exports and runs 
   so a latent moves at most about ``sign_lr`` per step, and a sign flips only after about
   ``1 / sign_lr`` steps whose gradients mostly agree. The held-out checks see the hard signs, as they
   would be stored, so the kept state is the best one with its flips; a flipped plane has the method's
-  shape, so the layout and storage bits stay. With ``sign_start`` ``margin`` a latent starts instead at
-  its sign's margin: where the weight before quantization lies between the boundary of its two values
-  (margin 0) and the stored value (margin 1), clipped to ``[sign_lr, 1]``. A sign the method set on a
-  weight near the boundary, or across it after error compensation, can then flip in a step or two; one
-  on a weight at or beyond its value needs the full ``1 / sign_lr`` steps.
+  shape, so the layout and storage bits stay.
 - **Cost**: one forward of the original block for the targets (shared with nothing), and per step a
   forward and backward of ``batch`` windows; the dequantization runs once per step, its gradient
   reached through the dequantized weights (two-stage backward), so no window's graph waits for another.
@@ -64,7 +60,6 @@ from binq.quant.structured import QuantizedWeight, sign_values
 
 TARGETS = ("original", "quantized")
 LOSSES = ("stream", "token")
-SIGN_STARTS = ("unit", "margin")
 ONE_PROCESS = "--tune runs in one process: leave out --nproc (or torchrun)"
 _LATENT_EPS = 1e-30
 
@@ -87,8 +82,6 @@ class TuneConfig:
       block stops early.
     - ``signs``: flip signs too, by a straight-through estimator (see the module docstring);
       ``sign_lr``: Adam's learning rate on the signs' latents (a latent starts at +-1).
-    - ``sign_start``: where the signs' latents start: ``unit``, at +-1; ``margin``, at each weight's margin
-      (see the module docstring), so that the signs the method was least sure of flip first.
     - ``loss``: ``stream``, the error of the whole residual stream (``sum ||Y - T||^2 / sum ||T||^2``), or
       ``token``, each token's relative error ``||y - t||^2 / ||t||^2`` averaged over tokens (see the
       module docstring); the held-out checks measure the same.
@@ -105,7 +98,6 @@ class TuneConfig:
     signs: bool = False
     sign_lr: float = 5e-2
     loss: str = "stream"
-    sign_start: str = "unit"
 
     def __post_init__(self) -> None:
         for name, low in (
@@ -127,10 +119,6 @@ class TuneConfig:
             raise BinqError(f"--tune-signs must be true or false, got {self.signs!r}")
         if not self.signs and self.sign_lr != TuneConfig.sign_lr:
             raise BinqError("--tune-sign-lr applies to --tune-signs: add --tune-signs")
-        if self.sign_start not in SIGN_STARTS:
-            raise BinqError(f"--tune-sign-start must be one of {', '.join(SIGN_STARTS)}, got '{self.sign_start}'")
-        if not self.signs and self.sign_start != TuneConfig.sign_start:
-            raise BinqError("--tune-sign-start applies to --tune-signs: add --tune-signs")
         if self.loss not in LOSSES:
             raise BinqError(f"--tune-loss must be one of {', '.join(LOSSES)}, got '{self.loss}'")
         if self.target not in TARGETS:
@@ -196,27 +184,7 @@ class _Tunable:
         return self.value().detach().half()
 
 
-def _margins(weight: QuantizedWeight, plane: str, original: torch.Tensor) -> torch.Tensor:
-    """Each sign of ``plane``: how far ``original`` lies on its side of the boundary between the weight's
-    two values, in units of half their distance (1: on the stored value; 0: on the boundary; negative: on
-    the other side). With sign values ``v`` the weight is affine in each ``v_k``, ``q = q_mid + c_k v_k``,
-    so the margin is ``1 + v_k (w - q) / c_k``; ``c_k`` is read off by autograd (the weight's gradient
-    against a plane of ones), whatever the layout. A sign that moves nothing (``c_k = 0``) gets 1."""
-    with torch.enable_grad():
-        values = sign_values(getattr(weight, plane).detach().cpu()).requires_grad_()
-        dense = weight.with_tensors(**{plane: values}).dequantize()
-        residual = original.detach().float().cpu() - dense.detach()
-        (slope,) = torch.autograd.grad(dense, values, torch.ones_like(dense), retain_graph=True)
-        (pull,) = torch.autograd.grad(dense, values, residual)
-    moves = slope != 0
-    return torch.where(moves, 1 + values.detach() * pull / torch.where(moves, slope.square(), 1.0), 1.0)
-
-
-def _tunables(
-    weight: QuantizedWeight, signs: bool = False, original: torch.Tensor | None = None, floor: float = 1.0
-) -> dict[str, _Tunable]:
-    """The tuned tensors of ``weight``; with ``original`` (``--tune-sign-start margin``) each sign's latent
-    starts at its margin (:func:`_margins`) clipped to ``[floor, 1]`` instead of at 1."""
+def _tunables(weight: QuantizedWeight, signs: bool = False) -> dict[str, _Tunable]:
     kinds = weight.tunable_tensors()
     scales = [getattr(weight, name).float() for name, kind in kinds.items() if kind == "scale"]
     rms = float(torch.cat([s.flatten() for s in scales]).square().mean().sqrt()) if scales else 1.0
@@ -226,8 +194,7 @@ def _tunables(
         out[name] = _Tunable(start, kind, rms or 1.0, torch.zeros_like(start, requires_grad=True))
     for name in weight.sign_planes() if signs else ():
         start = sign_values(getattr(weight, name).detach().cpu())
-        latent = start.clone() if original is None else start * _margins(weight, name, original).clamp(floor, 1.0)
-        out[name] = _Tunable(start, "sign", 1.0, latent.requires_grad_())
+        out[name] = _Tunable(start, "sign", 1.0, start.clone().requires_grad_())
     return out
 
 
@@ -291,7 +258,6 @@ def tune_block(
     device: torch.device,
     config: TuneConfig,
     generator: torch.Generator,
-    originals: dict[str, torch.Tensor] | None = None,
 ) -> tuple[dict[str, QuantizedWeight], BlockTuneRecord]:
     """Tune ``weights`` (the block's quantized linears, by their name in the block) so that ``block`` maps
     ``inputs`` closer to ``targets``; returns the weights to keep (the method's when tuning did not lower
@@ -299,8 +265,7 @@ def tune_block(
 
     ``arguments`` are the block's extra positional and keyword arguments for whole windows;
     ``prefix_arguments`` the same for windows of ``config.tokens`` tokens (``None``: steps use whole
-    windows). ``originals``: the linears' weights before the method quantized them, by the same names
-    (needed by ``config.sign_start == "margin"``)."""
+    windows)."""
     started = time.perf_counter()
     trained = len(inputs) - config.holdout  # the first windows train, the last ones judge
     train_inputs, train_targets = inputs[:trained], targets[:trained]
@@ -311,13 +276,7 @@ def tune_block(
         train_inputs = [x[:, : config.tokens] for x in train_inputs]
         train_targets = [t[:, : config.tokens] for t in train_targets]
     before = runner.error(held_inputs, held_targets, _dense(weights, device, runner.dtype))
-    margin = config.signs and config.sign_start == "margin"
-    if margin and (originals is None or set(weights) - set(originals)):
-        raise ValueError("--tune-sign-start margin needs every tuned linear's original weight")
-    tunables = {
-        name: _tunables(weight, config.signs, originals[name] if margin else None, config.sign_lr)  # type: ignore[index]
-        for name, weight in weights.items()
-    }
+    tunables = {name: _tunables(weight, config.signs) for name, weight in weights.items()}
     params = [p.delta for per in tunables.values() for p in per.values() if p.kind != "sign"]
     latents = [p.delta for per in tunables.values() for p in per.values() if p.kind == "sign"]
     best, best_error, steps, stale = None, before, 0, 0
