@@ -54,6 +54,8 @@ METHOD_CASES: dict[str, list[str]] = {
     # Tuned: the original stream is rebuilt through the finished blocks; rtn goes through the engine.
     "arb-group-tuned": ["--method", "arb-group", "--group-size", "32", *TUNE],
     "rtn-tuned": ["--method", "rtn", "--bits", "1", "--group-size", "32", *TUNE, "--tune-target", "quantized"],
+    # Split windows: their two streams are rebuilt through the finished blocks too.
+    "arb-group-tuned-split": ["--method", "arb-group", "--group-size", "32", *TUNE, "--tune-split", "--tune-signs"],
 }
 
 # Each kill: (hook, block), and what DIR/progress holds afterwards: finished blocks, and the temp file's block.
@@ -158,7 +160,9 @@ def test_killed_at_every_point_resumes_to_the_same_bits(
     assert assert_same_run(reference, resumed)["resumed_from_block"] == BLOCKS
 
 
-@pytest.mark.parametrize("case", ["gptq-true-sequential", "w11-a4", "msb", "arb-llm-rc", "arb-group-tuned"])
+@pytest.mark.parametrize(
+    "case", ["gptq-true-sequential", "w11-a4", "msb", "arb-llm-rc", "arb-group-tuned", "arb-group-tuned-split"]
+)
 def test_resume_from_the_middle(case: str, model_folder: Path, texts: tuple[Path, Path], tmp_path: Path) -> None:
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"
     assert main(command(model_folder, *texts, METHOD_CASES[case], reference)) == 0

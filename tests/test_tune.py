@@ -11,6 +11,7 @@ exports to GGUF Q1_0 exactly; bad options are one-line errors.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from collections.abc import Callable
@@ -24,6 +25,7 @@ import torch
 from torch.func import functional_call
 
 import binq
+import binq.engine.calibrate as calibrate
 from binq.checkpoint import open_tensors, save_checkpoint
 from binq.cli import main
 from binq.engine.calibrate import quantize_model
@@ -367,6 +369,44 @@ def test_a_prefix_under_its_own_arguments_is_the_whole_windows_beginning(arch: s
                 torch.testing.assert_close(short, full[:, :12], rtol=1e-5, atol=1e-6)
 
 
+def test_split_windows_are_the_pieces_run_as_windows_of_their_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``split`` each block trains on the training windows cut into pieces of ``tokens`` tokens: a
+    piece's inputs are the quantized model's hidden states of the piece run alone (the tuned earlier
+    blocks in place), its targets the original model's. The held-out windows stay whole: block 0's
+    held-out error before tuning is the unsplit run's."""
+    seen: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        windows = args[10] if len(args) > 10 else kwargs.get("windows")
+        if windows is not None:
+            seen.append((list(windows[0]), list(windows[1])))
+        return tune_block(*args, **kwargs)
+
+    monkeypatch.setattr(calibrate, "tune_block", spy)
+    model = build_tiny_model("llama")
+    original = copy.deepcopy(model)
+    calibration = random_ids(8, 32, seed=1)
+    spec = get_method("arb-group")
+    config = dataclasses.replace(SIGNS, tokens=8, split=True)  # 6 training windows (2 held out), 4 pieces each
+    records: list[BlockTuneRecord] = []
+    quantize_model(model, get_architecture(model), calibration, spec, spec.make_config(group_size=32),
+                   progress=False, tune=config, on_tune=records.append)  # fmt: skip
+    pieces = calibration[:6].reshape(24, 8)
+    with torch.no_grad():
+        quantized = model(pieces, output_hidden_states=True).hidden_states
+        unquantized = original(pieces, output_hidden_states=True).hidden_states
+    assert len(seen) == 2 and all(len(inputs) == len(targets) == 24 for inputs, targets in seen)
+    for block, (inputs, targets) in enumerate(seen):
+        torch.testing.assert_close(torch.cat(inputs), quantized[block], rtol=1e-5, atol=1e-5)
+        if block == 0:  # the last hidden state is after the final norm, not the block's output
+            torch.testing.assert_close(torch.cat(targets), unquantized[1], rtol=1e-5, atol=1e-5)
+    assert not torch.equal(torch.cat(seen[1][0]), unquantized[1])  # block 1 trains on the quantized stream
+    for record in records:
+        assert record.error_after <= record.error_before
+    _, _, unsplit = tuned_run("arb-group", dataclasses.replace(SIGNS, tokens=8))
+    assert records[0].error_before == unsplit[0].error_before
+
+
 def test_config_errors_are_one_line() -> None:
     with pytest.raises(BinqError, match="--tune-lr must be a positive number"):
         TuneConfig(lr=0.0)
@@ -382,6 +422,11 @@ def test_config_errors_are_one_line() -> None:
     with pytest.raises(BinqError, match="--tune-sign-lr applies to --tune-signs: add --tune-signs"):
         TuneConfig(sign_lr=0.5)
     assert tune_options(TuneConfig(signs=True, sign_lr=0.1)) == ["--tune", "--tune-signs", "--tune-sign-lr", "0.1"]
+    with pytest.raises(BinqError, match="--tune-split cuts windows into --tune-tokens tokens"):
+        TuneConfig(split=True, tokens=0)
+    with pytest.raises(BinqError, match="--tune-split cuts 128-token windows into 128-token ones"):
+        TuneConfig(split=True, tokens=128).check_run(8, 1, 128)
+    assert tune_options(TuneConfig(split=True, tokens=64)) == ["--tune", "--tune-tokens", "64", "--tune-split"]
     with pytest.raises(BinqError, match="--tune-holdout 8 leaves none of the 8 calibration windows"):
         TuneConfig(holdout=8).check_windows(8)
     assert tune_options(TuneConfig()) == ["--tune"]
@@ -457,6 +502,12 @@ BAD_OPTIONS = {
     "signs without --tune": (["--tune-signs"], "--tune-signs applies to --tune: add --tune"),
     "sign rate without signs": (["--tune", "--tune-sign-lr", "0.1"], "--tune-sign-lr applies to --tune-signs"),
     "loss without --tune": (["--tune-loss", "token"], "--tune-loss applies to --tune: add --tune"),
+    "split without --tune": (["--tune-split"], "--tune-split applies to --tune: add --tune"),
+    "split of whole windows": (["--tune", "--tune-split", "--tune-tokens", "0"], "--tune-split cuts windows into"),
+    "split longer than a window": (
+        ["--tune", "--tune-split", "--tune-tokens", "24", "--tune-holdout", "1"],
+        "--tune-split cuts 24-token",
+    ),
 }
 
 

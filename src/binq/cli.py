@@ -127,6 +127,11 @@ def _add_tune_options(parser: argparse.ArgumentParser) -> None:
         help="flip signs too, by a straight-through estimator (same sign planes, layout and bits)",
     )  # fmt: skip
     group.add_argument(
+        "--tune-split", action="store_true",
+        help="steps train on the training windows cut into windows of --tune-tokens tokens, each run from its "
+        "embeddings, instead of on their prefixes: more first positions, the same tokens (docs/TUNE.md)",
+    )  # fmt: skip
+    group.add_argument(
         "--tune-loss", default=defaults.loss, choices=LOSSES,
         help="stream: the residual stream's error; token: each token's relative error, averaged (docs/TUNE.md)",
     )  # fmt: skip

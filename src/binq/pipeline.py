@@ -454,7 +454,7 @@ def quantize(
     if world > 1 and not method.calibration_free and calibration.nsamples < world:
         raise BinqError(f"--nsamples {calibration.nsamples} is fewer than the {world} processes that share them")
     if tuning_enabled(tune):
-        tune.check_run(calibration.nsamples, world)
+        tune.check_run(calibration.nsamples, world, calibration.seqlen)
     engine = engine or EngineConfig()
     if world > 1:  # each rank computes on its own GPU, cuda:LOCAL_RANK
         engine = dataclasses.replace(engine, device=distributed.rank_device(engine.device))

@@ -32,14 +32,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from binq.engine.capture import capture_block_inputs, to_device
+from binq.engine.capture import BlockInputs, block_output, capture_block_inputs, to_device
 from binq.engine.tune import BlockTuneRecord, TuneConfig, tune_block, tuning_enabled
 from binq.engine.walker import BlockStep, walk_blocks
 from binq.errors import BinqError
@@ -224,9 +224,16 @@ def quantize_model(
     engine = engine or EngineConfig()
     tuning = tuning_enabled(tune)
     prefix_inputs = None  # the blocks' arguments for windows of tune.tokens tokens
+    split: _Split | None = None  # --tune-split: the training windows cut into windows of their own
     if tuning:
-        tune.check_run(calibration.shape[0], rank_and_world()[1])
-        if 0 < tune.tokens < calibration.shape[1]:
+        tune.check_run(calibration.shape[0], rank_and_world()[1], calibration.shape[1])
+        if tune.split:
+            trained = calibration[: calibration.shape[0] - tune.holdout]
+            pieces = trained[:, : trained.shape[1] // tune.tokens * tune.tokens].reshape(-1, tune.tokens)
+            prefix_inputs = capture_block_inputs(model, get_blocks(model, arch), pieces)
+            embeddings = prefix_inputs.hidden_states
+            split = _Split(embeddings, list(embeddings) if tune.target == "original" else None)
+        elif 0 < tune.tokens < calibration.shape[1]:
             prefix_inputs = capture_block_inputs(model, get_blocks(model, arch), calibration[:1, : tune.tokens])
     reference: list[torch.Tensor] | None = None  # the unquantized model's stream (--tune-target original)
     device = torch.device(engine.device)
@@ -261,7 +268,11 @@ def quantize_model(
                 if loaded is not None:
                     if reference is not None:  # the original block, before its quantized weights go in
                         reference = _run_on(step, reference)
+                    pieces = _arguments(prefix_inputs, index, device)
+                    pieces_targets = None if split is None else split.targets(step, pieces)
                     _put_block(step, loaded, order, result, on_layer)
+                    if split is not None:
+                        split.advance(step, pieces, pieces_targets)
                     if tuning and resume is not None and index in resume.tuning:
                         _tuned(result, BlockTuneRecord(**resume.tuning[index]), on_tune)
                     _observe_after(observer, step, loaded[0], result)
@@ -280,8 +291,13 @@ def quantize_model(
                 _discard_from(resume, index + 1, count)
             made: dict[str, tuple[LayerRecord, QuantizedWeight]] = {}
             targets = None
+            pieces_targets = None
             if tuning:  # the original block's outputs, while its weights are still the original ones
                 targets = _run_on(step, reference if tune.target == "original" else step.inputs)
+                if split is not None:
+                    split_started = time.perf_counter()
+                    pieces_targets = split.targets(step, _arguments(prefix_inputs, index, device))
+                    split_time = time.perf_counter() - split_started
             for stage in stages:
                 accumulators = step.hessians(stage, hessian_dtype)
                 owner_of = stage_owners({name: step.linears[name] for group in stage for name in group})
@@ -315,13 +331,15 @@ def quantize_model(
             tune_record = None
             if tuning:
                 generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
-                prefix = None
-                if prefix_inputs is not None:
-                    prefix = (
-                        to_device(prefix_inputs.args[index], device),
-                        to_device(prefix_inputs.kwargs[index], device),
-                    )
-                tune_record = _tune_step(step, made, targets, tune, generator, order, prefix)
+                prefix = _arguments(prefix_inputs, index, device)
+                windows = None if split is None else (split.quantized, pieces_targets)
+                tune_record = _tune_step(step, made, targets, tune, generator, order, prefix, windows)
+                if split is not None:  # the split windows' forwards are tuning's work: counted in its time
+                    split_started = time.perf_counter()
+                    split.advance(step, prefix, pieces_targets)
+                    split_time += time.perf_counter() - split_started
+                    tune_record = replace(tune_record, time_s=tune_record.time_s + split_time)
+                del pieces_targets
                 result.weights.update({name: weight for name, (_, weight) in made.items()})
                 _tuned(result, tune_record, on_tune)
                 if tune.target == "original":
@@ -351,6 +369,41 @@ def _run_on(step: BlockStep, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         step.inputs = own
 
 
+_Arguments = tuple[tuple[Any, ...], dict[str, Any]]
+
+
+def _arguments(inputs: BlockInputs | None, index: int, device: torch.device) -> _Arguments | None:
+    """Block ``index``'s extra arguments as captured in ``inputs`` (windows of their length), on ``device``."""
+    if inputs is None:
+        return None
+    return to_device(inputs.args[index], device), to_device(inputs.kwargs[index], device)
+
+
+@dataclass
+class _Split:
+    """``--tune-split``'s windows (the training windows cut into windows of ``--tune-tokens`` tokens): their
+    quantized stream, and the original model's (``None`` with ``--tune-target quantized``), block by block."""
+
+    quantized: list[torch.Tensor]
+    original: list[torch.Tensor] | None
+
+    def targets(self, step: BlockStep, arguments: _Arguments) -> list[torch.Tensor]:
+        """The original block's outputs (call it before the block's quantized weights go in)."""
+        return _run_with(step, self.original if self.original is not None else self.quantized, arguments)
+
+    def advance(self, step: BlockStep, arguments: _Arguments, targets: list[torch.Tensor]) -> None:
+        """Both streams one block on: the quantized block's outputs, and ``targets`` as the original's."""
+        self.quantized = _run_with(step, self.quantized, arguments)
+        if self.original is not None:
+            self.original = targets
+
+
+@torch.no_grad()
+def _run_with(step: BlockStep, inputs: list[torch.Tensor], arguments: _Arguments) -> list[torch.Tensor]:
+    args, kwargs = arguments
+    return [block_output(step.block(x.to(step.device), *args, **kwargs)).to(x.device) for x in inputs]
+
+
 def _tune_step(
     step: BlockStep,
     made: dict[str, tuple[LayerRecord, QuantizedWeight]],
@@ -359,6 +412,7 @@ def _tune_step(
     generator: torch.Generator,
     order: list[str],
     prefix: tuple[tuple[Any, ...], dict[str, Any]] | None,
+    windows: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None,
 ) -> BlockTuneRecord:
     """Tune the block's quantized linears; their kept weights replace the method's in ``made`` and in
     the block (as :func:`_quantize_linear` puts them)."""
@@ -366,7 +420,7 @@ def _tune_step(
     weights = {name: made[step.full_name(name)][1] for name in names}
     tuned, record = tune_block(
         step.index, step.block, weights, step.inputs, targets, (step.args, step.kwargs), prefix, step.device, tune,
-        generator,
+        generator, windows,
     )  # fmt: skip
     if record.kept:
         for name in names:

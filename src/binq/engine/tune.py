@@ -20,6 +20,14 @@ tuned weight has the same layout, shapes and storage bits, and exports and runs 
   norm near 23,000 against a median of about 130, 98 % of the stream's energy
   (``benchmarks/stream_energy.py``), so the ``stream`` error is nearly that one token's. ``token``
   weighs every token alike.
+- **Split windows** (``split``): a window's first positions behave unlike the rest (SmolLM2-135M's
+  first token carries the massive activation above), and a prefix keeps only one first position per
+  window. With ``split`` the steps train on the training windows cut into windows of ``tokens``
+  tokens instead, each run through the model from its embeddings as a window of its own: the same
+  tokens, ``seqlen / tokens`` times as many first positions. Those windows get a quantized stream and
+  an original one of their own, carried block to block beside the calibration windows' (two more
+  block forwards per block, counted in the tuning time); the held-out windows stay whole and are never
+  cut.
 - **Held-out windows**: the last ``holdout`` calibration windows are never trained on. Every
   ``eval_every`` steps their error is measured with the tensors rounded to fp16, as they are stored;
   the best such state is kept, and ``patience`` checks in a row without a better one stop the block
@@ -85,6 +93,9 @@ class TuneConfig:
     - ``loss``: ``stream``, the error of the whole residual stream (``sum ||Y - T||^2 / sum ||T||^2``), or
       ``token``, each token's relative error ``||y - t||^2 / ||t||^2`` averaged over tokens (see the
       module docstring); the held-out checks measure the same.
+    - ``split``: the steps train on the training windows cut into windows of ``tokens`` tokens, each run
+      through the model from its embeddings as a window of its own, instead of on their prefixes (see
+      the module docstring).
     """
 
     steps: int = 20
@@ -98,6 +109,7 @@ class TuneConfig:
     signs: bool = False
     sign_lr: float = 5e-2
     loss: str = "stream"
+    split: bool = False
 
     def __post_init__(self) -> None:
         for name, low in (
@@ -119,16 +131,22 @@ class TuneConfig:
             raise BinqError(f"--tune-signs must be true or false, got {self.signs!r}")
         if not self.signs and self.sign_lr != TuneConfig.sign_lr:
             raise BinqError("--tune-sign-lr applies to --tune-signs: add --tune-signs")
+        if not isinstance(self.split, bool):
+            raise BinqError(f"--tune-split must be true or false, got {self.split!r}")
+        if self.split and self.tokens == 0:
+            raise BinqError("--tune-split cuts windows into --tune-tokens tokens: give --tune-tokens above 0")
         if self.loss not in LOSSES:
             raise BinqError(f"--tune-loss must be one of {', '.join(LOSSES)}, got '{self.loss}'")
         if self.target not in TARGETS:
             raise BinqError(f"--tune-target must be one of {', '.join(TARGETS)}, got '{self.target}'")
 
-    def check_run(self, nsamples: int, world: int) -> None:
-        """Refuse what tuning cannot do: several processes, or no calibration window left to tune on."""
+    def check_run(self, nsamples: int, world: int, seqlen: int) -> None:
+        """Refuse what tuning cannot do: several processes, no calibration window left to tune on, or
+        windows too short to split."""
         if world > 1:
             raise BinqError(ONE_PROCESS)
         self.check_windows(nsamples)
+        self.check_split(seqlen)
 
     def check_windows(self, nsamples: int) -> None:
         """Refuse a held-out slice that leaves no window to tune on."""
@@ -136,6 +154,14 @@ class TuneConfig:
             raise BinqError(
                 f"--tune-holdout {self.holdout} leaves none of the {nsamples} calibration windows to tune on "
                 "(raise --nsamples or lower --tune-holdout)"
+            )
+
+    def check_split(self, seqlen: int) -> None:
+        """Refuse ``split`` where a window is no longer than the pieces it would be cut into."""
+        if self.steps and self.split and self.tokens >= seqlen:
+            raise BinqError(
+                f"--tune-split cuts {seqlen}-token windows into {self.tokens}-token ones: give --tune-tokens "
+                f"below {seqlen}"
             )
 
 
@@ -258,6 +284,7 @@ def tune_block(
     device: torch.device,
     config: TuneConfig,
     generator: torch.Generator,
+    windows: tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]] | None = None,
 ) -> tuple[dict[str, QuantizedWeight], BlockTuneRecord]:
     """Tune ``weights`` (the block's quantized linears, by their name in the block) so that ``block`` maps
     ``inputs`` closer to ``targets``; returns the weights to keep (the method's when tuning did not lower
@@ -265,16 +292,24 @@ def tune_block(
 
     ``arguments`` are the block's extra positional and keyword arguments for whole windows;
     ``prefix_arguments`` the same for windows of ``config.tokens`` tokens (``None``: steps use whole
-    windows)."""
+    windows). ``windows`` (``config.split``): the inputs and targets the steps train on instead, windows of
+    ``config.tokens`` tokens run under ``prefix_arguments``; ``inputs`` and ``targets`` then only give the
+    held-out windows (their last ``config.holdout``)."""
     started = time.perf_counter()
-    trained = len(inputs) - config.holdout  # the first windows train, the last ones judge
-    train_inputs, train_targets = inputs[:trained], targets[:trained]
-    held_inputs, held_targets = inputs[trained:], targets[trained:]
+    held = len(inputs) - config.holdout  # the first windows train, the last ones judge
+    held_inputs, held_targets = inputs[held:], targets[held:]
     runner = _Block(block, *arguments, device, config.loss)
     trainer = runner if prefix_arguments is None else _Block(block, *prefix_arguments, device, config.loss)
-    if prefix_arguments is not None:
-        train_inputs = [x[:, : config.tokens] for x in train_inputs]
-        train_targets = [t[:, : config.tokens] for t in train_targets]
+    if windows is not None:
+        if prefix_arguments is None:
+            raise ValueError("training windows need the arguments of their length (prefix_arguments)")
+        train_inputs, train_targets = windows
+    elif prefix_arguments is not None:
+        train_inputs = [x[:, : config.tokens] for x in inputs[:held]]
+        train_targets = [t[:, : config.tokens] for t in targets[:held]]
+    else:
+        train_inputs, train_targets = inputs[:held], targets[:held]
+    trained = len(train_inputs)
     before = runner.error(held_inputs, held_targets, _dense(weights, device, runner.dtype))
     tunables = {name: _tunables(weight, config.signs) for name, weight in weights.items()}
     params = [p.delta for per in tunables.values() for p in per.values() if p.kind != "sign"]
