@@ -117,6 +117,14 @@ RUNS: tuple[Run, ...] = (
         *_signs_token("2", "256"),
         description="Q1_0's form: signs flipped, each token's error, 256-token prefixes",
     ),
+    # The training windows split into 128-token windows of their own (--tune-split): four times the first
+    # positions, the same tokens (docs/TUNE.md).
+    *_seeds(
+        "arb-group g128 tuned signs token split",
+        *_signs_token("4", "128"),
+        "--tune-split",
+        description="Q1_0's form: signs flipped, each token's error, trained on 128-token windows of their own",
+    ),
     *_seeds(
         "arb-group g128 tuned signs token 256 target quantized", *_signs_token("2", "256"), "--tune-target", "quantized"
     ),

@@ -410,6 +410,7 @@ LOSS_PAIRS = (
     ("arb-group g128 tuned signs", "arb-group g128 tuned signs token whole"),
     ("arb-group g128 tuned signs", "arb-group g128 tuned signs token 256"),
     ("arb-group g128 tuned signs token 256", "arb-group g128 tuned signs token 256 target quantized"),
+    ("arb-group g128 tuned signs token 256", "arb-group g128 tuned signs token split"),
     ("gptq 4-bit g128 tuned", "gptq 4-bit g128 tuned token"),
     ("target 3.78 bits gptq tuned", "target 3.78 bits gptq tuned token"),
 )
@@ -420,6 +421,7 @@ SEED_PAIRS = (
     ("arb-group g128 tuned", "arb-group g128 tuned signs"),
     ("arb-group g128 tuned signs", "arb-group g128 tuned signs token 256"),
     ("arb-group g128 tuned signs token 256", "arb-group g128 tuned signs token 256 target quantized"),
+    ("arb-group g128 tuned signs token 256", "arb-group g128 tuned signs token split"),
     ("gptq 4-bit g128 tuned", "gptq 4-bit g128 tuned token"),
 )
 
