@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from binq.engine.capture import BlockInputs, block_output, capture_block_inputs, to_device
+from binq.engine.capture import BlockInputs, capture_block_inputs, to_device
 from binq.engine.tune import BlockTuneRecord, TuneConfig, tune_block, tuning_enabled
 from binq.engine.walker import BlockStep, walk_blocks
 from binq.errors import BinqError
@@ -267,11 +267,13 @@ def quantize_model(
                 loaded = preloaded.pop(index) if index in preloaded else _load_block(resume, model, arch, index, device)
                 if loaded is not None:
                     if reference is not None:  # the original block, before its quantized weights go in
-                        reference = _run_on(step, reference)
-                    pieces = _arguments(prefix_inputs, index, device)
-                    pieces_targets = None if split is None else split.targets(step, pieces)
-                    _put_block(step, loaded, order, result, on_layer)
-                    if split is not None:
+                        reference = step.run_on(reference)
+                    if split is None:
+                        _put_block(step, loaded, order, result, on_layer)
+                    else:  # the split windows' original block too, before the quantized weights go in
+                        pieces = _arguments(prefix_inputs, index, device)
+                        pieces_targets = split.targets(step, pieces)
+                        _put_block(step, loaded, order, result, on_layer)
                         split.advance(step, pieces, pieces_targets)
                     if tuning and resume is not None and index in resume.tuning:
                         _tuned(result, BlockTuneRecord(**resume.tuning[index]), on_tune)
@@ -290,13 +292,13 @@ def quantize_model(
                 resume_from = index  # a damaged file: this block and every later one are recomputed
                 _discard_from(resume, index + 1, count)
             made: dict[str, tuple[LayerRecord, QuantizedWeight]] = {}
-            targets = None
-            pieces_targets = None
+            targets = pieces_targets = prefix = None
             if tuning:  # the original block's outputs, while its weights are still the original ones
-                targets = _run_on(step, reference if tune.target == "original" else step.inputs)
+                targets = step.run_on(reference if tune.target == "original" else step.inputs)
+                prefix = _arguments(prefix_inputs, index, device)
                 if split is not None:
                     split_started = time.perf_counter()
-                    pieces_targets = split.targets(step, _arguments(prefix_inputs, index, device))
+                    pieces_targets = split.targets(step, prefix)
                     split_time = time.perf_counter() - split_started
             for stage in stages:
                 accumulators = step.hessians(stage, hessian_dtype)
@@ -331,7 +333,6 @@ def quantize_model(
             tune_record = None
             if tuning:
                 generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
-                prefix = _arguments(prefix_inputs, index, device)
                 windows = None if split is None else (split.quantized, pieces_targets)
                 tune_record = _tune_step(step, made, targets, tune, generator, order, prefix, windows)
                 if split is not None:  # the split windows' forwards are tuning's work: counted in its time
@@ -359,16 +360,6 @@ def quantize_model(
     return result
 
 
-def _run_on(step: BlockStep, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The block (as it is now) run on ``inputs`` instead of the walk's own."""
-    own = step.inputs
-    step.inputs = inputs
-    try:
-        return step.run()
-    finally:
-        step.inputs = own
-
-
 _Arguments = tuple[tuple[Any, ...], dict[str, Any]]
 
 
@@ -389,19 +380,13 @@ class _Split:
 
     def targets(self, step: BlockStep, arguments: _Arguments) -> list[torch.Tensor]:
         """The original block's outputs (call it before the block's quantized weights go in)."""
-        return _run_with(step, self.original if self.original is not None else self.quantized, arguments)
+        return step.run_on(self.original if self.original is not None else self.quantized, arguments)
 
     def advance(self, step: BlockStep, arguments: _Arguments, targets: list[torch.Tensor]) -> None:
         """Both streams one block on: the quantized block's outputs, and ``targets`` as the original's."""
-        self.quantized = _run_with(step, self.quantized, arguments)
+        self.quantized = step.run_on(self.quantized, arguments)
         if self.original is not None:
             self.original = targets
-
-
-@torch.no_grad()
-def _run_with(step: BlockStep, inputs: list[torch.Tensor], arguments: _Arguments) -> list[torch.Tensor]:
-    args, kwargs = arguments
-    return [block_output(step.block(x.to(step.device), *args, **kwargs)).to(x.device) for x in inputs]
 
 
 def _tune_step(

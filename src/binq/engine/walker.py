@@ -48,13 +48,21 @@ class BlockStep:
         return module_name(self.arch, self.index, name)
 
     @torch.no_grad()
-    def _output(self, x: torch.Tensor) -> torch.Tensor:
-        out = block_output(self.block(x.to(self.device), *self.args, **self.kwargs))
+    def _output(self, x: torch.Tensor, arguments: tuple[tuple[Any, ...], dict[str, Any]] | None = None) -> torch.Tensor:
+        args, kwargs = (self.args, self.kwargs) if arguments is None else arguments
+        out = block_output(self.block(x.to(self.device), *args, **kwargs))
         return out if x.device == self.device else out.to(x.device)
 
     def run(self) -> list[torch.Tensor]:
         """The block's outputs for every sample, where the inputs live."""
-        return [self._output(x) for x in self.inputs]
+        return self.run_on(self.inputs)
+
+    def run_on(
+        self, inputs: list[torch.Tensor], arguments: tuple[tuple[Any, ...], dict[str, Any]] | None = None
+    ) -> list[torch.Tensor]:
+        """The block (as it is now) run on ``inputs`` instead of the walk's own, under ``arguments`` (the
+        extra arguments for windows of their length; ``None``: the walk's own)."""
+        return [self._output(x, arguments) for x in inputs]
 
     def advance(self) -> list[torch.Tensor]:
         """:meth:`run`, each output written over its input in :attr:`inputs` as soon as it is made, so that
