@@ -37,9 +37,10 @@ def main() -> int:
     first = int(os.environ.get("FROM", "0"))
     settings = [(a.split(":", 1)[0], json.loads(a.split(":", 1)[1])) for a in sys.argv[2:]]
 
-    def compare(index, block, weights, inputs, targets, arguments, prefix, device, config, generator):
+    def compare(index, block, weights, inputs, targets, arguments, prefix, device, config, generator, windows=None):
         if index < first:
-            return tune_block(index, block, weights, inputs, targets, arguments, prefix, device, config, generator)
+            return tune_block(index, block, weights, inputs, targets, arguments, prefix, device, config, generator,
+                              windows)  # fmt: skip
         state = generator.get_state()
         results = []
         for name, override in settings:
@@ -47,7 +48,7 @@ def main() -> int:
             own.set_state(state)
             tuned, record = tune_block(
                 index, block, weights, inputs, targets, arguments, prefix, device,
-                dataclasses.replace(config, **override), own,
+                dataclasses.replace(config, **override), own, windows,
             )  # fmt: skip
             ratio = record.error_after / record.error_before
             print(f"block {index} {name:>14}: {record.error_before:.4e} -> {record.error_after:.4e} ({ratio:.4f})"

@@ -31,7 +31,7 @@ from binq.cli import main
 from binq.engine.calibrate import quantize_model
 from binq.engine.capture import block_output, capture_block_inputs
 from binq.engine.resume import tensor_digest
-from binq.engine.tune import LOSSES, BlockTuneRecord, TuneConfig, tune_block, tune_options
+from binq.engine.tune import LOSSES, BlockTuneRecord, TuneConfig, for_block, tune_block, tune_options
 from binq.errors import BinqError
 from binq.export.gguf import export_gguf
 from binq.export.q1_0 import dequantize_q1_0
@@ -405,6 +405,19 @@ def test_split_windows_are_the_pieces_run_as_windows_of_their_own(monkeypatch: p
         assert record.error_after <= record.error_before
     _, _, unsplit = tuned_run("arb-group", dataclasses.replace(SIGNS, tokens=8))
     assert records[0].error_before == unsplit[0].error_before
+
+
+def test_the_first_and_last_blocks_take_their_own_steps() -> None:
+    """``edge_steps`` replaces ``steps`` for the first and the last block only, patience scaled alike."""
+    model = build_tiny_model("llama", num_hidden_layers=3)
+    spec = get_method("arb-group")
+    config = dataclasses.replace(FAST, steps=6, edge_steps=15, eval_every=3, patience=100)  # never stops early
+    records: list[BlockTuneRecord] = []
+    quantize_model(model, get_architecture(model), random_ids(8, 32, seed=1), spec, spec.make_config(group_size=32),
+                   progress=False, tune=config, on_tune=records.append)  # fmt: skip
+    assert [r.steps for r in records] == [15, 6, 15]
+    assert for_block(config, 1, 3) is config and for_block(dataclasses.replace(config, edge_steps=0), 0, 3).steps == 6
+    assert for_block(dataclasses.replace(FAST, steps=60, edge_steps=180, patience=4), 2, 3).patience == 12
 
 
 def test_config_errors_are_one_line() -> None:

@@ -111,6 +111,7 @@ def _add_tune_options(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     settings = (
         ("steps", int, "Adam steps per block at most"),
+        ("edge_steps", int, "steps for the first and the last block, patience scaled alike (0: --tune-steps)"),
         ("lr", float, "learning rate, about the relative change per step"),
         ("batch", int, "calibration windows per step"),
         ("tokens", int, "steps train on the first N tokens of each window (0: whole windows; checks use whole ones)"),

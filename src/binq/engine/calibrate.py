@@ -40,7 +40,7 @@ import torch.distributed as dist
 from torch import nn
 
 from binq.engine.capture import BlockInputs, capture_block_inputs, to_device
-from binq.engine.tune import BlockTuneRecord, TuneConfig, tune_block, tuning_enabled
+from binq.engine.tune import BlockTuneRecord, TuneConfig, for_block, tune_block, tuning_enabled
 from binq.engine.walker import BlockStep, walk_blocks
 from binq.errors import BinqError
 from binq.methods.registry import Method
@@ -334,7 +334,8 @@ def quantize_model(
             if tuning:
                 generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
                 windows = None if split is None else (split.quantized, pieces_targets)
-                tune_record = _tune_step(step, made, targets, tune, generator, order, prefix, windows)
+                block_tune = for_block(tune, index, count)  # the first and last blocks' own steps
+                tune_record = _tune_step(step, made, targets, block_tune, generator, order, prefix, windows)
                 if split is not None:  # the split windows' forwards are tuning's work: counted in its time
                     split_started = time.perf_counter()
                     split.advance(step, prefix, pieces_targets)

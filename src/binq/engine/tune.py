@@ -55,7 +55,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
@@ -110,10 +110,12 @@ class TuneConfig:
     sign_lr: float = 5e-2
     loss: str = "stream"
     split: bool = False
+    edge_steps: int = 0
 
     def __post_init__(self) -> None:
         for name, low in (
             ("steps", 0),
+            ("edge_steps", 0),
             ("batch", 1),
             ("tokens", 0),
             ("holdout", 1),
@@ -163,6 +165,15 @@ class TuneConfig:
                 f"--tune-split cuts {seqlen}-token windows into {self.tokens}-token ones: give --tune-tokens "
                 f"below {seqlen}"
             )
+
+
+def for_block(config: TuneConfig, index: int, count: int) -> TuneConfig:
+    """The settings block ``index`` of ``count`` is tuned with: ``edge_steps`` (when given) instead of
+    ``steps`` for the first and the last block, with ``patience`` scaled alike."""
+    if not config.edge_steps or config.steps == 0 or index not in (0, count - 1):
+        return config
+    patience = max(1, math.ceil(config.patience * config.edge_steps / config.steps))
+    return replace(config, steps=config.edge_steps, patience=patience)
 
 
 def tuning_enabled(tune: TuneConfig | None) -> bool:
@@ -227,9 +238,12 @@ def _tunables(weight: QuantizedWeight, signs: bool = False) -> dict[str, _Tunabl
 class _Block:
     """The block under tuning: run with given weights for its linears (the other parameters frozen)."""
 
-    def __init__(self, block: nn.Module, args: tuple, kwargs: dict, device: torch.device, loss: str = "stream"):
+    def __init__(
+        self, block: nn.Module, args: tuple, kwargs: dict, device: torch.device, loss: str = "stream", head: Any = None
+    ):
         self.block, self.args, self.kwargs, self.device, self.loss = block, args, kwargs, device, loss
         self.dtype = next(block.parameters()).dtype
+        self.head = head
 
     def run(self, x: torch.Tensor, weights: dict[str, torch.Tensor]) -> torch.Tensor:
         overrides = {f"{name}.weight": w for name, w in weights.items()}
@@ -240,14 +254,18 @@ class _Block:
         with torch.no_grad():
             for x, t in zip(inputs, targets, strict=True):
                 target = t.to(self.device).float()
-                num += float(_error_sum(self.run(x, weights).float(), target, self.loss))
+                num += float(_error_sum(self.run(x, weights).float(), target, self.loss, self.head))
                 den += _error_weight(target, self.loss)
         return num / den if den > 0 else float("nan")
 
 
-def _error_sum(output: torch.Tensor, target: torch.Tensor, loss: str) -> torch.Tensor:
+def _error_sum(output: torch.Tensor, target: torch.Tensor, loss: str, head: Any = None) -> torch.Tensor:
     """A window's share of the error's numerator: its squared error (``stream``), or the sum of its tokens'
     relative errors ``||y - t||^2 / ||t||^2`` (``token``; a zero target counts its absolute error)."""
+    if loss == "kl":
+        with torch.no_grad():
+            reference = head(target).float().log_softmax(-1)
+        return (reference.exp() * (reference - head(output).float().log_softmax(-1))).sum()
     if loss == "token":
         energy = target.square().sum(-1)
         return ((output - target).square().sum(-1) / torch.where(energy > 0, energy, 1.0)).sum()
@@ -256,7 +274,7 @@ def _error_sum(output: torch.Tensor, target: torch.Tensor, loss: str) -> torch.T
 
 def _error_weight(target: torch.Tensor, loss: str) -> float:
     """A window's share of the error's denominator: its energy (``stream``) or its token count (``token``)."""
-    return float(target[..., 0].numel()) if loss == "token" else float(target.float().square().sum())
+    return float(target[..., 0].numel()) if loss in ("token", "kl") else float(target.float().square().sum())
 
 
 def _stored(
@@ -285,6 +303,7 @@ def tune_block(
     config: TuneConfig,
     generator: torch.Generator,
     windows: tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]] | None = None,
+    head: Any = None,
 ) -> tuple[dict[str, QuantizedWeight], BlockTuneRecord]:
     """Tune ``weights`` (the block's quantized linears, by their name in the block) so that ``block`` maps
     ``inputs`` closer to ``targets``; returns the weights to keep (the method's when tuning did not lower
@@ -298,8 +317,8 @@ def tune_block(
     started = time.perf_counter()
     held = len(inputs) - config.holdout  # the first windows train, the last ones judge
     held_inputs, held_targets = inputs[held:], targets[held:]
-    runner = _Block(block, *arguments, device, config.loss)
-    trainer = runner if prefix_arguments is None else _Block(block, *prefix_arguments, device, config.loss)
+    runner = _Block(block, *arguments, device, config.loss, head)
+    trainer = runner if prefix_arguments is None else _Block(block, *prefix_arguments, device, config.loss, head)
     if windows is not None:
         if prefix_arguments is None:
             raise ValueError("training windows need the arguments of their length (prefix_arguments)")
@@ -378,7 +397,7 @@ def _train_step(
         energy = sum(_error_weight(t, runner.loss) for t in targets) or 1.0
         for x, t in zip(inputs, targets, strict=True):
             out = runner.run(x, leaves).float()
-            (_error_sum(out, t.to(runner.device).float(), runner.loss) / energy).backward()
+            (_error_sum(out, t.to(runner.device).float(), runner.loss, runner.head) / energy).backward()
         names = [n for n in graphs if leaves[n].grad is not None]
         torch.autograd.backward([graphs[n] for n in names], [leaves[n].grad.to(graphs[n]) for n in names])
     optimizer.step()
