@@ -2,14 +2,18 @@
 
     python benchmarks/tune_variants.py 1 'scales:{}' 'signs:{"signs": true, "steps": 60, "patience": 4, "batch": 4}'
     FROM=11 python benchmarks/tune_variants.py 12 'scales:{}' ...      # tune only from block 11, then compare
+    PPL=1 python benchmarks/tune_variants.py 1 'base:{}' 'steps180:{"steps": 180, "patience": 12}'
 
 Runs ``binq quantize --model smollm2-135m --method arb-group --tune --quick`` (plus ``$EXTRA`` options) and,
 for each of the first ``K`` blocks (from block ``$FROM``), tunes the block once per setting (a
 :class:`~binq.engine.tune.TuneConfig` field override, given as ``name:json``), each from the same generator
-state, and prints each setting's held-out error before and after, its steps and kept sign flips. The walk
+state, and prints each setting's held-out error before and after, its steps and kept sign flips. With
+``PPL=1`` it also prints the perplexity of the original model with only that block's linears replaced by
+the setting's tuned ones, on the first 16 windows of 512 tokens of brit1911 and persuasion (the quick
+protocol's windows; what ``benchmarks/block_damage.py`` measures for a whole checkpoint). The walk
 continues with the first setting's result, so later blocks see that setting's quantized inputs. A
-development tool (the numbers of docs/TUNE.md's "Sign flips" section came from it), not a benchmark with
-a report file.
+development tool (the numbers of docs/TUNE.md's "Sign flips" and "Where the damage is" sections came from
+it), not a benchmark with a report file.
 """
 
 from __future__ import annotations
@@ -27,15 +31,48 @@ import binq.engine.calibrate as calibrate
 from binq.cli import main as binq_main
 from binq.engine.tune import tune_block
 
+TEXTS = ("brit1911", "persuasion")
+
 
 class _Stop(Exception):
     pass
+
+
+class _SingleBlock:
+    """The original model, a block's linears swapped in and out, and the evaluation windows."""
+
+    def __init__(self) -> None:
+        from binq.data.evaluation import evaluation_tokens
+        from binq.models import load_model
+        from binq.models.architectures import get_architecture, get_blocks
+
+        loaded = load_model("smollm2-135m")
+        self.model = loaded.model.eval()
+        self.blocks = get_blocks(self.model, get_architecture(self.model))
+        self.windows = {}
+        for text in TEXTS:
+            ids = evaluation_tokens(loaded.tokenizer, text, 512)[0]
+            self.windows[text] = torch.stack([ids[i * 512 : (i + 1) * 512] for i in range(16)])
+
+    def perplexities(self, index: int, weights: dict) -> str:
+        from block_damage import perplexity
+
+        block = self.blocks[index]
+        originals = {name: block.get_submodule(name).weight.data for name in weights}
+        for name, weight in weights.items():
+            block.get_submodule(name).weight.data = weight.dequantize().to(originals[name].dtype)
+        try:
+            return " ".join(f"{text} {perplexity(self.model, w):.2f}" for text, w in self.windows.items())
+        finally:
+            for name, original in originals.items():
+                block.get_submodule(name).weight.data = original
 
 
 def main() -> int:
     blocks = int(sys.argv[1])
     first = int(os.environ.get("FROM", "0"))
     settings = [(a.split(":", 1)[0], json.loads(a.split(":", 1)[1])) for a in sys.argv[2:]]
+    single = _SingleBlock() if os.environ.get("PPL") == "1" else None
 
     def compare(index, block, weights, inputs, targets, arguments, prefix, device, config, generator, windows=None):
         if index < first:
@@ -51,8 +88,9 @@ def main() -> int:
                 dataclasses.replace(config, **override), own, windows,
             )  # fmt: skip
             ratio = record.error_after / record.error_before
+            ppl = "" if single is None else " | only this block: PPL " + single.perplexities(index, tuned)
             print(f"block {index} {name:>14}: {record.error_before:.4e} -> {record.error_after:.4e} ({ratio:.4f})"
-                  f" steps {record.steps} flipped {record.flipped} {record.time_s:.1f}s", flush=True)  # fmt: skip
+                  f" steps {record.steps} flipped {record.flipped} {record.time_s:.1f}s{ppl}", flush=True)  # fmt: skip
             results.append((tuned, record))
         if index + 1 >= blocks:
             raise _Stop

@@ -425,6 +425,9 @@ def test_config_errors_are_one_line() -> None:
         TuneConfig(lr=0.0)
     with pytest.raises(BinqError, match="--tune-batch must be an integer >= 1"):
         TuneConfig(batch=0)
+    with pytest.raises(BinqError, match="--tune-edge-steps must be an integer >= 0"):
+        TuneConfig(edge_steps=-1)
+    assert tune_options(TuneConfig(edge_steps=180)) == ["--tune", "--tune-edge-steps", "180"]
     with pytest.raises(BinqError, match="--tune-target must be one of original, quantized"):
         TuneConfig(target="both")
     with pytest.raises(BinqError, match="--tune-loss must be one of stream, token"):

@@ -125,6 +125,14 @@ RUNS: tuple[Run, ...] = (
         "--tune-split",
         description="Q1_0's form: signs flipped, each token's error, trained on 128-token windows of their own",
     ),
+    # The same, with 180 steps for the first and the last block (--tune-edge-steps): their errors cost the
+    # most (benchmarks/block_damage.py, docs/TUNE.md).
+    *_seeds(
+        "arb-group g128 tuned signs token split edges",
+        *("--method", "arb-group", "--tune", "--tune-signs", "--tune-steps", "60", "--tune-edge-steps", "180"),
+        *("--tune-batch", "4", "--tune-tokens", "128", "--tune-patience", "4", "--tune-loss", "token", "--tune-split"),
+        description="Q1_0's form: as split, with 180 steps for the first and the last block",
+    ),
     *_seeds(
         "arb-group g128 tuned signs token 256 target quantized", *_signs_token("2", "256"), "--tune-target", "quantized"
     ),

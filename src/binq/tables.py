@@ -411,6 +411,7 @@ LOSS_PAIRS = (
     ("arb-group g128 tuned signs", "arb-group g128 tuned signs token 256"),
     ("arb-group g128 tuned signs token 256", "arb-group g128 tuned signs token 256 target quantized"),
     ("arb-group g128 tuned signs token 256", "arb-group g128 tuned signs token split"),
+    ("arb-group g128 tuned signs token split", "arb-group g128 tuned signs token split edges"),
     ("gptq 4-bit g128 tuned", "gptq 4-bit g128 tuned token"),
     ("target 3.78 bits gptq tuned", "target 3.78 bits gptq tuned token"),
 )
@@ -422,6 +423,7 @@ SEED_PAIRS = (
     ("arb-group g128 tuned signs", "arb-group g128 tuned signs token 256"),
     ("arb-group g128 tuned signs token 256", "arb-group g128 tuned signs token 256 target quantized"),
     ("arb-group g128 tuned signs token 256", "arb-group g128 tuned signs token split"),
+    ("arb-group g128 tuned signs token split", "arb-group g128 tuned signs token split edges"),
     ("gptq 4-bit g128 tuned", "gptq 4-bit g128 tuned token"),
 )
 

@@ -33,6 +33,10 @@ tuned weight has the same layout, shapes and storage bits, and exports and runs 
   the best such state is kept, and ``patience`` checks in a row without a better one stop the block
   early. The tuned tensors replace the method's only when they lower the held-out error: tuning never
   makes a block's error worse on windows it did not train on.
+- **Edge blocks** (``edge_steps``): the first and the last block can take more steps than the others.
+  Their errors cost the most: on SmolLM2-135M, the original model with only block 0's tuned Q1_0
+  linears loses about a nat per token on an unseen text, block 29's about 0.7, most others 0.05-0.2
+  (``benchmarks/block_damage.py``); more steps lower block 0's cost and not block 1's (docs/TUNE.md).
 - **Parametrisation**: a scale ``s`` is tuned relative to itself, ``s0 * (1 + d)``; an offset in units
   of its weight's scales (their root mean square), ``m0 + d * rms(s0)``. One learning rate then suits
   every layer and model: ``lr`` is roughly the relative change per step.
@@ -96,6 +100,8 @@ class TuneConfig:
     - ``split``: the steps train on the training windows cut into windows of ``tokens`` tokens, each run
       through the model from its embeddings as a window of its own, instead of on their prefixes (see
       the module docstring).
+    - ``edge_steps``: the first and the last block's steps instead of ``steps`` (0: ``steps``), their
+      patience scaled alike (see the module docstring).
     """
 
     steps: int = 20
@@ -238,12 +244,9 @@ def _tunables(weight: QuantizedWeight, signs: bool = False) -> dict[str, _Tunabl
 class _Block:
     """The block under tuning: run with given weights for its linears (the other parameters frozen)."""
 
-    def __init__(
-        self, block: nn.Module, args: tuple, kwargs: dict, device: torch.device, loss: str = "stream", head: Any = None
-    ):
+    def __init__(self, block: nn.Module, args: tuple, kwargs: dict, device: torch.device, loss: str = "stream"):
         self.block, self.args, self.kwargs, self.device, self.loss = block, args, kwargs, device, loss
         self.dtype = next(block.parameters()).dtype
-        self.head = head
 
     def run(self, x: torch.Tensor, weights: dict[str, torch.Tensor]) -> torch.Tensor:
         overrides = {f"{name}.weight": w for name, w in weights.items()}
@@ -254,18 +257,14 @@ class _Block:
         with torch.no_grad():
             for x, t in zip(inputs, targets, strict=True):
                 target = t.to(self.device).float()
-                num += float(_error_sum(self.run(x, weights).float(), target, self.loss, self.head))
+                num += float(_error_sum(self.run(x, weights).float(), target, self.loss))
                 den += _error_weight(target, self.loss)
         return num / den if den > 0 else float("nan")
 
 
-def _error_sum(output: torch.Tensor, target: torch.Tensor, loss: str, head: Any = None) -> torch.Tensor:
+def _error_sum(output: torch.Tensor, target: torch.Tensor, loss: str) -> torch.Tensor:
     """A window's share of the error's numerator: its squared error (``stream``), or the sum of its tokens'
     relative errors ``||y - t||^2 / ||t||^2`` (``token``; a zero target counts its absolute error)."""
-    if loss == "kl":
-        with torch.no_grad():
-            reference = head(target).float().log_softmax(-1)
-        return (reference.exp() * (reference - head(output).float().log_softmax(-1))).sum()
     if loss == "token":
         energy = target.square().sum(-1)
         return ((output - target).square().sum(-1) / torch.where(energy > 0, energy, 1.0)).sum()
@@ -274,7 +273,7 @@ def _error_sum(output: torch.Tensor, target: torch.Tensor, loss: str, head: Any 
 
 def _error_weight(target: torch.Tensor, loss: str) -> float:
     """A window's share of the error's denominator: its energy (``stream``) or its token count (``token``)."""
-    return float(target[..., 0].numel()) if loss in ("token", "kl") else float(target.float().square().sum())
+    return float(target[..., 0].numel()) if loss == "token" else float(target.float().square().sum())
 
 
 def _stored(
@@ -303,7 +302,6 @@ def tune_block(
     config: TuneConfig,
     generator: torch.Generator,
     windows: tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]] | None = None,
-    head: Any = None,
 ) -> tuple[dict[str, QuantizedWeight], BlockTuneRecord]:
     """Tune ``weights`` (the block's quantized linears, by their name in the block) so that ``block`` maps
     ``inputs`` closer to ``targets``; returns the weights to keep (the method's when tuning did not lower
@@ -317,8 +315,8 @@ def tune_block(
     started = time.perf_counter()
     held = len(inputs) - config.holdout  # the first windows train, the last ones judge
     held_inputs, held_targets = inputs[held:], targets[held:]
-    runner = _Block(block, *arguments, device, config.loss, head)
-    trainer = runner if prefix_arguments is None else _Block(block, *prefix_arguments, device, config.loss, head)
+    runner = _Block(block, *arguments, device, config.loss)
+    trainer = runner if prefix_arguments is None else _Block(block, *prefix_arguments, device, config.loss)
     if windows is not None:
         if prefix_arguments is None:
             raise ValueError("training windows need the arguments of their length (prefix_arguments)")
@@ -397,7 +395,7 @@ def _train_step(
         energy = sum(_error_weight(t, runner.loss) for t in targets) or 1.0
         for x, t in zip(inputs, targets, strict=True):
             out = runner.run(x, leaves).float()
-            (_error_sum(out, t.to(runner.device).float(), runner.loss, runner.head) / energy).backward()
+            (_error_sum(out, t.to(runner.device).float(), runner.loss) / energy).backward()
         names = [n for n in graphs if leaves[n].grad is not None]
         torch.autograd.backward([graphs[n] for n in names], [leaves[n].grad.to(graphs[n]) for n in names])
     optimizer.step()
