@@ -13,7 +13,9 @@ to the whole checkpoint's (the blocks' errors interact), but they show where its
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 
@@ -36,6 +38,26 @@ def perplexity(model: torch.nn.Module, windows: torch.Tensor) -> float:
     return math.exp(nll / count)
 
 
+def text_windows(tokenizer, text: str, count: int) -> torch.Tensor:
+    """The first ``count`` windows of ``SEQLEN`` tokens of an evaluation text, ``[count, SEQLEN]``."""
+    ids = evaluation_tokens(tokenizer, text, SEQLEN)[0]
+    return torch.stack([ids[i * SEQLEN : (i + 1) * SEQLEN] for i in range(count)])
+
+
+@contextlib.contextmanager
+def swapped(block: torch.nn.Module, weights: dict) -> Iterator[None]:
+    """``block`` with its linears named in ``weights`` (quantized weights, by name in the block) dequantized
+    in place of their own, restored on exit."""
+    originals = {name: block.get_submodule(name).weight.data for name in weights}
+    for name, weight in weights.items():
+        block.get_submodule(name).weight.data = weight.dequantize().to(originals[name].dtype)
+    try:
+        yield
+    finally:
+        for name, original in originals.items():
+            block.get_submodule(name).weight.data = original
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("checkpoint")
@@ -46,23 +68,15 @@ def main() -> int:
     loaded = load_model(args.model)
     model = loaded.model.eval()
     weights = quantized_weights(binq.load(args.checkpoint))
-    ids = evaluation_tokens(loaded.tokenizer, args.text, SEQLEN)[0]
-    windows = torch.stack([ids[i * SEQLEN : (i + 1) * SEQLEN] for i in range(args.windows)])
+    windows = text_windows(loaded.tokenizer, args.text, args.windows)
     base = perplexity(model, windows)
     print(f"{args.text}, {args.windows} x {SEQLEN} tokens: original {base:.2f}")
     print("block | PPL with only this block quantized | cost (nats per token)")
     arch = get_architecture(model)
-    prefix = f"{arch.blocks}."
     for index, block in enumerate(get_blocks(model, arch)):
-        names = {
-            name[len(f"{prefix}{index}.") :]: w for name, w in weights.items() if name.startswith(f"{prefix}{index}.")
-        }
-        originals = {name: block.get_submodule(name).weight.data for name in names}
-        for name, weight in names.items():
-            block.get_submodule(name).weight.data = weight.dequantize().to(originals[name].dtype)
-        value = perplexity(model, windows)
-        for name, original in originals.items():
-            block.get_submodule(name).weight.data = original
+        prefix = f"{arch.blocks}.{index}."
+        with swapped(block, {name[len(prefix) :]: w for name, w in weights.items() if name.startswith(prefix)}):
+            value = perplexity(model, windows)
         print(f"{index:5d} | {value:10.2f} | {math.log(value / base):.3f}", flush=True)
     return 0
 

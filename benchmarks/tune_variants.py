@@ -30,6 +30,9 @@ import torch
 import binq.engine.calibrate as calibrate
 from binq.cli import main as binq_main
 from binq.engine.tune import tune_block
+from binq.models import load_model
+from binq.models.architectures import get_architecture, get_blocks
+from block_damage import perplexity, swapped, text_windows
 
 TEXTS = ("brit1911", "persuasion")
 
@@ -39,33 +42,17 @@ class _Stop(Exception):
 
 
 class _SingleBlock:
-    """The original model, a block's linears swapped in and out, and the evaluation windows."""
+    """The original model, whose blocks' linears are swapped for tuned ones, and the evaluation windows."""
 
     def __init__(self) -> None:
-        from binq.data.evaluation import evaluation_tokens
-        from binq.models import load_model
-        from binq.models.architectures import get_architecture, get_blocks
-
         loaded = load_model("smollm2-135m")
         self.model = loaded.model.eval()
         self.blocks = get_blocks(self.model, get_architecture(self.model))
-        self.windows = {}
-        for text in TEXTS:
-            ids = evaluation_tokens(loaded.tokenizer, text, 512)[0]
-            self.windows[text] = torch.stack([ids[i * 512 : (i + 1) * 512] for i in range(16)])
+        self.windows = {text: text_windows(loaded.tokenizer, text, 16) for text in TEXTS}
 
     def perplexities(self, index: int, weights: dict) -> str:
-        from block_damage import perplexity
-
-        block = self.blocks[index]
-        originals = {name: block.get_submodule(name).weight.data for name in weights}
-        for name, weight in weights.items():
-            block.get_submodule(name).weight.data = weight.dequantize().to(originals[name].dtype)
-        try:
+        with swapped(self.blocks[index], weights):
             return " ".join(f"{text} {perplexity(self.model, w):.2f}" for text, w in self.windows.items())
-        finally:
-            for name, original in originals.items():
-                block.get_submodule(name).weight.data = original
 
 
 def main() -> int:
