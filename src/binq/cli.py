@@ -133,6 +133,11 @@ def _add_tune_options(parser: argparse.ArgumentParser) -> None:
         "embeddings, instead of on their prefixes: more first positions, the same tokens (docs/TUNE.md)",
     )  # fmt: skip
     group.add_argument(
+        "--tune-head", action="store_true",
+        help="the last block's error is the next-token KL divergence through the model's final norm and "
+        "output head, instead of --tune-loss (docs/TUNE.md)",
+    )  # fmt: skip
+    group.add_argument(
         "--tune-loss", default=defaults.loss, choices=LOSSES,
         help="stream: the residual stream's error; token: each token's relative error, averaged (docs/TUNE.md)",
     )  # fmt: skip

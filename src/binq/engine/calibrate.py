@@ -44,7 +44,7 @@ from binq.engine.tune import BlockTuneRecord, TuneConfig, for_block, tune_block,
 from binq.engine.walker import BlockStep, walk_blocks
 from binq.errors import BinqError
 from binq.methods.registry import Method
-from binq.models.architectures import Architecture, block_linears, get_blocks, module_name
+from binq.models.architectures import Architecture, ModelHead, block_linears, get_blocks, module_name
 from binq.quant.hessian import relative_output_error
 from binq.quant.structured import QuantizedWeight, WeightSummary
 
@@ -335,7 +335,8 @@ def quantize_model(
                 generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
                 windows = None if split is None else (split.quantized, pieces_targets)
                 block_tune = for_block(tune, index, count)  # the first and last blocks' own steps
-                tune_record = _tune_step(step, made, targets, block_tune, generator, order, prefix, windows)
+                head = ModelHead(model, arch) if tune.head and index == count - 1 else None
+                tune_record = _tune_step(step, made, targets, block_tune, generator, order, prefix, windows, head)
                 if split is not None:  # the split windows' forwards are tuning's work: counted in its time
                     split_started = time.perf_counter()
                     split.advance(step, prefix, pieces_targets)
@@ -399,15 +400,24 @@ def _tune_step(
     order: list[str],
     prefix: tuple[tuple[Any, ...], dict[str, Any]] | None,
     windows: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None,
+    head: ModelHead | None = None,
 ) -> BlockTuneRecord:
     """Tune the block's quantized linears; their kept weights replace the method's in ``made`` and in
-    the block (as :func:`_quantize_linear` puts them)."""
+    the block (as :func:`_quantize_linear` puts them). ``head`` (``--tune-head``, the last block): the
+    model's head, moved to the block's device for the tuning and back."""
     names = [name for name in order if step.full_name(name) in made]
     weights = {name: made[step.full_name(name)][1] for name in names}
-    tuned, record = tune_block(
-        step.index, step.block, weights, step.inputs, targets, (step.args, step.kwargs), prefix, step.device, tune,
-        generator, windows,
-    )  # fmt: skip
+    home = None if head is None else next(head.parameters()).device
+    try:
+        if head is not None:
+            head.to(step.device)
+        tuned, record = tune_block(
+            step.index, step.block, weights, step.inputs, targets, (step.args, step.kwargs), prefix, step.device,
+            tune, generator, windows, head,
+        )  # fmt: skip
+    finally:
+        if head is not None:
+            head.to(home)
     if record.kept:
         for name in names:
             linear = step.linears[name]

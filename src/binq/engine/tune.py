@@ -58,7 +58,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -102,6 +102,8 @@ class TuneConfig:
       the module docstring).
     - ``edge_steps``: the first and the last block's steps instead of ``steps`` (0: ``steps``), their
       patience scaled alike (see the module docstring).
+    - ``head``: the last block's error is the next-token KL divergence through the model's head (see the
+      module docstring), instead of ``loss``.
     """
 
     steps: int = 20
@@ -117,6 +119,7 @@ class TuneConfig:
     loss: str = "stream"
     split: bool = False
     edge_steps: int = 0
+    head: bool = False
 
     def __post_init__(self) -> None:
         for name, low in (
@@ -139,8 +142,9 @@ class TuneConfig:
             raise BinqError(f"--tune-signs must be true or false, got {self.signs!r}")
         if not self.signs and self.sign_lr != TuneConfig.sign_lr:
             raise BinqError("--tune-sign-lr applies to --tune-signs: add --tune-signs")
-        if not isinstance(self.split, bool):
-            raise BinqError(f"--tune-split must be true or false, got {self.split!r}")
+        for name in ("split", "head"):
+            if not isinstance(getattr(self, name), bool):
+                raise BinqError(f"--tune-{name} must be true or false, got {getattr(self, name)!r}")
         if self.split and self.tokens == 0:
             raise BinqError("--tune-split cuts windows into --tune-tokens tokens: give --tune-tokens above 0")
         if self.loss not in LOSSES:
@@ -242,23 +246,48 @@ def _tunables(weight: QuantizedWeight, signs: bool = False) -> dict[str, _Tunabl
 
 
 class _Block:
-    """The block under tuning: run with given weights for its linears (the other parameters frozen)."""
+    """The block under tuning: run with given weights for its linears (the other parameters frozen).
 
-    def __init__(self, block: nn.Module, args: tuple, kwargs: dict, device: torch.device, loss: str = "stream"):
-        self.block, self.args, self.kwargs, self.device, self.loss = block, args, kwargs, device, loss
+    ``head`` (the last block, ``TuneConfig.head``): the model's final norm and output head, hidden states to
+    logits; the error is then the next-token KL divergence (``kl``) whatever ``loss`` says."""
+
+    def __init__(
+        self,
+        block: nn.Module,
+        args: tuple,
+        kwargs: dict,
+        device: torch.device,
+        loss: str = "stream",
+        head: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ):
+        self.block, self.args, self.kwargs, self.device, self.head = block, args, kwargs, device, head
+        self.loss = "kl" if head is not None else loss
         self.dtype = next(block.parameters()).dtype
 
     def run(self, x: torch.Tensor, weights: dict[str, torch.Tensor]) -> torch.Tensor:
         overrides = {f"{name}.weight": w for name, w in weights.items()}
         return block_output(functional_call(self.block, overrides, (x.to(self.device), *self.args), self.kwargs))
 
+    def error_sum(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """A window's share of the error's numerator (see :func:`_error_sum`; ``kl``: its tokens' KL divergences,
+        ``sum KL(p_target || p_output)`` of the head's next-token distributions)."""
+        if self.head is None:
+            return _error_sum(output.float(), target.float(), self.loss)
+        with torch.no_grad():
+            expected = self.head(target).float().log_softmax(-1)
+        return (expected.exp() * (expected - self.head(output).float().log_softmax(-1))).sum()
+
+    def error_weight(self, target: torch.Tensor) -> float:
+        """A window's share of the error's denominator (``kl``: its token count, as ``token``'s)."""
+        return _error_weight(target, "token" if self.head is not None else self.loss)
+
     def error(self, inputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor], weights: dict) -> float:
         num = den = 0.0
         with torch.no_grad():
             for x, t in zip(inputs, targets, strict=True):
-                target = t.to(self.device).float()
-                num += float(_error_sum(self.run(x, weights).float(), target, self.loss))
-                den += _error_weight(target, self.loss)
+                target = t.to(self.device)
+                num += float(self.error_sum(self.run(x, weights), target))
+                den += self.error_weight(target)
         return num / den if den > 0 else float("nan")
 
 
@@ -302,6 +331,7 @@ def tune_block(
     config: TuneConfig,
     generator: torch.Generator,
     windows: tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]] | None = None,
+    head: nn.Module | None = None,
 ) -> tuple[dict[str, QuantizedWeight], BlockTuneRecord]:
     """Tune ``weights`` (the block's quantized linears, by their name in the block) so that ``block`` maps
     ``inputs`` closer to ``targets``; returns the weights to keep (the method's when tuning did not lower
@@ -311,12 +341,14 @@ def tune_block(
     ``prefix_arguments`` the same for windows of ``config.tokens`` tokens (``None``: steps use whole
     windows). ``windows`` (``config.split``): the inputs and targets the steps train on instead, windows of
     ``config.tokens`` tokens run under ``prefix_arguments``; ``inputs`` and ``targets`` then only give the
-    held-out windows (their last ``config.holdout``)."""
+    held-out windows (their last ``config.holdout``). ``head`` (the last block with ``config.head``): the
+    model's final norm and output head as one module, hidden states to logits; the error is then the
+    next-token KL divergence."""
     started = time.perf_counter()
     held = len(inputs) - config.holdout  # the first windows train, the last ones judge
     held_inputs, held_targets = inputs[held:], targets[held:]
-    runner = _Block(block, *arguments, device, config.loss)
-    trainer = runner if prefix_arguments is None else _Block(block, *prefix_arguments, device, config.loss)
+    runner = _Block(block, *arguments, device, config.loss, head)
+    trainer = runner if prefix_arguments is None else _Block(block, *prefix_arguments, device, config.loss, head)
     if windows is not None:
         if prefix_arguments is None:
             raise ValueError("training windows need the arguments of their length (prefix_arguments)")
@@ -334,6 +366,7 @@ def tune_block(
     best, best_error, steps, stale = None, before, 0, 0
     if (params or latents) and trained > 0 and config.steps > 0:
         frozen = [(p, p.requires_grad) for p in block.parameters()]
+        frozen += [(p, p.requires_grad) for p in (head.parameters() if head is not None else ())]
         for p, _ in frozen:
             p.requires_grad_(False)
         groups = [{"params": params}] if params else []
@@ -392,10 +425,9 @@ def _train_step(
         leaves = {
             name: g.detach().to(device=runner.device, dtype=runner.dtype).requires_grad_() for name, g in graphs.items()
         }
-        energy = sum(_error_weight(t, runner.loss) for t in targets) or 1.0
+        energy = sum(runner.error_weight(t) for t in targets) or 1.0
         for x, t in zip(inputs, targets, strict=True):
-            out = runner.run(x, leaves).float()
-            (_error_sum(out, t.to(runner.device).float(), runner.loss) / energy).backward()
+            (runner.error_sum(runner.run(x, leaves), t.to(runner.device)) / energy).backward()
         names = [n for n in graphs if leaves[n].grad is not None]
         torch.autograd.backward([graphs[n] for n in names], [leaves[n].grad.to(graphs[n]) for n in names])
     optimizer.step()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 from transformers import PretrainedConfig
 
@@ -37,6 +38,9 @@ class Architecture:
     # per-channel scale (a norm's weight, or a linear feeding an elementwise product), so activation
     # smoothing factors can be folded into it exactly; None where none exists. Empty = not supported.
     smoothing_sources: tuple[str | None, ...] = ()
+    # The modules between the last block and ``lm_head``, in order (a final norm; OPT-350m's project_out).
+    # One the model has as None (OPT-350m has no final norm) is skipped.
+    final_modules: tuple[str, ...] = ("model.norm",)
 
     @property
     def linear_names(self) -> tuple[str, ...]:
@@ -95,6 +99,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             # left in full precision and counted as "other" parameters.
             embeddings=("model.decoder.embed_tokens", "model.decoder.embed_positions"),
             lm_head="lm_head",
+            final_modules=("model.decoder.final_layer_norm", "model.decoder.project_out"),
         ),
     )
 }
@@ -134,6 +139,31 @@ def get_blocks(model: nn.Module, arch: Architecture) -> nn.ModuleList:
     if not isinstance(blocks, nn.ModuleList):
         raise BinqError(f"'{arch.blocks}' of {type(model).__name__} is a {type(blocks).__name__}, not a ModuleList")
     return blocks
+
+
+class ModelHead(nn.Module):
+    """What the model does to the last block's output: its final modules, ``lm_head``, and Gemma 2's logit
+    soft-capping where the config sets one. Hidden states ``[..., hidden]`` to logits ``[..., vocab]``."""
+
+    def __init__(self, model: nn.Module, arch: Architecture):
+        super().__init__()
+        finals = []
+        for dotted in arch.final_modules:
+            parent, _, name = dotted.rpartition(".")
+            module = getattr(get_module(model, parent), name, None)
+            if module is not None:
+                finals.append(module)
+        self.finals = nn.ModuleList(finals)
+        self.lm_head = get_module(model, arch.lm_head)
+        self.softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        for module in self.finals:
+            hidden = module(hidden)
+        logits = self.lm_head(hidden)
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
 
 
 def block_linears(block: nn.Module, arch: Architecture) -> dict[str, nn.Linear]:
