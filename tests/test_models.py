@@ -28,6 +28,7 @@ from binq.data import load_text
 from binq.errors import BinqError
 from binq.models import (
     ARCHITECTURES,
+    ModelHead,
     EmbeddedGGUF,
     block_linears,
     ensure_embedded,
@@ -124,6 +125,34 @@ def test_linear_groups_share_input_and_run_in_order(arch_name: str) -> None:
             assert min(position[n] for n in later) > max(position[n] for n in earlier)
             # two consecutive groups with one input should have been one group
             assert not torch.equal(inputs[f"{index}.{earlier[0]}"], inputs[f"{index}.{later[0]}"])
+
+
+HEAD_CASES = {
+    **{name: {} for name in ARCH_NAMES},
+    "gemma2 softcap": {"final_logit_softcapping": 0.5},  # tight enough to change the logits
+    # OPT-350m: a narrower embedding width (project_in/out around the blocks) and no final norm.
+    "opt 350m": {"word_embed_proj_dim": HIDDEN // 2, "do_layer_norm_before": False},
+}
+
+
+@pytest.mark.parametrize("case", sorted(HEAD_CASES))
+def test_the_model_head_maps_the_last_blocks_output_to_the_logits(case: str) -> None:
+    """``ModelHead`` is what the model does after its last block: the same logits as the model's own."""
+    model = tiny_model(case.split()[0], **HEAD_CASES[case])
+    arch = get_architecture(model)
+    outputs: list[torch.Tensor] = []
+    hook = get_blocks(model, arch)[-1].register_forward_hook(
+        lambda _module, _args, out: outputs.append(out[0] if isinstance(out, tuple) else out)
+    )
+    with torch.no_grad():
+        logits = model(torch.randint(3, VOCAB, (2, 8))).logits
+        hook.remove()
+        head = ModelHead(model, arch)
+        torch.testing.assert_close(head(outputs[0]), logits, rtol=1e-5, atol=1e-5)
+    if case == "opt 350m":
+        assert len(head.finals) == 1  # project_out only
+    if case == "gemma2 softcap":
+        assert float(logits.abs().max()) < 0.5 and head.softcap == 0.5
 
 
 def test_qwen2_qkv_bias_is_kept_on_the_declared_linears() -> None:

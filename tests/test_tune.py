@@ -37,7 +37,7 @@ from binq.export.gguf import export_gguf
 from binq.export.q1_0 import dequantize_q1_0
 from binq.inference.llamacpp import unavailable_reason
 from binq.methods import get_method
-from binq.models import block_linears, get_architecture, get_blocks
+from binq.models import ModelHead, block_linears, get_architecture, get_blocks
 from binq.pipeline import CalibrationConfig, EvaluationConfig
 from binq.quant.structured import QuantizedWeight, sign_values
 from conftest import build_tiny_model, random_ids
@@ -420,6 +420,75 @@ def test_the_first_and_last_blocks_take_their_own_steps() -> None:
     assert for_block(dataclasses.replace(FAST, steps=60, edge_steps=180, patience=4), 2, 3).patience == 12
 
 
+def last_block_problem(seed: int = 0):
+    """The last block of a tiny two-block llama on the original model's stream: its inputs and outputs per
+    calibration window, its linears binarized per group of 32 (``rtn``), the token ids, and the model's head.
+    The final norm's weight is raised so that the next-token distributions are peaked, as a trained model's."""
+    model = build_tiny_model("llama", seed=seed)
+    model.model.norm.weight.data *= 30
+    arch = get_architecture(model)
+    blocks = get_blocks(model, arch)
+    ids = random_ids(8, 32, seed=1)
+    captured = capture_block_inputs(model, blocks, ids)
+    first, block = (captured.args[0], captured.kwargs[0]), blocks[1]
+    arguments = (captured.args[1], captured.kwargs[1])
+    with torch.no_grad():
+        inputs = [block_output(blocks[0](x, *first[0], **first[1])) for x in captured.hidden_states]
+        targets = [block_output(block(x, *arguments[0], **arguments[1])) for x in inputs]
+    spec = get_method("rtn")
+    config = spec.make_config(bits=1, group_size=32)
+    weights = {name: spec.quantize(linear.weight.data, None, config) for name, linear in block_linears(block, arch).items()}
+    return model, block, arguments, inputs, targets, weights, ids, ModelHead(model, arch)
+
+
+def model_kl(model, weights: dict[str, QuantizedWeight], ids: torch.Tensor) -> float:
+    """The mean next-token KL(original || with the last block's linears from ``weights``) over ``ids``' tokens."""
+    overrides = {f"model.layers.1.{name}.weight": w.dequantize() for name, w in weights.items()}
+    with torch.no_grad():
+        expected = model(ids).logits.log_softmax(-1)
+        got = functional_call(model, overrides, (ids,)).logits.log_softmax(-1)
+    return float((expected.exp() * (expected - got)).sum(-1).mean())
+
+
+def test_the_head_loss_is_the_models_next_token_kl() -> None:
+    """With a head, the last block's held-out error is the model's next-token KL divergence against the
+    original's, over the held-out windows' tokens; tuning lowers it, more than tuning the token error does,
+    and leaves the head's parameters as they were (no gradient kept, the same ``requires_grad``)."""
+    model, block, arguments, inputs, targets, weights, ids, head = last_block_problem()
+    held = ids[len(ids) - FAST.holdout :]
+    before_head = {name: p.detach().clone() for name, p in head.named_parameters()}
+    config = dataclasses.replace(SIGNS, steps=24, patience=8, lr=0.05)
+    tuned, record = tune_block(1, block, weights, inputs, targets, arguments, None, torch.device("cpu"), config,
+                               torch.Generator().manual_seed(0), None, head)  # fmt: skip
+    assert record.error_before == pytest.approx(model_kl(model, weights, held), rel=1e-4)
+    assert record.kept and record.error_after == pytest.approx(model_kl(model, tuned, held), rel=1e-4)
+    assert record.error_after < 0.95 * record.error_before
+    token, _ = tune_block(1, block, weights, inputs, targets, arguments, None, torch.device("cpu"),
+                          dataclasses.replace(config, loss="token"), torch.Generator().manual_seed(0))  # fmt: skip
+    assert record.error_after < model_kl(model, token, held)
+    for name, p in head.named_parameters():
+        assert torch.equal(p, before_head[name]) and p.requires_grad and p.grad is None
+
+
+def test_only_the_last_block_tunes_on_the_head() -> None:
+    """``--tune-head`` changes the last block's error and nothing before it: the earlier blocks' records are
+    those of a run without it, bit for bit, and the last block's error is a KL divergence (not a token
+    error); the head then holds the model's own parameters, untouched."""
+    runs = {}
+    for head in (False, True):
+        model = build_tiny_model("llama", num_hidden_layers=3)
+        spec = get_method("arb-group")
+        records: list[BlockTuneRecord] = []
+        quantize_model(model, get_architecture(model), random_ids(8, 32, seed=1), spec,
+                       spec.make_config(group_size=32), progress=False, tune=dataclasses.replace(SIGNS, head=head),
+                       on_tune=records.append)  # fmt: skip
+        runs[head] = records
+        assert model.lm_head.weight.grad is None and model.lm_head.weight.requires_grad
+    assert runs[True][:2] == [dataclasses.replace(r, time_s=t.time_s) for r, t in zip(runs[False][:2], runs[True][:2])]
+    assert runs[True][2].error_before != runs[False][2].error_before
+    assert all(r.error_after <= r.error_before for r in runs[True])
+
+
 def test_config_errors_are_one_line() -> None:
     with pytest.raises(BinqError, match="--tune-lr must be a positive number"):
         TuneConfig(lr=0.0)
@@ -443,6 +512,9 @@ def test_config_errors_are_one_line() -> None:
     with pytest.raises(BinqError, match="--tune-split cuts 128-token windows into 128-token ones"):
         TuneConfig(split=True, tokens=128).check_run(8, 1, 128)
     assert tune_options(TuneConfig(split=True, tokens=64)) == ["--tune", "--tune-tokens", "64", "--tune-split"]
+    with pytest.raises(BinqError, match="--tune-head must be true or false"):
+        TuneConfig(head=1)
+    assert tune_options(TuneConfig(head=True)) == ["--tune", "--tune-head"]
     with pytest.raises(BinqError, match="--tune-holdout 8 leaves none of the 8 calibration windows"):
         TuneConfig(holdout=8).check_windows(8)
     assert tune_options(TuneConfig()) == ["--tune"]

@@ -112,6 +112,7 @@ def _add_tune_options(parser: argparse.ArgumentParser) -> None:
     settings = (
         ("steps", int, "Adam steps per block at most"),
         ("edge_steps", int, "steps for the first and the last block, patience scaled alike (0: --tune-steps)"),
+        ("head_steps", int, "then N more steps for the last block on the next-token KL through the model's head"),
         ("lr", float, "learning rate, about the relative change per step"),
         ("batch", int, "calibration windows per step"),
         ("tokens", int, "steps train on the first N tokens of each window (0: whole windows; checks use whole ones)"),
@@ -131,11 +132,6 @@ def _add_tune_options(parser: argparse.ArgumentParser) -> None:
         "--tune-split", action="store_true",
         help="steps train on the training windows cut into windows of --tune-tokens tokens, each run from its "
         "embeddings, instead of on their prefixes: more first positions, the same tokens (docs/TUNE.md)",
-    )  # fmt: skip
-    group.add_argument(
-        "--tune-head", action="store_true",
-        help="the last block's error is the next-token KL divergence through the model's final norm and "
-        "output head, instead of --tune-loss (docs/TUNE.md)",
     )  # fmt: skip
     group.add_argument(
         "--tune-loss", default=defaults.loss, choices=LOSSES,

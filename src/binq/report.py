@@ -38,6 +38,12 @@ def tune_row(record: BlockTuneRecord) -> str:
         f"{record.block:>5}  {'tuned block':<22} {record.steps:>6} steps  {record.error_before:>9.3e} -> "
         f"{record.error_after:.3e} held-out block error ({outcome})  {record.time_s:>6.2f}s"
         + (f"  {record.flipped} signs flipped" if record.flipped else "")
+        + (
+            f"  then {record.head_steps} steps on the next-token KL: {record.head_before:.3e} -> "
+            f"{record.head_after:.3e} nats"
+            if record.head_before is not None
+            else ""
+        )
     )
 
 

@@ -412,6 +412,7 @@ LOSS_PAIRS = (
     ("arb-group g128 tuned signs token 256", "arb-group g128 tuned signs token 256 target quantized"),
     ("arb-group g128 tuned signs token 256", "arb-group g128 tuned signs token split"),
     ("arb-group g128 tuned signs token split", "arb-group g128 tuned signs token split edges"),
+    ("arb-group g128 tuned signs token split", "arb-group g128 tuned signs token split head"),
     ("gptq 4-bit g128 tuned", "gptq 4-bit g128 tuned token"),
     ("target 3.78 bits gptq tuned", "target 3.78 bits gptq tuned token"),
 )
@@ -424,6 +425,7 @@ SEED_PAIRS = (
     ("arb-group g128 tuned signs token 256", "arb-group g128 tuned signs token 256 target quantized"),
     ("arb-group g128 tuned signs token 256", "arb-group g128 tuned signs token split"),
     ("arb-group g128 tuned signs token split", "arb-group g128 tuned signs token split edges"),
+    ("arb-group g128 tuned signs token split", "arb-group g128 tuned signs token split head"),
     ("gptq 4-bit g128 tuned", "gptq 4-bit g128 tuned token"),
 )
 

@@ -335,7 +335,7 @@ def quantize_model(
                 generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
                 windows = None if split is None else (split.quantized, pieces_targets)
                 block_tune = for_block(tune, index, count)  # the first and last blocks' own steps
-                head = ModelHead(model, arch) if tune.head and index == count - 1 else None
+                head = ModelHead(model, arch) if tune.head_steps and index == count - 1 else None
                 tune_record = _tune_step(step, made, targets, block_tune, generator, order, prefix, windows, head)
                 if split is not None:  # the split windows' forwards are tuning's work: counted in its time
                     split_started = time.perf_counter()
@@ -403,7 +403,7 @@ def _tune_step(
     head: ModelHead | None = None,
 ) -> BlockTuneRecord:
     """Tune the block's quantized linears; their kept weights replace the method's in ``made`` and in
-    the block (as :func:`_quantize_linear` puts them). ``head`` (``--tune-head``, the last block): the
+    the block (as :func:`_quantize_linear` puts them). ``head`` (``--tune-head-steps``, the last block): the
     model's head, moved to the block's device for the tuning and back."""
     names = [name for name in order if step.full_name(name) in made]
     weights = {name: made[step.full_name(name)][1] for name in names}

@@ -4,6 +4,7 @@ from binq.models.accounting import ParameterRecord, ParameterRole, numel_by_role
 from binq.models.architectures import (
     ARCHITECTURES,
     Architecture,
+    ModelHead,
     architecture_for_model_type,
     block_linears,
     get_architecture,
@@ -21,6 +22,7 @@ __all__ = [
     "Architecture",
     "EmbeddedGGUF",
     "LoadedModel",
+    "ModelHead",
     "ParameterRecord",
     "ParameterRole",
     "architecture_for_model_type",
