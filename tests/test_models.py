@@ -28,8 +28,8 @@ from binq.data import load_text
 from binq.errors import BinqError
 from binq.models import (
     ARCHITECTURES,
-    ModelHead,
     EmbeddedGGUF,
+    ModelHead,
     block_linears,
     ensure_embedded,
     get_architecture,

@@ -55,7 +55,11 @@ METHOD_CASES: dict[str, list[str]] = {
     "arb-group-tuned": ["--method", "arb-group", "--group-size", "32", *TUNE],
     "rtn-tuned": ["--method", "rtn", "--bits", "1", "--group-size", "32", *TUNE, "--tune-target", "quantized"],
     # Split windows: their two streams are rebuilt through the finished blocks too.
-    "arb-group-tuned-split": ["--method", "arb-group", "--group-size", "32", *TUNE, "--tune-split", "--tune-signs"],
+    # The last block's head steps (--tune-head-steps) too.
+    "arb-group-tuned-split": [
+        *("--method", "arb-group", "--group-size", "32", *TUNE),
+        *("--tune-split", "--tune-signs", "--tune-head-steps", "3"),
+    ],
 }
 
 # Each kill: (hook, block), and what DIR/progress holds afterwards: finished blocks, and the temp file's block.

@@ -437,7 +437,8 @@ def last_block_problem(seed: int = 0):
         targets = [block_output(block(x, *arguments[0], **arguments[1])) for x in inputs]
     spec = get_method("rtn")
     config = spec.make_config(bits=1, group_size=32)
-    weights = {name: spec.quantize(linear.weight.data, None, config) for name, linear in block_linears(block, arch).items()}
+    linears = block_linears(block, arch)
+    weights = {name: spec.quantize(linear.weight.data, None, config) for name, linear in linears.items()}
     return model, block, arguments, inputs, targets, weights, ids, ModelHead(model, arch)
 
 
@@ -450,43 +451,49 @@ def model_kl(model, weights: dict[str, QuantizedWeight], ids: torch.Tensor) -> f
     return float((expected.exp() * (expected - got)).sum(-1).mean())
 
 
-def test_the_head_loss_is_the_models_next_token_kl() -> None:
-    """With a head, the last block's held-out error is the model's next-token KL divergence against the
-    original's, over the held-out windows' tokens; tuning lowers it, more than tuning the token error does,
-    and leaves the head's parameters as they were (no gradient kept, the same ``requires_grad``)."""
+def test_the_head_steps_fit_the_models_next_token_kl() -> None:
+    """The head steps' held-out error is the model's next-token KL divergence against the original's, over
+    the held-out windows' tokens; they lower it, more than as many steps on the token error do; the block
+    error recorded is the kept weights'; the head's parameters stay as they were (no gradient kept, the
+    same ``requires_grad``)."""
     model, block, arguments, inputs, targets, weights, ids, head = last_block_problem()
-    held = ids[len(ids) - FAST.holdout :]
+    held = slice(len(ids) - FAST.holdout, None)
     before_head = {name: p.detach().clone() for name, p in head.named_parameters()}
-    config = dataclasses.replace(SIGNS, steps=24, patience=8, lr=0.05)
+    config = dataclasses.replace(SIGNS, steps=0, head_steps=24, patience=8, lr=0.05, loss="token")
     tuned, record = tune_block(1, block, weights, inputs, targets, arguments, None, torch.device("cpu"), config,
                                torch.Generator().manual_seed(0), None, head)  # fmt: skip
-    assert record.error_before == pytest.approx(model_kl(model, weights, held), rel=1e-4)
-    assert record.kept and record.error_after == pytest.approx(model_kl(model, tuned, held), rel=1e-4)
-    assert record.error_after < 0.95 * record.error_before
-    token, _ = tune_block(1, block, weights, inputs, targets, arguments, None, torch.device("cpu"),
-                          dataclasses.replace(config, loss="token"), torch.Generator().manual_seed(0))  # fmt: skip
-    assert record.error_after < model_kl(model, token, held)
+    assert record.steps == 0 and record.head_steps == 24 and record.kept
+    assert record.head_before == pytest.approx(model_kl(model, weights, ids[held]), rel=1e-4)
+    assert record.head_after == pytest.approx(model_kl(model, tuned, ids[held]), rel=1e-4)
+    assert record.head_after < 0.95 * record.head_before
+    errors = token_errors_after(tuned, block, arguments, inputs[held], targets[held])
+    assert record.error_after == pytest.approx(float(errors.mean()), rel=1e-4)
+    plain = dataclasses.replace(config, steps=24, head_steps=0)
+    token, _ = tune_block(1, block, weights, inputs, targets, arguments, None, torch.device("cpu"), plain,
+                          torch.Generator().manual_seed(0))  # fmt: skip
+    assert record.head_after < model_kl(model, token, ids[held])
     for name, p in head.named_parameters():
         assert torch.equal(p, before_head[name]) and p.requires_grad and p.grad is None
 
 
-def test_only_the_last_block_tunes_on_the_head() -> None:
-    """``--tune-head`` changes the last block's error and nothing before it: the earlier blocks' records are
-    those of a run without it, bit for bit, and the last block's error is a KL divergence (not a token
-    error); the head then holds the model's own parameters, untouched."""
+def test_only_the_last_block_takes_head_steps() -> None:
+    """``--tune-head-steps`` adds steps to the last block only, after its own: every block's steps on the
+    block error are those of a run without it, bit for bit; then the last block's held-out KL never rises."""
     runs = {}
-    for head in (False, True):
+    for head_steps in (0, 6):
         model = build_tiny_model("llama", num_hidden_layers=3)
         spec = get_method("arb-group")
         records: list[BlockTuneRecord] = []
         quantize_model(model, get_architecture(model), random_ids(8, 32, seed=1), spec,
-                       spec.make_config(group_size=32), progress=False, tune=dataclasses.replace(SIGNS, head=head),
-                       on_tune=records.append)  # fmt: skip
-        runs[head] = records
+                       spec.make_config(group_size=32), progress=False,
+                       tune=dataclasses.replace(SIGNS, head_steps=head_steps), on_tune=records.append)  # fmt: skip
+        runs[head_steps] = records
         assert model.lm_head.weight.grad is None and model.lm_head.weight.requires_grad
-    assert runs[True][:2] == [dataclasses.replace(r, time_s=t.time_s) for r, t in zip(runs[False][:2], runs[True][:2])]
-    assert runs[True][2].error_before != runs[False][2].error_before
-    assert all(r.error_after <= r.error_before for r in runs[True])
+    plain, head = runs[0], runs[6]
+    assert head[:2] == [dataclasses.replace(r, time_s=h.time_s) for r, h in zip(plain[:2], head[:2], strict=True)]
+    assert (head[2].error_before, head[2].steps) == (plain[2].error_before, plain[2].steps)
+    assert head[2].head_steps > 0 and head[2].head_after <= head[2].head_before
+    assert all(r.head_before is None for r in [*plain, *head[:2]])
 
 
 def test_config_errors_are_one_line() -> None:
@@ -512,9 +519,9 @@ def test_config_errors_are_one_line() -> None:
     with pytest.raises(BinqError, match="--tune-split cuts 128-token windows into 128-token ones"):
         TuneConfig(split=True, tokens=128).check_run(8, 1, 128)
     assert tune_options(TuneConfig(split=True, tokens=64)) == ["--tune", "--tune-tokens", "64", "--tune-split"]
-    with pytest.raises(BinqError, match="--tune-head must be true or false"):
-        TuneConfig(head=1)
-    assert tune_options(TuneConfig(head=True)) == ["--tune", "--tune-head"]
+    with pytest.raises(BinqError, match="--tune-head-steps must be an integer >= 0"):
+        TuneConfig(head_steps=-1)
+    assert tune_options(TuneConfig(head_steps=30)) == ["--tune", "--tune-head-steps", "30"]
     with pytest.raises(BinqError, match="--tune-holdout 8 leaves none of the 8 calibration windows"):
         TuneConfig(holdout=8).check_windows(8)
     assert tune_options(TuneConfig()) == ["--tune"]
