@@ -545,7 +545,7 @@ def api_run(folder: Path, texts: tuple[Path, Path], stream: bool, out: Path):
     evaluation = EvaluationConfig(sets=(str(texts[1]),), seqlen=24, windows=3)
     return binq.quantize(
         str(folder), "arb-group", {"group_size": 32}, calibration=calibration, evaluation=evaluation,
-        progress=False, out=out, stream=stream, tune=dataclasses.replace(FAST, tokens=12),
+        progress=False, out=out, stream=stream, tune=dataclasses.replace(FAST, tokens=12, head_steps=4),
     )  # fmt: skip
 
 
@@ -567,6 +567,7 @@ def test_streamed_and_in_memory_tuned_runs_agree_bit_for_bit(
     assert report["label"] == "arb-group g32 tuned"
     assert report["tuning"]["config"]["tokens"] == 12 and len(report["tuning"]["blocks"]) == 3
     assert "--tune" in report["command"] and report["command"][report["command"].index("--tune-tokens") + 1] == "12"
+    assert [b["head_before"] is not None for b in report["tuning"]["blocks"]] == [False, False, True]  # the last
 
 
 def cli_argv(folder: Path, texts: tuple[Path, Path], out: Path, *options: str) -> list[str]:
