@@ -44,6 +44,13 @@ def text_windows(tokenizer, text: str, count: int) -> torch.Tensor:
     return torch.stack([ids[i * SEQLEN : (i + 1) * SEQLEN] for i in range(count)])
 
 
+def block_weights(weights: dict, blocks_path: str, index: int) -> dict:
+    """A checkpoint's quantized weights of block ``index`` (``blocks_path``: the architecture's ``blocks``), by
+    their name in the block."""
+    prefix = f"{blocks_path}.{index}."
+    return {name[len(prefix) :]: w for name, w in weights.items() if name.startswith(prefix)}
+
+
 @contextlib.contextmanager
 def swapped(block: torch.nn.Module, weights: dict) -> Iterator[None]:
     """``block`` with its linears named in ``weights`` (quantized weights, by name in the block) dequantized
@@ -74,8 +81,7 @@ def main() -> int:
     print("block | PPL with only this block quantized | cost (nats per token)")
     arch = get_architecture(model)
     for index, block in enumerate(get_blocks(model, arch)):
-        prefix = f"{arch.blocks}.{index}."
-        with swapped(block, {name[len(prefix) :]: w for name, w in weights.items() if name.startswith(prefix)}):
+        with swapped(block, block_weights(weights, arch.blocks, index)):
             value = perplexity(model, windows)
         print(f"{index:5d} | {value:10.2f} | {math.log(value / base):.3f}", flush=True)
     return 0

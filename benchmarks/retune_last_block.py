@@ -30,7 +30,7 @@ from binq.engine.tune import TuneConfig, tune_block
 from binq.models import ModelHead, load_model
 from binq.models.architectures import get_architecture, get_blocks
 from binq.nn.binary_linear import quantized_weights
-from block_damage import perplexity, swapped, text_windows
+from block_damage import block_weights, perplexity, swapped, text_windows
 
 SPLIT = TuneConfig(steps=60, batch=4, tokens=128, patience=4, loss="token", signs=True, split=True)
 TEXTS = ("brit1911", "persuasion")
@@ -50,9 +50,8 @@ def main() -> int:
     last = len(blocks) - 1
     weights = quantized_weights(binq.load(args.checkpoint))
 
-    def block_weights(index: int) -> dict:
-        prefix = f"{arch.blocks}.{index}."
-        return {name[len(prefix) :]: w for name, w in weights.items() if name.startswith(prefix)}
+    def own(index: int) -> dict:
+        return block_weights(weights, arch.blocks, index)
 
     calibration = calibration_windows(loaded.tokenizer, "austen", 32, 512, args.seed)
     held = calibration.shape[0] - SPLIT.holdout
@@ -65,7 +64,7 @@ def main() -> int:
             for index in range(last):
                 a, k = captured.args[index], captured.kwargs[index]
                 original = [block_output(blocks[index](x, *a, **k)) for x in original]
-                with swapped(blocks[index], block_weights(index)):
+                with swapped(blocks[index], own(index)):
                     quantized = [block_output(blocks[index](x, *a, **k)) for x in quantized]
             a, k = captured.args[last], captured.kwargs[last]
             targets = [block_output(blocks[last](x, *a, **k)) for x in original]
@@ -78,17 +77,17 @@ def main() -> int:
     def whole(last_weights: dict) -> str:
         with contextlib.ExitStack() as stack:
             for index in range(last):
-                stack.enter_context(swapped(blocks[index], block_weights(index)))
+                stack.enter_context(swapped(blocks[index], own(index)))
             stack.enter_context(swapped(blocks[last], last_weights))
             return " ".join(f"{text} {perplexity(model, w):.2f}" for text, w in windows.items())
 
-    print(f"checkpoint as is: {whole(block_weights(last))}", flush=True)
+    print(f"checkpoint as is: {whole(own(last))}", flush=True)
     head = ModelHead(model, arch)
     for name, override in (a.split(":", 1) for a in args.settings):
         config = dataclasses.replace(SPLIT, **json.loads(override))
         started = time.perf_counter()
         tuned, record = tune_block(
-            last, blocks[last], block_weights(last), inputs, targets, arguments, piece_arguments,
+            last, blocks[last], own(last), inputs, targets, arguments, piece_arguments,
             torch.device("cpu"), config, torch.Generator().manual_seed(args.seed * 1_000_003 + last),
             (pieces, piece_targets), head,
         )  # fmt: skip

@@ -618,7 +618,9 @@ def test_bad_tune_options_are_one_line_errors(
     assert not (tmp_path / "out" / "report.json").exists()
 
 
-@pytest.mark.parametrize("tune", [FAST, SIGNS], ids=["scales", "signs"])
+@pytest.mark.parametrize(
+    "tune", [FAST, SIGNS, dataclasses.replace(SIGNS, head_steps=6)], ids=["scales", "signs", "head steps"]
+)
 def test_a_tuned_arb_group_still_exports_to_q1_0_exactly(tmp_path: Path, tune: TuneConfig) -> None:
     model = build_tiny_model("llama", **WIDE)
     spec = get_method("arb-group")
