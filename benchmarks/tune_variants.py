@@ -61,10 +61,11 @@ def main() -> int:
     settings = [(a.split(":", 1)[0], json.loads(a.split(":", 1)[1])) for a in sys.argv[2:]]
     single = _SingleBlock() if os.environ.get("PPL") == "1" else None
 
-    def compare(index, block, weights, inputs, targets, arguments, prefix, device, config, generator, windows=None):
+    def compare(index, block, weights, inputs, targets, arguments, prefix, device, config, generator, windows=None,
+                head=None):  # fmt: skip
         if index < first:
             return tune_block(index, block, weights, inputs, targets, arguments, prefix, device, config, generator,
-                              windows)  # fmt: skip
+                              windows, head)  # fmt: skip
         state = generator.get_state()
         results = []
         for name, override in settings:
@@ -72,7 +73,7 @@ def main() -> int:
             own.set_state(state)
             tuned, record = tune_block(
                 index, block, weights, inputs, targets, arguments, prefix, device,
-                dataclasses.replace(config, **override), own, windows,
+                dataclasses.replace(config, **override), own, windows, head,
             )  # fmt: skip
             ratio = record.error_after / record.error_before
             ppl = "" if single is None else " | only this block: PPL " + single.perplexities(index, tuned)
