@@ -270,8 +270,7 @@ class _Block:
         loss: str = "stream",
         head: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ):
-        self.block, self.args, self.kwargs, self.device, self.head = block, args, kwargs, device, head
-        self.loss = "kl" if head is not None else loss
+        self.block, self.args, self.kwargs, self.device, self.loss, self.head = block, args, kwargs, device, loss, head
         self.dtype = next(block.parameters()).dtype
 
     def run(self, x: torch.Tensor, weights: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -376,7 +375,7 @@ def tune_block(
     runner, trainer = runners(None)
     before = runner.error(*held_windows, _dense(weights, device, runner.dtype))
     best, after, steps = _fit(runner, trainer, weights, before, train, held_windows, config, generator, block)
-    record = BlockTuneRecord(index, before, after, steps, best is not None, 0.0)
+    head_record: dict[str, Any] = {}
     if head is not None and config.head_steps > 0:
         start = best if best is not None else weights
         head_runner, head_trainer = runners(head)
@@ -388,10 +387,10 @@ def tune_block(
         if tuned is not None:  # the block error of what is kept, whatever it is
             best = tuned
             after = runner.error(*held_windows, _dense(best, device, runner.dtype))
-        record = replace(record, error_after=after, kept=best is not None, head_steps=head_steps,
-                         head_before=head_before, head_after=head_after)  # fmt: skip
+        head_record = {"head_steps": head_steps, "head_before": head_before, "head_after": head_after}
     flipped = 0 if best is None else sum(_flipped(weights[name], best[name]) for name in weights)
-    record = replace(record, time_s=time.perf_counter() - started, flipped=flipped)
+    elapsed = time.perf_counter() - started
+    record = BlockTuneRecord(index, before, after, steps, best is not None, elapsed, flipped, **head_record)
     return (best if best is not None else weights), record
 
 
